@@ -1,0 +1,892 @@
+"""
+tinyseek/model.py -- the whole DeepSeek-V3 architecture in one file.
+
+Read it beside the reports:
+  [V2]  DeepSeek-V2, arXiv 2405.04434  (Multi-head Latent Attention, DeepSeekMoE, YaRN)
+  [V3]  DeepSeek-V3, arXiv 2412.19437  (sigmoid routing, aux-loss-free balancing, MTP, FP8)
+  [ALF] Auxiliary-loss-free load balancing, arXiv 2408.15664
+Names follow the official DeepSeek-V3 `inference/model.py`, so the two can be read side by side.
+
+Map of the file (top to bottom):
+  1. ModelArgs ............ every knob, the presets tiny / small / 16B / 671B, and validation
+  2. FP8 simulation ....... fp8_quant_dequant, fp8_quant_error, Linear (fine-grained E4M3 scaling, V3 §3.3)
+  3. RMSNorm, RoPE/YaRN ... precompute_rope, apply_rope (rotary on the decoupled dims only)
+  4. MLA .................. Multi-head Latent Attention, `naive` and `absorb` paths (V2 §2.1, eq. 9-19)
+  5. KVCache .............. the decoding cache; absorb stores only kv_lora_rank + qk_rope_head_dim per token
+  6. MLP, Gate, MoE ....... DeepSeekMoE: shared + routed experts, group-limited sigmoid routing (V3 eq. 12-16),
+                            aux-loss-free bias (V3 eq. 16, [ALF]), sequence-wise balance loss (V3 eq. 17-20)
+  7. Block, MTP ........... a transformer block; Multi-Token Prediction modules (V3 eq. 21-25)
+  8. Transformer .......... embedding -> blocks -> norm -> head; losses; generate(); bias update
+  9. Accounting ........... count_params, kv_cache_numbers_per_token, max_violation
+
+Shapes in comments: B batch, T new tokens in this call, S = tokens visible to attention (cache + new),
+H = n_heads, D = dim, E = n_routed_experts, K = n_activated_experts, N = B*T flattened tokens.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Configuration
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelArgs:
+    """Every knob of the model. Architecture fields carry the official inference code's names (SPEC §1);
+    the training knobs after them are ours. Build one with `ModelArgs.preset(name, **overrides)`."""
+    # --- architecture (official names) ---
+    max_seq_len: int = 256            # longest sequence the RoPE tables and caches are built for
+    vocab_size: int = 512
+    dim: int = 128                    # hidden size d
+    inter_dim: int = 384              # hidden size of the dense SwiGLU FFN (first n_dense_layers layers)
+    moe_inter_dim: int = 64           # hidden size of ONE expert (fine-grained: much smaller than inter_dim)
+    n_layers: int = 4
+    n_dense_layers: int = 1           # leading layers that use a dense FFN instead of MoE
+    n_heads: int = 4                  # n_h
+    n_routed_experts: int = 8         # N_r
+    n_shared_experts: int = 1         # N_s
+    n_activated_experts: int = 2      # K_r, routed experts per token
+    n_expert_groups: int = 2          # experts are split into this many groups (node-limited routing)
+    n_limited_groups: int = 1         # M: a token may only use experts from this many groups
+    score_func: str = "sigmoid"       # "sigmoid" (V3) or "softmax" (V2)
+    route_scale: float = 1.0          # gates are multiplied by this
+    q_lora_rank: int = 64             # d_c' (0: queries are a plain projection `wq`)
+    kv_lora_rank: int = 32            # d_c, the compressed KV latent that is cached
+    qk_nope_head_dim: int = 32        # d_h, per-head query/key dims without rotary
+    qk_rope_head_dim: int = 16        # d_h^R, decoupled rotary dims (one key shared by all heads)
+    v_head_dim: int = 32
+    original_seq_len: int = 256       # YaRN: context the rotary frequencies were trained for
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0         # YaRN: context extension factor
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0               # YaRN softmax-scale correction (NOT the rotary amplitude)
+    # --- training knobs (ours) ---
+    mtp_depth: int = 1                # D, number of Multi-Token Prediction modules (0: none built)
+    mtp_lambda: float = 0.3           # lambda, weight of the MTP loss (V3 eq. 25)
+    bias_update_speed: float = 0.001  # gamma, aux-loss-free bias step (V3 §2.1.2)
+    seq_aux_alpha: float = 0.0001     # alpha, sequence-wise balance loss weight (V3 eq. 17)
+    fp8: bool = False                 # simulate FP8 (E4M3) matmuls in the blocks' Linear layers
+    fp8_block: int = 128              # tile/block size of the fine-grained FP8 scales
+    attn_impl: str = "absorb"         # "naive" or "absorb" (same weights, same outputs)
+    init_std: float = 0.006           # std of the normal init of every weight matrix (V3 §4.2)
+
+    def __post_init__(self):
+        """Reject impossible configurations with a message naming the field, its value and the rule."""
+        def bad(field, rule):
+            raise ValueError(f"ModelArgs.{field}={getattr(self, field)!r} is invalid: {rule}")
+
+        for f in ("max_seq_len", "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads",
+                  "n_routed_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
+                  "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "original_seq_len",
+                  "fp8_block"):
+            if getattr(self, f) <= 0:
+                bad(f, "must be a positive integer")
+        for f in ("n_dense_layers", "n_shared_experts", "q_lora_rank", "mtp_depth"):
+            if getattr(self, f) < 0:
+                bad(f, "must be >= 0")
+        for f in ("mtp_lambda", "bias_update_speed", "seq_aux_alpha", "route_scale", "init_std",
+                  "rope_theta", "rope_factor"):
+            if not getattr(self, f) >= 0:
+                bad(f, "must be a non-negative number")
+        if self.n_dense_layers > self.n_layers:
+            bad("n_dense_layers", f"cannot exceed n_layers={self.n_layers}")
+        if self.n_activated_experts > self.n_routed_experts:
+            bad("n_activated_experts", f"cannot exceed n_routed_experts={self.n_routed_experts}")
+        if self.n_routed_experts % self.n_expert_groups:
+            bad("n_expert_groups", f"must divide n_routed_experts={self.n_routed_experts} into equal groups")
+        if self.n_limited_groups > self.n_expert_groups:
+            bad("n_limited_groups", f"cannot exceed n_expert_groups={self.n_expert_groups}")
+        per_group = self.n_routed_experts // self.n_expert_groups
+        if self.n_activated_experts > self.n_limited_groups * per_group:
+            bad("n_activated_experts", f"the {self.n_limited_groups} allowed group(s) hold only "
+                f"{self.n_limited_groups * per_group} experts")
+        if self.qk_rope_head_dim % 2:
+            bad("qk_rope_head_dim", "must be even (RoPE rotates pairs of channels)")
+        if self.score_func not in ("sigmoid", "softmax"):
+            bad("score_func", "must be 'sigmoid' (V3) or 'softmax' (V2)")
+        if self.attn_impl not in ("naive", "absorb"):
+            bad("attn_impl", "must be 'naive' or 'absorb'")
+        if self.original_seq_len < self.max_seq_len and self.rope_factor < 1:
+            bad("rope_factor", "must be >= 1 when max_seq_len exceeds original_seq_len (YaRN extends context)")
+        if self.fp8:
+            # The 1 x block activation tiles and block x block weight blocks run along each Linear's input
+            # dimension, so the block must divide every input size. Output sizes may end in a partial block,
+            # as in the official FP8 checkpoint (its scale grids are ceil-divided).
+            ins = {"dim": self.dim, "kv_lora_rank": self.kv_lora_rank, "inter_dim": self.inter_dim,
+                   "moe_inter_dim": self.moe_inter_dim, "n_heads*v_head_dim": self.n_heads * self.v_head_dim}
+            if self.q_lora_rank:
+                ins["q_lora_rank"] = self.q_lora_rank
+            for name, size in ins.items():
+                if size % self.fp8_block:
+                    bad("fp8_block", f"must divide {name}={size} (FP8 tiles run along each Linear's input)")
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key size: non-rotary part plus the decoupled rotary part."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelArgs":
+        """A named configuration ('tiny', 'small', '16B', '671B') with any field overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelArgs field(s) {unknown}; valid fields: {sorted(known)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        """Plain dict (stored in checkpoints)."""
+        return asdict(self)
+
+
+PRESETS = {
+    # Laptop default: every feature on (q compression, 2 expert groups with 1 allowed, shared expert, one
+    # dense layer, MTP depth 1) at a size that trains usefully on 2 CPU cores. kv_lora_rank (32) is a
+    # quarter of dim (128), so the cache really is compressed. Init std 0.02 instead of V3's 0.006: with
+    # dim=128 the fan-in is 56x smaller than V3's 7168, and 0.006 would start the network nearly silent.
+    # The bias update speed is raised 10x because a laptop run has ~1000 steps, not V3's ~500k.
+    "tiny": ModelArgs(init_std=0.02, bias_update_speed=0.01),
+    # One GPU: ~240M total / ~60M activated parameters with a small vocabulary.
+    "small": ModelArgs(max_seq_len=1024, original_seq_len=1024, dim=768, inter_dim=2048, moe_inter_dim=256,
+                       n_layers=12, n_dense_layers=1, n_heads=12, n_routed_experts=32, n_shared_experts=1,
+                       n_activated_experts=4, n_expert_groups=4, n_limited_groups=2, q_lora_rank=384,
+                       kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                       init_std=0.02, bias_update_speed=0.001, fp8_block=128),
+    # The official configs (config_16B.json is DeepSeek-V2-Lite's shape; config_671B.json is V3).
+    "16B": ModelArgs(max_seq_len=16384, vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408,
+                     n_layers=27, n_dense_layers=1, n_heads=16, n_routed_experts=64, n_shared_experts=2,
+                     n_activated_experts=6, n_expert_groups=1, n_limited_groups=1, score_func="softmax",
+                     route_scale=1.0, q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128,
+                     qk_rope_head_dim=64, v_head_dim=128, original_seq_len=4096, mscale=0.707, mtp_depth=0),
+    "671B": ModelArgs(max_seq_len=16384, vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048,
+                      n_layers=61, n_dense_layers=3, n_heads=128, n_routed_experts=256, n_shared_experts=1,
+                      n_activated_experts=8, n_expert_groups=8, n_limited_groups=4, score_func="sigmoid",
+                      route_scale=2.5, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                      qk_rope_head_dim=64, v_head_dim=128, original_seq_len=4096, mscale=1.0, mtp_depth=1),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. FP8 simulation (V3 §3.3)
+# ----------------------------------------------------------------------------------------------------
+# E4M3 has 4 exponent and 3 mantissa bits: 8 values per power of two, largest finite value 448. So few
+# bits only work if every small tile of numbers gets its own scale: one outlier then only coarsens its own
+# tile instead of flushing the whole tensor to zero. V3 scales activations per 1x128 tile (one token,
+# 128 channels) and weights per 128x128 block, from the tile's max |x| computed online, and accumulates
+# the matmul in FP32. We *simulate* this: quantise -> dequantise in float32 (the rounding is exactly the
+# E4M3 grid, via torch.float8_e4m3fn), then an ordinary matmul, so the numerical effect is real while the
+# speed-up of real FP8 tensor cores is not. Gradients pass straight through the rounding (STE); master
+# weights, gradients and optimizer states stay FP32.
+#
+# Edge cases (tested): zeros stay zero (the scale is clamped to a tiny positive value); tiles whose max |x|
+# is below 1e-12 flush to zero; huge finite values are fine (the scale absorbs them); a tile that contains
+# inf or nan comes back as all-nan, so the non-finite value is reported by the loss instead of being
+# silently turned into a finite number.
+
+FP8_E4M3_MAX = 448.0
+
+
+def fp8_quantize(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a 2-D tensor to E4M3 with one float32 scale per (br x bc) block, scales computed online.
+
+    Args:
+        x: (R, C) float tensor.
+        block: (br, bc): (1, 128) for activation tiles, (128, 128) for weight blocks.
+    Returns:
+        q: (R, C) torch.float8_e4m3fn values x / scale, each block's max |x| mapped onto 448.
+        scale: (ceil(R/br), ceil(C/bc)) float32, one per block (edge blocks may be partial, zero padded).
+    """
+    R, C = x.shape
+    br, bc = block
+    pr, pc = (-R) % br, (-C) % bc
+    xf = F.pad(x.float(), (0, pc, 0, pr))                                 # zeros never raise a block's max
+    tiles = xf.view((R + pr) // br, br, (C + pc) // bc, bc)              # (R/br, br, C/bc, bc)
+    amax = tiles.abs().amax(dim=(1, 3), keepdim=True)                     # (R/br, 1, C/bc, 1)
+    scale = amax.clamp(min=1e-12) / FP8_E4M3_MAX
+    q = (tiles / scale).to(torch.float8_e4m3fn)                           # round to the E4M3 grid
+    return q.view(R + pr, C + pc)[:R, :C], scale[:, 0, :, 0]
+
+
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Inverse of fp8_quantize: (R, C) E4M3 values times their block's scale -> (R, C) float32."""
+    br, bc = block
+    s = scale.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)  # (R', C') one scale per element
+    return q.float() * s[:q.shape[0], :q.shape[1]]
+
+
+def fp8_quant_dequant(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Round x (R, C) to scaled E4M3 and back, in x's dtype: what an FP8 GEMM would actually multiply."""
+    q, scale = fp8_quantize(x, block)
+    return fp8_dequantize(q, scale, block).to(x.dtype)
+
+
+def fp8_quant_error(x: torch.Tensor, block: tuple[int, int] = (1, 128)) -> dict:
+    """Report how much E4M3 block quantisation changes a tensor (for notebooks and tests).
+
+    Returns a dict with `rel_err` (||q(x) - x|| / ||x||), `max_abs_err` and `zero_frac` (fraction of
+    non-zero entries flushed to zero)."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    q = fp8_quant_dequant(x2, block).double()
+    x2 = x2.double()                                   # float64 so norms of huge values do not overflow
+    err = q - x2
+    nonzero = x2 != 0
+    return {"rel_err": (err.norm() / x2.norm().clamp(min=1e-30)).item(),
+            "max_abs_err": err.abs().max().item(),
+            "zero_frac": ((q == 0) & nonzero).float().sum().item() / max(1, int(nonzero.sum()))}
+
+
+class Linear(nn.Linear):
+    """A bias-free Linear layer that optionally simulates V3's FP8 GEMM.
+
+    y = x W^T. With fp8=True: x is quantised per 1 x block tile (per token, per `block` input channels) and
+    W per block x block block, both to E4M3, before the matmul; the backward pass sees the identity
+    (straight-through estimator), so the FP32 master weights are what the optimizer updates.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fp8: bool = False, fp8_block: int = 128):
+        super().__init__(in_features, out_features, bias=False)
+        self.fp8, self.fp8_block = fp8, fp8_block
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the matmul actually uses: W itself, or its FP8-rounded copy (gradient straight through)."""
+        w = self.weight
+        if not self.fp8:
+            return w
+        return w + (fp8_quant_dequant(w.detach(), (self.fp8_block, self.fp8_block)) - w).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
+        if self.fp8:
+            x2 = x.reshape(-1, x.shape[-1])                                # (N, in) one row per token
+            xq = fp8_quant_dequant(x2.detach(), (1, self.fp8_block)).view_as(x)
+            x = x + (xq - x).detach()                                      # straight-through
+        return F.linear(x, self.effective_weight())
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. RMSNorm and rotary embeddings with YaRN
+# ----------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm: x / sqrt(mean(x^2) + eps) * weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (..., dim)."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def precompute_rope(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for rotary embeddings on the qk_rope_head_dim channels, with YaRN.
+
+    Plain RoPE rotates channel pair j at frequency theta^(-2j/d). YaRN (used by V2/V3 to extend the
+    context, V2 appendix) only changes the frequencies when max_seq_len > original_seq_len: pairs that
+    rotate many times within the original context (high frequency, j below `low`) are kept; pairs that
+    rotate less than once (low frequency, j above `high`) are slowed down by rope_factor (interpolation);
+    a linear ramp blends the two in between. Returns cos, sin of shape (max_seq_len, qk_rope_head_dim // 2).
+    """
+    d, theta = args.qk_rope_head_dim, args.rope_theta
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)            # (d/2,)
+    if args.max_seq_len > args.original_seq_len:
+        def pair_index(n_rot):
+            # channel-pair index whose wavelength fits n_rot times into original_seq_len
+            return d * math.log(args.original_seq_len / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+        low = max(math.floor(pair_index(args.beta_fast)), 0)
+        high = min(math.ceil(pair_index(args.beta_slow)), d // 2 - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        freqs = freqs / args.rope_factor * ramp + freqs * (1 - ramp)                 # ramp=1 -> interpolate
+    t = torch.arange(args.max_seq_len, dtype=torch.float32)
+    angles = torch.outer(t, freqs)                                                    # (max_seq_len, d/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2j, 2j+1) of x by position-dependent angles.
+
+    Same as the official code's complex multiplication x_complex * e^{i*angle}, written with real numbers.
+    Args: x (B, T, n, d_rope) with n heads (1 for the shared key); cos, sin (T, d_rope/2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))                    # (B, T, n, d/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]                          # (B, T, n, d/2) each
+    c, s = cos[None, :, None, :], sin[None, :, None, :]      # (1, T, 1, d/2)
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).to(x.dtype)                       # (B, T, n, d_rope)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Multi-head Latent Attention (V2 §2.1)
+# ----------------------------------------------------------------------------------------------------
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (V2 §2.1.2-2.1.3, eq. 9-19).
+
+    Keys and values are not projected per head from h. Instead h is compressed to a small latent
+    c^KV = W^DKV h (d_c = kv_lora_rank numbers, eq. 9), and per-head keys/values are up-projections of it:
+    k^C = W^UK c^KV, v^C = W^UV c^KV (eq. 10-11). RoPE cannot pass through that factorisation, so position
+    goes into a separate small key k^R = RoPE(W^KR h) shared by all heads (eq. 14, "decoupled RoPE"), and
+    each query head gets its own rotary part q^R (eq. 13). Queries may be compressed the same way
+    (c^Q = W^DQ h, eq. 12) to save activation memory in training. In the official weight layout
+    wkv_a = [W^DKV; W^KR], wkv_b = [W^UK; W^UV] interleaved per head, wq_a = W^DQ, wq_b = [W^UQ; W^QR].
+
+    Two implementations, same weights, same outputs:
+      naive:  materialise k = [k^C; k^R] and v for every head (what a plain MHA would cache).
+      absorb: q^T k^C = q^T W^UK c = (W^UK^T q)^T c, so fold W^UK into the query and attend over the
+              latent c directly; likewise apply W^UV after the attention-weighted sum of latents. The cache
+              then holds only c^KV and k^R: kv_lora_rank + qk_rope_head_dim numbers per token and layer.
+              Seen this way, absorbed MLA is multi-query attention whose single key/value head is the latent.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        a = args
+        self.n_heads, self.kv_lora_rank = a.n_heads, a.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = a.qk_nope_head_dim, a.qk_rope_head_dim
+        self.qk_head_dim, self.v_head_dim = a.qk_head_dim, a.v_head_dim
+        self.attn_impl = a.attn_impl
+        lin = lambda i, o: Linear(i, o, a.fp8, a.fp8_block)
+        if a.q_lora_rank == 0:
+            self.wq = lin(a.dim, a.n_heads * a.qk_head_dim)
+        else:
+            self.wq_a = lin(a.dim, a.q_lora_rank)                                   # W^DQ
+            self.q_norm = RMSNorm(a.q_lora_rank)
+            self.wq_b = lin(a.q_lora_rank, a.n_heads * a.qk_head_dim)                # W^UQ and W^QR
+        self.wkv_a = lin(a.dim, a.kv_lora_rank + a.qk_rope_head_dim)                # W^DKV and W^KR
+        self.kv_norm = RMSNorm(a.kv_lora_rank)
+        self.wkv_b = lin(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim))  # W^UK and W^UV
+        self.wo = lin(a.n_heads * a.v_head_dim, a.dim)                              # W^O
+        # Softmax scale 1/sqrt(d_h + d_h^R); YaRN multiplies it by mscale^2 when the context is extended.
+        self.softmax_scale = a.qk_head_dim ** -0.5
+        if a.max_seq_len > a.original_seq_len:
+            m = 0.1 * a.mscale * math.log(a.rope_factor) + 1.0
+            self.softmax_scale *= m * m
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: "dict | None" = None, start_pos: int = 0, mask: "torch.Tensor | None" = None):
+        """Attention over the new tokens x (and, with a cache, everything cached before them).
+
+        Args:
+            x: (B, T, D) hidden states of the new tokens.
+            cos, sin: (T, qk_rope_head_dim/2) rotary tables for positions start_pos .. start_pos+T-1.
+            cache: this layer's cache tensors (see KVCache) or None for a plain causal forward.
+            start_pos: number of tokens already in the cache.
+            mask: (B, 1, T, S) bool, True = may attend; None means plain causal (or "all" when T == 1).
+        Returns: (B, T, D).
+        """
+        B, T, _ = x.shape
+        H = self.n_heads
+        # ---- queries (eq. 12-13) ----
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))  # (B, T, H*qk_head_dim)
+        q = q.view(B, T, H, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)                          # (B, T, H, qk_rope_head_dim)
+        # ---- compressed latent and shared rotary key (eq. 9, 14) ----
+        kv = self.wkv_a(x)                                         # (B, T, kv_lora_rank + qk_rope_head_dim)
+        kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_norm(kv)                                      # (B, T, kv_lora_rank) = c^KV
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)             # (B, T, 1, qk_rope_head_dim) = k^R
+        end = start_pos + T
+        wkv_b = self.wkv_b.effective_weight().view(H, -1, self.kv_lora_rank)  # (H, nope + v, kv_lora_rank)
+        is_causal = cache is None and mask is None
+
+        if self.attn_impl == "naive":
+            # ---- up-project the latent to per-head keys and values (eq. 10-11, 15) ----
+            kv_up = torch.einsum("btc,hdc->bthd", kv, wkv_b)       # (B, T, H, nope + v)
+            k_nope, v = kv_up.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], dim=-1)  # (B, T, H, qk_head_dim)
+            if cache is not None:
+                cache["k"][:B, start_pos:end] = k
+                cache["v"][:B, start_pos:end] = v
+                k, v = cache["k"][:B, :end], cache["v"][:B, :end]  # (B, S, H, ...)
+            qh = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)      # (B, H, T, qk_head_dim)
+            o = F.scaled_dot_product_attention(qh, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                               is_causal=is_causal and T > 1, scale=self.softmax_scale)
+            o = o.transpose(1, 2)                                  # (B, T, H, v_head_dim)
+        else:
+            # ---- absorb W^UK into the query: q_nope^T W^UK c = (W^UK^T q_nope)^T c ----
+            w_uk = wkv_b[:, :self.qk_nope_head_dim]                # (H, nope, kv_lora_rank)
+            w_uv = wkv_b[:, self.qk_nope_head_dim:]                # (H, v, kv_lora_rank)
+            q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)    # (B, T, H, kv_lora_rank)
+            if cache is not None:
+                cache["kv"][:B, start_pos:end] = kv
+                cache["pe"][:B, start_pos:end] = k_pe.squeeze(2)
+                kv, k_pe = cache["kv"][:B, :end], cache["pe"][:B, :end].unsqueeze(2)  # (B, S, ...)
+            # One shared key/value "head": key = [c^KV; k^R] (B, 1, S, d_c + d_h^R), value = c^KV.
+            qh = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)   # (B, H, T, kv_lora_rank + rope)
+            kh = torch.cat([kv, k_pe.squeeze(2)], dim=-1).unsqueeze(1)  # (B, 1, S, kv_lora_rank + rope)
+            vh = kv.unsqueeze(1)                                   # (B, 1, S, kv_lora_rank)
+            o_lat = F.scaled_dot_product_attention(qh, kh.expand(-1, H, -1, -1), vh.expand(-1, H, -1, -1),
+                                                   attn_mask=mask, is_causal=is_causal and T > 1,
+                                                   scale=self.softmax_scale)   # (B, H, T, kv_lora_rank)
+            o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)        # (B, T, H, v_head_dim), W^UV applied late
+        return self.wo(o.flatten(2))                               # (B, T, D), eq. 19
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. The decoding cache
+# ----------------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Per-layer key/value cache for incremental decoding, covering the main blocks and the MTP blocks.
+
+    absorb: each layer stores c^KV (B, L, kv_lora_rank) and k^R (B, L, qk_rope_head_dim) -- the latent.
+    naive:  each layer stores full per-head keys (B, L, H, qk_head_dim) and values (B, L, H, v_head_dim).
+    `pos` counts tokens written to the main layers, `mtp_pos` those written to the MTP blocks; setting them
+    back rolls the cache back (speculative decoding does this for rejected drafts). `key_mask` (B, L) marks
+    real tokens; left-padding slots of shorter prompts are set False so no real token attends to them.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32,
+                 attn_impl: "str | None" = None):
+        if max_len > args.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds max_seq_len={args.max_seq_len}; "
+                             "shorten the prompt or max_new_tokens")
+        self.attn_impl = attn_impl or args.attn_impl
+        self.max_len, self.pos, self.mtp_pos = max_len, 0, 0
+        H = args.n_heads
+
+        def layer():
+            if self.attn_impl == "absorb":
+                return {"kv": torch.zeros(batch_size, max_len, args.kv_lora_rank, device=device, dtype=dtype),
+                        "pe": torch.zeros(batch_size, max_len, args.qk_rope_head_dim, device=device, dtype=dtype)}
+            return {"k": torch.zeros(batch_size, max_len, H, args.qk_head_dim, device=device, dtype=dtype),
+                    "v": torch.zeros(batch_size, max_len, H, args.v_head_dim, device=device, dtype=dtype)}
+
+        self.layers = [layer() for _ in range(args.n_layers)]
+        self.mtp_layers = [layer() for _ in range(args.mtp_depth)]
+        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+
+    def bytes_per_token_per_layer(self) -> int:
+        """Bytes one token occupies in one layer's cache, measured from the allocated tensors."""
+        layer = self.layers[0]
+        return sum(t[0, 0].numel() * t.element_size() for t in layer.values())
+
+    def total_bytes(self) -> int:
+        """Bytes allocated by all cache tensors (main and MTP layers)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers + self.mtp_layers
+                   for t in layer.values())
+
+    def attn_mask(self, start_pos: int, T: int) -> "torch.Tensor | None":
+        """(B, 1, T, S) bool mask for T new queries at start_pos: causal, no padding keys, or None if trivial."""
+        S = start_pos + T
+        valid = self.key_mask[:, :S]                                   # (B, S)
+        if T == 1 and bool(valid.all()):
+            return None                                                # one query may see everything
+        q_pos = torch.arange(start_pos, S, device=valid.device)[:, None]   # (T, 1)
+        k_pos = torch.arange(S, device=valid.device)[None, :]              # (1, S)
+        # causal & not padding; a query always sees itself so padding rows never become all -inf (NaN)
+        allowed = (k_pos <= q_pos) & (valid[:, None, :] | (k_pos == q_pos))  # (B, T, S)
+        return allowed.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Feed-forward: dense MLP and DeepSeekMoE
+# ----------------------------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Used for the dense layers, each expert and the shared
+    experts (which the official code fuses into one MLP of width n_shared_experts * moe_inter_dim)."""
+
+    def __init__(self, dim: int, inter_dim: int, args: ModelArgs):
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim, args.fp8, args.fp8_block)   # gate projection
+        self.w2 = Linear(inter_dim, dim, args.fp8, args.fp8_block)   # down projection
+        self.w3 = Linear(dim, inter_dim, args.fp8, args.fp8_block)   # up projection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (..., dim)."""
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """The router: which K experts each token uses and with what weight (V3 eq. 13-16).
+
+    s_i = sigmoid(u . e_i) (V3) or softmax_i(u . e) (V2) are the token-to-expert affinities. Selection
+    uses the *biased* scores s_i + b_i: first the n_limited_groups best groups (a group's score is the sum
+    of its two highest biased scores; node-limited routing), then the top K experts inside them. Gates
+    use the *unbiased* s_i of the chosen experts, normalised to sum to one (sigmoid only) and times
+    route_scale. The bias b (`gate.bias`, a buffer, no gradient) only steers selection; it is moved after
+    each optimizer step by `update_bias` (aux-loss-free balancing, [ALF] / V3 §2.1.2).
+    Runs in float32 even under autocast: routing decisions are sensitive to rounding.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
+        self.score_func, self.route_scale = args.score_func, args.route_scale
+        self.weight = nn.Parameter(torch.randn(args.n_routed_experts, args.dim) * args.init_std)  # centroids e_i
+        self.register_buffer("bias", torch.zeros(args.n_routed_experts))        # b_i, selection only
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route N tokens.
+
+        Args: x (N, D).
+        Returns: gates (N, K) float32, indices (N, K) int64, scores (N, E) float32 unbiased affinities.
+        """
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())                 # (N, E)
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        biased = scores + self.bias                                            # (N, E) selection scores
+        if self.n_groups > 1:
+            N = x.shape[0]
+            grouped = biased.view(N, self.n_groups, -1)                        # (N, G, E/G)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # (N, G)
+            keep = group_scores.topk(self.topk_groups, dim=-1).indices         # (N, M)
+            drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)  # (N, G)
+            # -inf, not 0: a biased score can be negative, and 0 could then beat an allowed expert
+            biased = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)  # (N, E)
+        indices = biased.topk(self.topk, dim=-1).indices                       # (N, K)
+        gates = scores.gather(1, indices)                                      # (N, K) unbiased s_i
+        if self.score_func == "sigmoid":
+            gates = gates / gates.sum(dim=-1, keepdim=True)                    # eq. 13: normalise over chosen
+        return gates * self.route_scale, indices, scores
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, speed: float) -> None:
+        """Aux-loss-free balancing (V3 §2.1.2): b_i <- b_i + speed * sign(mean load - load_i).
+
+        Overloaded experts become less attractive to the *selection*, underloaded ones more; the gate
+        values and the gradient are untouched. `load` (E,) counts tokens routed to each expert."""
+        load = load.to(self.bias.device, torch.float32)
+        self.bias += speed * torch.sign(load.mean() - load)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE layer (V3 eq. 12): h' = u + sum_shared FFN_s(u) + sum_routed g_i FFN_i(u).
+
+    The residual add happens in Block. Routed experts are fine-grained SwiGLU MLPs of width
+    moe_inter_dim; every expert runs only on the tokens routed to it (tokens are sorted by expert, each
+    expert processes one contiguous slice, results are scattered back weighted by their gates). The layer
+    keeps two statistics for training: `load` (E,), tokens per expert accumulated across forward passes in
+    training mode until `reset_load()` (the bias update and MaxVio use it), and `balance_loss`, the
+    sequence-wise auxiliary loss of V3 eq. 17-20 for the last forward (0 when seq_aux_alpha == 0).
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_routed_experts, self.n_activated_experts = args.n_routed_experts, args.n_activated_experts
+        self.seq_aux_alpha = args.seq_aux_alpha
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim, args) for _ in range(args.n_routed_experts))
+        self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, args)
+                               if args.n_shared_experts > 0 else None)
+        self.register_buffer("load", torch.zeros(args.n_routed_experts), persistent=False)
+        self.balance_loss = torch.zeros(())
+
+    def reset_load(self) -> None:
+        """Zero the accumulated per-expert token counts."""
+        self.load.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)                                        # (N, D)
+        gates, indices, scores = self.gate(flat)                       # (N, K), (N, K), (N, E)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)  # (E,)
+        if self.training:
+            self.load += counts.to(self.load.dtype)
+            self.balance_loss = self._sequence_balance_loss(indices, scores, B, T)
+        # Dispatch: sort the N*K (token, expert) assignments by expert so each expert sees one slice.
+        order = indices.flatten().argsort(stable=True)                 # (N*K,)
+        token_of = order // self.n_activated_experts                   # which token each slot came from
+        gate_of = gates.flatten()[order]                               # (N*K,)
+        y = torch.zeros_like(flat, dtype=torch.float32)                # accumulate in fp32
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            tok = token_of[start:start + n]                            # (n,) token ids for expert e
+            out = self.experts[e](flat[tok]) * gate_of[start:start + n, None]   # (n, D)
+            y.index_add_(0, tok, out.float())
+            start += n
+        y = y.to(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)                          # shared experts see every token
+        return y.view(B, T, D)
+
+    def _sequence_balance_loss(self, indices, scores, B, T) -> torch.Tensor:
+        """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
+
+        f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean over the sequence's tokens of the
+        normalised affinity s_i / sum_j s_j. Minimised when load and affinity mass are spread evenly."""
+        if self.seq_aux_alpha == 0:
+            return torch.zeros((), device=scores.device)
+        E, K = self.n_routed_experts, self.n_activated_experts
+        chosen = torch.zeros(B * T, E, device=scores.device).scatter_(1, indices, 1.0).view(B, T, E)
+        f = chosen.sum(1) * E / (K * T)                                # (B, E), no gradient (counts)
+        p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # (B, E)
+        return self.seq_aux_alpha * (f * p).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Transformer block and Multi-Token Prediction
+# ----------------------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + MLA(norm(x)), then + FFN(norm(x)); the FFN is a dense MLP for the
+    first n_dense_layers layers and DeepSeekMoE after (MTP blocks are MoE blocks too, as in V3)."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.dim)
+        self.attn = MLA(args)
+        self.ffn_norm = RMSNorm(args.dim)
+        self.ffn = MLP(args.dim, args.inter_dim, args) if layer_id < args.n_dense_layers else MoE(args)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); arguments as in MLA.forward."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos, mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTPModule(nn.Module):
+    """One Multi-Token Prediction module (V3 §2.2, eq. 21-24).
+
+    Module k predicts the token k+1 steps ahead of the main model's next-token prediction, keeping the
+    causal chain: for position i it combines the previous depth's representation h^{k-1}_i with the
+    embedding of token t_{i+k} (which the earlier depths have just "predicted"), eq. 21:
+        h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]      M_k = eh_proj, (D x 2D)
+        h^k    = TRM_k(h'^k)                                          eq. 22, one transformer block
+        P^k    = OutHead(RMSNorm(h^k))                                eq. 23, head shared with the model
+    Convention (the one of the public code that loads V3's released MTP weights, so checkpoints convert):
+    h^0 is the main model's last block output *before* the final norm, the embedding comes first in the
+    concatenation (the report writes it second), and the module has its own norm before the shared head.
+    """
+
+    def __init__(self, depth: int, args: ModelArgs):
+        super().__init__()
+        self.enorm = RMSNorm(args.dim)
+        self.hnorm = RMSNorm(args.dim)
+        self.eh_proj = Linear(2 * args.dim, args.dim, args.fp8, args.fp8_block)
+        self.block = Block(args.n_layers + depth, args)
+        self.norm = RMSNorm(args.dim)
+
+    def forward(self, h_prev, emb, cos, sin, cache=None, start_pos=0, mask=None) -> torch.Tensor:
+        """h_prev (B, T, D) = h^{k-1}; emb (B, T, D) = Emb(t_{i+k}) -> h^k (B, T, D), before self.norm."""
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))   # (B, T, D)
+        return self.block(h, cos, sin, cache, start_pos, mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. The model
+# ----------------------------------------------------------------------------------------------------
+
+class Transformer(nn.Module):
+    """DeepSeek-V3: embedding -> n_layers Blocks (MLA + dense/MoE) -> RMSNorm -> head, plus MTP modules.
+
+    `logits, loss = model(idx, targets)`; loss = CE + (lambda/D) sum_k CE_k (MTP, V3 eq. 25) + balance loss
+    (V3 eq. 17), and `model.loss_parts` holds the three parts (floats) for logging. With `cache=` the call
+    runs incrementally on the new tokens only (see KVCache).
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)   # high precision even with fp8
+        self.mtp = nn.ModuleList(MTPModule(k, args) for k in range(args.mtp_depth))
+        cos, sin = precompute_rope(args)
+        self.register_buffer("rope_cos", cos, persistent=False)          # (max_seq_len, rope_dim/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.loss_parts: dict = {}
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, init_std) for every weight matrix and embedding (V3 §4.2); norms start at one."""
+        if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.args.init_std)
+
+    def moe_layers(self) -> list[MoE]:
+        """All MoE layers, main blocks first, then the MTP blocks."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    # ---- forward ----
+    def trunk(self, idx: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+        """Embedding and all blocks: idx (B, T) -> h (B, T, D), the last block's output before the final
+        norm (h^0 for MTP). With a cache, idx are the tokens at positions cache.pos.. and pos advances."""
+        T = idx.shape[1]
+        start = cache.pos if cache is not None else 0
+        if start + T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.args.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        mask = cache.attn_mask(start, T) if cache is not None else None
+        h = self.embed(idx)                                                # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache.layers[i] if cache is not None else None, start, mask)
+        if cache is not None:
+            cache.pos += T
+        return h
+
+    def forward(self, idx: torch.Tensor, targets: "torch.Tensor | None" = None,
+                cache: "KVCache | None" = None) -> tuple[torch.Tensor, "torch.Tensor | None"]:
+        """idx (B, T) int64 -> logits (B, T, vocab_size) float32, loss (scalar or None).
+
+        targets (B, T) int64 are the next tokens (-1 = ignore); with them the loss includes MTP and the
+        sequence-wise balance loss. MTP module k predicts targets[:, i+k] from position i, so it trains on
+        the first T-k positions."""
+        h = self.trunk(idx, cache)
+        logits = self.head(self.norm(h)).float()                             # (B, T, V)
+        if targets is None:
+            return logits, None
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        mtp = self._mtp_loss(h, idx, targets)
+        balance = sum((m.balance_loss for m in self.moe_layers() if self.training), torch.zeros((), device=h.device))
+        loss = ce + mtp + balance
+        ce, mtp, balance = ce.detach(), mtp.detach(), balance.detach()
+        self.loss_parts = {"ce": ce.item(), "mtp": mtp.item(), "balance": balance.item()}
+        return logits, loss
+
+    def _mtp_loss(self, h: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """L_MTP = (lambda / D) sum_k CE_k (V3 eq. 24-25). h (B, T, D) is h^0 from the trunk."""
+        T = idx.shape[1]
+        total = torch.zeros((), device=h.device)
+        if not self.mtp or T <= len(self.mtp):
+            return total
+        for k, module in enumerate(self.mtp, start=1):
+            h_prev = h[:, :T - k]                                              # (B, T-k, D) h^{k-1}_i
+            emb = self.embed(idx[:, k:])                                       # (B, T-k, D) Emb(t_{i+k})
+            h = module(h_prev, emb, self.rope_cos[:T - k], self.rope_sin[:T - k])  # (B, T-k, D) h^k
+            logits = self.head(module.norm(h)).float()                         # (B, T-k, V) shared head
+            total = total + F.cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1)
+        return total * self.args.mtp_lambda / len(self.mtp)
+
+    def mtp_draft(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run the first MTP module incrementally to draft one token ahead (self-speculative decoding).
+
+        h_prev (B, T, D): the trunk's h^0 at positions cache.mtp_pos.. ; next_tokens (B, T): the token one
+        step after each of those positions. Writes the MTP block's cache and advances cache.mtp_pos.
+        Returns logits (B, T, V) for the token two steps after each position."""
+        start, T = cache.mtp_pos, h_prev.shape[1]
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        mask = cache.attn_mask(start, T)
+        module = self.mtp[0]
+        h = module(h_prev, self.embed(next_tokens), cos, sin, cache.mtp_layers[0], start, mask)
+        cache.mtp_pos = start + T
+        return self.head(module.norm(h)).float()
+
+    # ---- balancing ----
+    def expert_load(self) -> torch.Tensor:
+        """(n_moe_layers, E) tokens per expert accumulated since the last update_bias (main then MTP)."""
+        return torch.stack([m.load.clone() for m in self.moe_layers()])
+
+    @torch.no_grad()
+    def update_bias(self, load: "torch.Tensor | None" = None) -> torch.Tensor:
+        """Aux-loss-free bias step for every MoE layer from `load` (default: the accumulated counts, which
+        train.py all-reduces across ranks first), then reset the counters. Call after each optimizer step.
+        Returns the per-layer MaxVio of the load used."""
+        load = self.expert_load() if load is None else load
+        for m, row in zip(self.moe_layers(), load):
+            m.gate.update_bias(row, self.args.bias_update_speed)
+            m.reset_load()
+        return max_violation(load)
+
+    # ---- generation ----
+    def new_cache(self, batch_size: int, max_len: int, attn_impl: "str | None" = None) -> KVCache:
+        """An empty KVCache on this model's device and dtype."""
+        p = self.embed.weight
+        return KVCache(self.args, batch_size, max_len, device=p.device, dtype=p.dtype, attn_impl=attn_impl)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: "int | None" = None, eos_id: "int | None" = None) -> torch.Tensor:
+        """Sample max_new_tokens after idx (B, T) using the KV cache; returns (B, T + new) tokens.
+
+        temperature 0 means greedy. Rows that produced eos_id keep emitting eos_id; generation stops early
+        when every row has. Raises ValueError if the total length exceeds max_seq_len."""
+        B, T = idx.shape
+        cache = self.new_cache(B, T + max_new_tokens)
+        logits, _ = self(idx, cache=cache)
+        out, done = idx, torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k)            # (B,)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done = done | (nxt == eos_id)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+            if out.shape[1] < T + max_new_tokens:
+                logits, _ = self(nxt[:, None], cache=cache)
+        return out
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: "int | None" = None,
+                top_p: "float | None" = None, generator: "torch.Generator | None" = None) -> torch.Tensor:
+    """Pick one token per row from logits (B, V): greedy when temperature == 0, else sample from
+    softmax(logits / temperature) restricted to the top_k tokens and/or the top_p probability mass."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) >= top_p                 # keep the smallest set reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Accounting
+# ----------------------------------------------------------------------------------------------------
+
+def count_params(args: ModelArgs) -> dict:
+    """Total and activated parameters, by arithmetic (no weights allocated; a test checks it against a built
+    model's named_parameters()).
+
+    Convention: `total` and `activated` exclude the MTP modules (reported separately as `mtp`), as the V3
+    report does; MTP shares the embedding and head, so `mtp` excludes them too (the released checkpoint
+    stores copies of both, which is why it quotes ~14B). `activated` counts everything one token touches:
+    embedding, head, attention, norms, dense FFNs, gates, shared experts and K of the N_r routed experts
+    of each MoE layer. For 671B this plain count gives ~37.5B; the report's "37B" and the model card's
+    36.7B round differently (SPEC §3).
+    """
+    a = args
+    d, H = a.dim, a.n_heads
+    if a.q_lora_rank:
+        q = d * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * H * a.qk_head_dim   # wq_a, q_norm, wq_b
+    else:
+        q = d * H * a.qk_head_dim                                                     # wq
+    attn = (q + d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank            # wkv_a, kv_norm
+            + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim) + H * a.v_head_dim * d)  # wkv_b, wo
+    expert = 3 * d * a.moe_inter_dim
+    moe_fixed = a.n_routed_experts * d + a.n_shared_experts * expert                  # gate + shared
+    dense_block = 2 * d + attn + 3 * d * a.inter_dim
+    moe_total = 2 * d + attn + moe_fixed + a.n_routed_experts * expert
+    moe_active = 2 * d + attn + moe_fixed + a.n_activated_experts * expert
+    n_moe = a.n_layers - a.n_dense_layers
+    outer = 2 * a.vocab_size * d + d                                                  # embed, head, norm
+    return {"total": outer + a.n_dense_layers * dense_block + n_moe * moe_total,
+            "activated": outer + a.n_dense_layers * dense_block + n_moe * moe_active,
+            "mtp": a.mtp_depth * (3 * d + 2 * d * d + moe_total)}   # MTP blocks are MoE blocks
+
+
+def kv_cache_numbers_per_token(args: ModelArgs) -> dict:
+    """Numbers cached per token per layer (V2 Table 1): MLA's latent (d_c + d_h^R), our naive path's full
+    per-head keys and values, and a standard MHA with the same heads (2 n_h d_h)."""
+    return {"mla": args.kv_lora_rank + args.qk_rope_head_dim,
+            "naive": args.n_heads * (args.qk_head_dim + args.v_head_dim),
+            "mha": 2 * args.n_heads * args.qk_nope_head_dim}
+
+
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio = max load / mean load - 1 per row of (layers, E) counts (0 = perfectly balanced)."""
+    load = load.float()
+    return load.max(dim=-1).values / load.mean(dim=-1).clamp(min=1e-9) - 1
