@@ -40,7 +40,7 @@ def read_checkpoint(path, hint: str = "python train.py") -> dict:
         raise CheckpointError(f"no checkpoint at {path}; run `{hint}` first to create one")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any unpickling failure means the same thing to the user
+    except Exception as e:  # any unpickling failure means the same thing to the user
         raise CheckpointError(f"{path} is not a readable tinyseek checkpoint ({type(e).__name__}: {e}); "
                               f"recreate it with `{hint}`") from e
     if not isinstance(ckpt, dict):
