@@ -1,0 +1,188 @@
+"""Tests for train.py: data, a short run lowers the loss, balancing, exact resume, bad input, torchrun.
+
+Run: python -m pytest tests/test_train.py -q            (add -m "not slow" to skip the torchrun run)
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from checkpoint import CheckpointError, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+# A very small model and data set so each run takes seconds.
+SMALL = ["--n_examples=3000", "--batch_size=8", "--block_size=48", "--max_seconds=0", "--eval_interval=1000",
+         "--eval_iters=2", "--n_eval=0", "--log_interval=5", "--device=cpu",
+         "--model=dim=48,inter_dim=96,moe_inter_dim=24,n_layers=2,kv_lora_rank=16,q_lora_rank=32"]
+
+
+def run(tmp_path, *flags):
+    return train.main([*SMALL, f"--out_dir={tmp_path}", *flags])
+
+
+def test_builtin_data_is_deterministic_and_split():
+    cfg = train.TrainConfig(n_examples=500)
+    tok1, tr1, va1, _ = train.load_data(cfg)
+    tok2, tr2, va2, _ = train.load_data(cfg)
+    assert torch.equal(tr1, tr2) and torch.equal(va1, va2)
+    assert tok1.to_dict() == tok2.to_dict()
+    assert len(tr1) == pytest.approx(9 * len(va1), rel=0.01)
+    assert tr1[0].item() == tok1.bos_id
+    assert tok1.decode(tr1[:60].tolist()).count("<think>") >= 1
+
+
+def test_text_file_data_with_char_tokenizer(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("To be, or not to be, that is the question.\n" * 300)
+    summary = run(tmp_path / "out", f"--data={f}", "--tokenizer=char", "--max_iters=15")
+    assert summary["step"] == 15
+    _model, tok, ckpt = load_model(tmp_path / "out" / "ckpt.pt")
+    assert tok.name == "char" and ckpt["config"]["data"] == str(f)
+
+
+def test_short_run_lowers_loss_and_writes_outputs(tmp_path):
+    summary = run(tmp_path, "--max_iters=60", "--lr=3e-3")
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    import json
+    rows = [json.loads(x) for x in lines]
+    logged = [r for r in rows if "loss" in r]
+    assert logged[-1]["ce"] < 0.6 * logged[0]["ce"]
+    assert summary["val_loss"] < 0.6 * logged[0]["ce"]
+    assert {"lr", "tok_per_s", "mfu", "max_vio", "mtp", "balance"} <= set(logged[-1])
+    for name in ("ckpt.pt", "loss.png", "expert_load.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["kind"] == "pretrain" and ckpt["config"]["max_iters"] == 60 and ckpt["step"] == 60
+
+
+def test_bias_update_keeps_maxvio_below_gamma_zero(tmp_path):
+    import json
+
+    def mean_vio(out, gamma):
+        run(out, "--max_iters=80", f"--model=dim=48,inter_dim=96,moe_inter_dim=24,n_layers=2,kv_lora_rank=16,"
+                                   f"q_lora_rank=32,bias_update_speed={gamma}", "--log_interval=1")
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        vios = [r["max_vio"] for r in rows if "max_vio" in r][-40:]
+        return sum(vios) / len(vios)
+
+    frozen = mean_vio(tmp_path / "g0", 0.0)
+    balanced = mean_vio(tmp_path / "g1", 0.01)
+    assert balanced < 0.8 * frozen
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    run(straight, "--max_iters=20")
+    # Interrupted run: a SIGTERM arrives during step 11; the loop finishes that step, checkpoints and exits.
+    resumed = tmp_path / "resumed"
+    calls = {"n": 0}
+    real_get_batch = train.get_batch
+
+    def get_batch_then_signal(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_get_batch(*a, **kw)
+
+    monkeypatch.setattr(train, "get_batch", get_batch_then_signal)
+    first = run(resumed, "--max_iters=20")
+    monkeypatch.setattr(train, "get_batch", real_get_batch)
+    assert first["interrupted"] and first["step"] == 11
+    second = run(resumed, "--max_iters=20", "--resume")
+    assert second["step"] == 20
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(resumed / "ckpt.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k              # bit-identical, router biases included
+    assert second["val_loss"] == a["final"]["val_loss"]
+
+
+def test_resume_with_different_model_args_names_the_mismatch(tmp_path):
+    run(tmp_path, "--max_iters=3")
+    with pytest.raises(CheckpointError, match="n_layers"):
+        train.main([*SMALL, f"--out_dir={tmp_path}", "--max_iters=6", "--resume",
+                    "--model=dim=48,inter_dim=96,moe_inter_dim=24,n_layers=3,kv_lora_rank=16,q_lora_rank=32"])
+
+
+def test_resume_without_checkpoint_says_how_to_make_one(tmp_path):
+    with pytest.raises(CheckpointError, match="python train.py"):
+        run(tmp_path, "--resume")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable tinyseek checkpoint"):
+        run(tmp_path, "--resume")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    run(tmp_path, "--max_iters=4")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    real_forward = train.Transformer.forward
+
+    def nan_forward(self, idx, targets=None, cache=None):
+        logits, loss = real_forward(self, idx, targets, cache)
+        return logits, loss * float("nan") if loss is not None else None
+
+    monkeypatch.setattr(train.Transformer, "forward", nan_forward)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--max_iters=4", "--eval_interval=1")
+    assert e.value.code == 2
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--data=/no/such/file.txt"], "no such file"),
+    (["--tokenizer=klingon"], "unknown tokenizer"),
+    (["--model=n_activated_experts=99"], "n_activated_experts"),
+    (["--model=warp=9"], "unknown ModelArgs field"),
+])
+def test_bad_input_exits_with_clear_message(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        run(tmp_path, *flags)
+
+
+def test_empty_data_file(tmp_path):
+    f = tmp_path / "empty.txt"
+    f.write_text("  \n")
+    with pytest.raises(SystemExit, match="empty"):
+        run(tmp_path, f"--data={f}")
+
+
+def test_named_tokenizer_offline_is_a_clear_message(tmp_path, monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(SystemExit, match="--tokenizer=bpe"):
+        run(tmp_path, "--tokenizer=gpt2")
+
+
+def test_unknown_flag_lists_valid_flags():
+    r = subprocess.run([sys.executable, "train.py", "--learning_rate=1"], check=False, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "unrecognized arguments: --learning_rate=1" in r.stderr and "--lr" in r.stderr
+    r = subprocess.run([sys.executable, "train.py", "--batch_size=many"], check=False, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid int value" in r.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "train.py", *SMALL,
+                        "--max_iters=8", f"--out_dir={tmp_path}"], check=False, cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "x 2 ranks" in r.stdout
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 8

@@ -1,0 +1,476 @@
+"""
+tinyseek/train.py -- pretrain the DeepSeek-V3-style model from model.py.
+
+    python train.py                                   # tiny preset, built-in arithmetic corpus, ~4 minutes on 2 CPU cores
+    python train.py --data=shakespeare.txt --tokenizer=char
+    python train.py --preset=small --device=cuda --compile
+    torchrun --standalone --nproc_per_node=2 train.py # several processes (gloo on CPU, nccl on GPUs)
+
+What happens, top to bottom:
+  1. Config: one dataclass; every field is a `--key=value` flag; the effective config is printed and saved.
+  2. Data: the built-in corpus (worked arithmetic in the R1-Zero format, see tasks.py) or any UTF-8 text
+     file; a byte-level BPE trained on it (cached); one long token stream split 90/10 into train/val.
+  3. Model and optimizer: AdamW (beta 0.9/0.95, weight decay 0.1 on matrices only), warmup + cosine.
+  4. The loop: forward (CE + MTP + balance loss), backward, clip, step, then the auxiliary-loss-free
+     router-bias update from the step's expert loads (V3 §2.1.2). Log lines show loss parts, lr, tokens/s,
+     MFU and the expert-load imbalance MaxVio.
+  5. Checkpoints (atomic), metrics.jsonl, plots, and for the built-in task a greedy held-out accuracy.
+
+The learning-rate schedule is fitted to whichever budget ends first, --max_iters or --max_seconds, so
+"train for three minutes" gives a complete warmup-and-decay run.
+What is left out on purpose: dropout (V3 uses none), pipeline/expert parallelism, real FP8 kernels.
+"""
+
+import contextlib
+import json
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import tasks
+from checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from cli import (
+    cleanup_distributed,
+    parse_config,
+    pick_device,
+    print_config,
+    setup_distributed,
+)
+from model import ModelArgs, Transformer, count_params, max_violation
+from sample import generate_batch
+from tokenizer import get_tokenizer
+
+ROOT = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Configuration
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Every setting of a pretraining run (each is a --flag)."""
+    preset: str = field(default="tiny", metadata={"help": "model preset: tiny | small | 16B | 671B"})
+    model: str = field(default="", metadata={"help": "ModelArgs overrides, e.g. 'fp8=true,mtp_depth=0'"})
+    out_dir: str = field(default="out", metadata={"help": "where ckpt.pt, metrics and plots go"})
+    data: str = field(default="", metadata={"help": "a UTF-8 text file; empty = built-in arithmetic corpus"})
+    tokenizer: str = field(default="bpe", metadata={"help": "bpe | char | gpt2 | cl100k_base | o200k_base"})
+    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary size (bpe only)"})
+    n_examples: int = field(default=60000, metadata={"help": "documents in the built-in corpus"})
+    flaw_rate: float = field(default=0.6, metadata={"help": "built-in corpus: share of flawed worked solutions "
+                                                            "in the planted-misconception situation (tasks.py)"})
+    batch_size: int = 32
+    block_size: int = field(default=128, metadata={"help": "tokens per training sequence"})
+    grad_accum: int = 1
+    max_iters: int = 5000
+    max_seconds: float = field(default=210.0, metadata={"help": "wall-clock budget; 0 = none"})
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_iters: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 25
+    n_eval: int = field(default=500, metadata={"help": "held-out problems for the final greedy accuracy"})
+    device: str = "auto"
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt"})
+    seed: int = 1337
+
+
+def model_args_from(cfg: TrainConfig, vocab_size: int) -> ModelArgs:
+    """ModelArgs for the preset, with the tokenizer's vocabulary, the block size and --model overrides."""
+    types = {f.name: f.type for f in fields(ModelArgs)}
+    overrides = {}
+    for item in filter(None, (s.strip() for s in cfg.model.split(","))):
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"--model: unknown ModelArgs field '{key}'; valid: {', '.join(types)}")
+        kind = types[key] if isinstance(types[key], type) else type(getattr(ModelArgs, key))
+        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    base = ModelArgs.preset(cfg.preset)
+    seq = max(cfg.block_size, base.max_seq_len)
+    defaults = {"vocab_size": vocab_size, "max_seq_len": seq, "original_seq_len": max(seq, base.original_seq_len)}
+    try:
+        return ModelArgs.preset(cfg.preset, **{**defaults, **overrides})
+    except ValueError as e:
+        raise SystemExit(f"invalid model configuration: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data
+# ----------------------------------------------------------------------------------------------------
+
+def load_data(cfg: TrainConfig):
+    """Return (tokenizer, train_tokens, val_tokens, description) as 1-D int64 tensors.
+
+    Built-in: `n_examples` worked arithmetic problems (tasks.build_corpus), each framed BOS ... EOS.
+    --data=FILE: the file's text, first 90% train, last 10% val (as nanoGPT does)."""
+    cache = ROOT / "data" / "cache"
+    if cfg.data:
+        path = Path(cfg.data).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"--data={cfg.data}: no such file")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise SystemExit(f"--data={cfg.data}: the file is empty")
+        tok = _tokenizer(cfg, text[:2_000_000], cache)
+        ids = torch.tensor(tok.encode(text), dtype=torch.long)
+        desc = f"{path.name}: {len(text):,} characters"
+    else:
+        docs = tasks.build_corpus(cfg.n_examples, seed=cfg.seed, flaw_rate=cfg.flaw_rate)
+        tok = _tokenizer(cfg, tasks.corpus_text(docs[:20000]), cache)
+        stream = []
+        for d in docs:
+            stream.extend(tok.encode(d, bos=True, eos=True))
+        ids = torch.tensor(stream, dtype=torch.long)
+        desc = f"built-in arithmetic corpus: {len(docs):,} worked problems (flaw_rate={cfg.flaw_rate})"
+    n = int(0.9 * len(ids))
+    train, val = ids[:n], ids[n:]
+    if len(val) <= cfg.block_size + 1:
+        raise SystemExit(f"not enough data: {len(ids)} tokens, need > {10 * (cfg.block_size + 2)} "
+                         "(10% is held out for validation); use a bigger file or a smaller --block_size")
+    return tok, train, val, desc
+
+
+def _tokenizer(cfg: TrainConfig, text: str, cache: Path):
+    """get_tokenizer with its errors (unknown name, named encoding unavailable offline) as clean exits."""
+    try:
+        return get_tokenizer(cfg.tokenizer, text=text, cache_dir=cache, vocab_size=cfg.vocab_size)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"--tokenizer={cfg.tokenizer}: {e}") from None
+
+
+def get_batch(data: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, device: str):
+    """A random batch of windows: x (B, block_size) and y = x shifted by one token (next-token targets)."""
+    ix = torch.randint(len(data) - cfg.block_size - 1, (cfg.batch_size,), generator=gen)
+    x = torch.stack([data[i:i + cfg.block_size] for i in ix.tolist()])
+    y = torch.stack([data[i + 1:i + 1 + cfg.block_size] for i in ix.tolist()])
+    return x.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Optimizer, schedule, FLOPs
+# ----------------------------------------------------------------------------------------------------
+
+def make_optimizer(model: Transformer, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
+    """AdamW (V3 §4.2). Weight decay only on matrices: not on norms, biases or the embedding table."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.startswith("cuda"))
+
+
+def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
+    """Linear warmup for warmup_iters steps, then cosine from lr to lr*min_lr_ratio over progress in [0, 1]."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    cos = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x activated matmul parameters (forward 2, backward 4) plus attention
+    scores and weighted values (6 x layers x heads x (qk_head_dim + v_head_dim) x seq_len), as nanoGPT
+    counts them (no causal halving). Embedding lookups are not matmuls and are left out; MTP blocks are in."""
+    c = count_params(args)
+    matmul = c["activated"] - args.vocab_size * args.dim + c["mtp"] * (
+        (args.n_activated_experts + args.n_shared_experts) / (args.n_routed_experts + args.n_shared_experts))
+    attn = 6 * (args.n_layers + args.mtp_depth) * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
+    return 6 * matmul + attn
+
+
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                 "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device: str) -> tuple[float, str]:
+    """Peak FLOP/s to divide by for MFU: a measured fp32 matmul rate on CPU, the dense bf16 spec on a GPU."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_BF16.items():
+            if key in name:
+                return value, f"{name} dense bf16 spec {value / 1e12:.0f} TFLOP/s"
+        return 0.0, f"{name}: peak unknown (add it to GPU_PEAK_BF16), MFU not shown"
+    if device == "cpu":
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        for _ in range(3):
+            a @ b
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.5:
+            a @ b
+            n += 1
+        rate = n * 2 * 1024 ** 3 / (time.perf_counter() - t0)
+        return rate, f"measured fp32 1024x1024 matmul on this CPU: {rate / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)"
+    return 0.0, f"{device}: peak unknown, MFU not shown"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def estimate_loss(model, train, val, cfg, device, ctx) -> dict:
+    """Mean next-token CE on eval_iters fixed batches of each split (fixed seed, so curves are comparable)."""
+    model.eval()
+    out = {}
+    for split, data in (("train", train), ("val", val)):
+        gen = torch.Generator().manual_seed(1234)
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch(data, cfg, gen, device)
+            with ctx:
+                model(x, y)
+            losses.append(model.loss_parts["ce"])
+        out[split] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def heldout_accuracy(model, tok, n: int, path: Path, batch_size: int = 250) -> float:
+    """Greedy accuracy on n held-out arithmetic problems (never in the corpus); writes SPEC §3 JSON lines."""
+    model.eval()
+    problems = tasks.heldout_problems(tasks.default_task(), n, seed=0)
+    records = []
+    for i in range(0, n, batch_size):
+        chunk = problems[i:i + batch_size]
+        prompts = [tok.encode(tasks.format_prompt(p.question), bos=True) for p in chunk]
+        comps, _ = generate_batch(model, prompts, 64, temperature=0, eos_id=tok.eos_id)
+        for p, c in zip(chunk, comps):
+            text = tok.decode([t for t in c if t != tok.eos_id])
+            records.append(tasks.eval_record(p, text))
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return sum(r["correct"] for r in records) / len(records)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Plots
+# ----------------------------------------------------------------------------------------------------
+
+def plot_run(metrics: list[dict], load_history: list, out_dir: Path) -> list[Path]:
+    """loss.png (train/val CE, MTP and balance losses) and expert_load.png (per-layer load share heatmap at
+    the end, and MaxVio over steps: aux-loss-free balancing at work)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "val_loss" in m]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([m["step"] for m in train], [m["ce"] for m in train], label="train CE (next token)", alpha=0.8)
+    ax.plot([m["step"] for m in train], [m["mtp"] for m in train], label="MTP loss (lambda/D sum CE_k)", alpha=0.8)
+    if evals:
+        ax.plot([m["step"] for m in evals], [m["val_loss"] for m in evals], "o-", label="val CE")
+    ax2 = ax.twinx()
+    ax2.plot([m["step"] for m in train], [m["balance"] for m in train], color="gray", ls=":", label="balance loss")
+    ax2.set_ylabel("sequence-wise balance loss")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="tinyseek pretraining loss")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    paths.append(out_dir / "loss.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    if load_history:
+        steps = [s for s, _ in load_history]
+        loads = torch.stack([ld for _, ld in load_history])                 # (n_logs, layers, E)
+        share = loads[-1] / loads[-1].sum(-1, keepdim=True)               # (layers, E) at the end
+        vio = max_violation(loads.flatten(0, 1)).view(loads.shape[:2])     # (n_logs, layers)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        im = a1.imshow(share.numpy(), aspect="auto", cmap="viridis")
+        a1.set(xlabel="routed expert", ylabel="MoE layer (MTP last)", title="share of tokens per expert (last window)")
+        fig.colorbar(im, ax=a1, label="fraction of routed tokens")
+        for layer in range(vio.shape[1]):
+            a2.plot(steps, vio[:, layer].numpy(), label=f"MoE layer {layer}")
+        a2.set(xlabel="optimizer step", ylabel="MaxVio = max load / mean load - 1",
+               title="expert-load imbalance (aux-loss-free bias)")
+        a2.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / "expert_load.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The training loop
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    """Run pretraining as configured by argv (or sys.argv); returns a summary dict."""
+    cfg = parse_config(TrainConfig, argv, description="Pretrain a DeepSeek-V3-style model (tinyseek).")
+    ddp, device = setup_distributed(pick_device(cfg.device))
+    out_dir = Path(cfg.out_dir) if Path(cfg.out_dir).is_absolute() else ROOT / cfg.out_dir
+    master = ddp.master
+    if master:
+        print_config(cfg, "train config")
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + ddp.rank)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    # ---- data and model ----
+    tok, train_data, val_data, desc = load_data(cfg)
+    args = model_args_from(cfg, tok.n_vocab)
+    model = Transformer(args).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    gen = torch.Generator().manual_seed(cfg.seed + ddp.rank)     # each rank draws its own batches (sharding)
+    step, elapsed_before, metrics, load_history = 0, 0.0, [], []
+    ckpt_path = out_dir / "ckpt.pt"
+    if cfg.resume:
+        ckpt = read_checkpoint(ckpt_path, hint="python train.py")
+        if ckpt["model_args"] != args.to_dict():
+            diff = {k: (ckpt["model_args"].get(k), v) for k, v in args.to_dict().items()
+                    if ckpt["model_args"].get(k) != v}
+            raise CheckpointError(f"cannot resume: model arguments differ (checkpoint, now): {diff}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, elapsed_before = ckpt["step"], ckpt["elapsed"]
+        gen.set_state(ckpt["rng"]["data"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        metrics = ckpt.get("metrics", [])
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+    if master:
+        c = count_params(args)
+        print(f"data: {desc}; tokenizer {tok.name} ({tok.n_vocab} tokens); {len(train_data):,} train / "
+              f"{len(val_data):,} val tokens")
+        print(f"model: {cfg.preset}, {c['total'] / 1e6:.2f}M parameters ({c['activated'] / 1e6:.2f}M activated per "
+              f"token) + {c['mtp'] / 1e6:.2f}M MTP; device {device}" + (f" x {ddp.world_size} ranks" if ddp.enabled else ""))
+    raw = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp.enabled:
+        # MoE: an expert that got no token this step has no gradient, so DDP must allow unused parameters.
+        model = DDP(model, device_ids=[ddp.local_rank] if device.startswith("cuda") else None,
+                    find_unused_parameters=True)
+    use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
+    peak, peak_desc = peak_flops(device)
+    fpt = flops_per_token(args, cfg.block_size)
+    if master:
+        print(f"MFU peak: {peak_desc}; {fpt / 1e6:.1f} MFLOPs per token")
+
+    # ---- Ctrl-C / SIGTERM: finish the step, write a checkpoint, exit ----
+    stop = {"signal": None}
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def checkpoint(final_metrics=None):
+        if not master:
+            return
+        save_checkpoint(ckpt_path, {
+            "model": raw.state_dict(), "model_args": args.to_dict(), "tokenizer": tok.to_dict(),
+            "config": asdict(cfg), "kind": "pretrain", "step": step, "elapsed": elapsed,
+            "optimizer": optimizer.state_dict(), "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
+            "metrics": metrics, **({"final": final_metrics} if final_metrics else {})})
+
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp.world_size
+    t_start = time.perf_counter()
+    elapsed = elapsed_before
+    t_log, tokens_since_log = time.perf_counter(), 0
+    model.train()
+    while True:
+        elapsed = elapsed_before + time.perf_counter() - t_start
+        progress = max(step / cfg.max_iters, elapsed / cfg.max_seconds if cfg.max_seconds > 0 else 0.0)
+        if progress >= 1.0 or stop["signal"] is not None:
+            break
+        lr = lr_at(progress, step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+
+        # ---- forward / backward over grad_accum micro-batches ----
+        for micro in range(cfg.grad_accum):
+            x, y = get_batch(train_data, cfg, gen, device)
+            sync = not ddp.enabled or micro == cfg.grad_accum - 1
+            with ctx, (contextlib.nullcontext() if sync else model.no_sync()):
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+        parts = raw.loss_parts
+        if not math.isfinite(loss.item()):
+            print(f"step {step}: loss is {loss.item()}; stopping. The last good checkpoint ({ckpt_path}) is "
+                  "untouched. Try a lower --lr or --grad_clip.", file=sys.stderr)
+            raise SystemExit(2)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # ---- aux-loss-free balancing: every rank must apply the same bias step, so sum the loads first ----
+        load = raw.expert_load()                                   # (moe layers, E) tokens this step
+        if ddp.enabled:
+            dist.all_reduce(load)
+        vio = raw.update_bias(load)                                # MaxVio per layer of this step's load
+        step += 1
+        tokens_since_log += tokens_per_step
+
+        if master and (step % cfg.log_interval == 0 or step == 1):
+            dt = time.perf_counter() - t_log
+            tps = tokens_since_log / dt
+            mfu = tps * fpt / (peak * ddp.world_size) if peak else float("nan")
+            row = {"step": step, "loss": loss.item(), "ce": parts["ce"], "mtp": parts["mtp"],
+                   "balance": parts["balance"], "lr": lr, "grad_norm": float(grad_norm), "tok_per_s": tps,
+                   "mfu": mfu, "max_vio": vio.mean().item(), "elapsed": elapsed}
+            metrics.append(row)
+            load_history.append((step, load.cpu()))
+            print(f"step {step:5d} | loss {row['loss']:.4f} (ce {parts['ce']:.4f} mtp {parts['mtp']:.4f} "
+                  f"bal {parts['balance']:.2e}) | lr {lr:.2e} | {tps:,.0f} tok/s | MFU {100 * mfu:.2f}% | "
+                  f"MaxVio {row['max_vio']:.2f} | {elapsed:.0f}s")
+            t_log, tokens_since_log = time.perf_counter(), 0
+        if step % cfg.eval_interval == 0:
+            losses = estimate_loss(raw, train_data, val_data, cfg, device, ctx)
+            if master:
+                metrics.append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+                print(f"step {step:5d} | eval: train CE {losses['train']:.4f}, val CE {losses['val']:.4f}")
+                checkpoint()
+
+    # ---- the end: final eval, checkpoint, plots ----
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+    losses = estimate_loss(raw, train_data, val_data, cfg, device, ctx)
+    summary = {"step": step, "seconds": round(elapsed, 1), "train_loss": losses["train"],
+               "val_loss": losses["val"], "interrupted": stop["signal"] is not None}
+    if master:
+        metrics.append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+        print(f"done: {step} steps in {elapsed:.0f}s; train CE {losses['train']:.4f}, val CE {losses['val']:.4f}")
+        if not cfg.data and stop["signal"] is None and cfg.n_eval > 0:
+            acc = heldout_accuracy(raw, tok, cfg.n_eval, out_dir / "eval_pretrain.jsonl")
+            summary["heldout_accuracy"] = acc
+            print(f"greedy accuracy on {cfg.n_eval} held-out problems: {100 * acc:.1f}% "
+                  f"(records in {out_dir / 'eval_pretrain.jsonl'})")
+        checkpoint(summary)
+        with open(out_dir / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
+        plots = plot_run(metrics, load_history, out_dir)
+        print(f"wrote {ckpt_path}, {out_dir / 'metrics.jsonl'}, " + ", ".join(str(p) for p in plots))
+        if stop["signal"] is not None:
+            print("interrupted: resume with `python train.py --resume` (same flags)")
+        else:
+            print(f"next: python grpo.py --init_from={ckpt_path}   |   python sample.py --out_dir={out_dir}")
+    cleanup_distributed(ddp)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
