@@ -1,10 +1,264 @@
 """
-tinyseek/sample.py -- generate text from a checkpoint with MLA's compressed KV cache.
+tinyseek/sample.py -- generate text from a checkpoint: the inference side of DeepSeek-V3.
+
+    python sample.py                                   # out/ckpt.pt, the default arithmetic question
+    python sample.py --prompt="FILE:question.txt" --num_samples=4 --temperature=0.8
+    python sample.py --speculative                     # MTP drafts, the main model verifies
+    python sample.py --benchmark                       # tokens/s and cache bytes, measured
+
+Three ideas are on show here, each a few dozen lines.
+
+1. The latent KV cache (V2 §2.1). A transformer decodes one token at a time, and every new token attends
+   to the keys and values of all earlier ones. Recomputing them at every step costs O(T) work per layer
+   for the T-th token (O(T^2) for the whole text), so decoders keep them in a cache instead. With standard
+   multi-head attention the cache holds 2 * n_h * d_h numbers per token per layer (a key and a value for
+   every head); for V3's shape that is 2 * 128 * 128 = 32768 numbers. MLA caches only what the keys and
+   values are made *from*: the compressed latent c^KV (d_c = kv_lora_rank = 512) and the small decoupled
+   rotary key k^R shared by all heads (d_h^R = 64), 576 numbers, 1.8% of the MHA cache (V2 Table 1:
+   "(d_c + d_h^R) l", or 4.5 d_h per layer). Long contexts and large batches then fit into memory, which is
+   why MLA was invented.
+
+2. Weight absorption (V2 §2.1.3). A cached latent still has to be up-projected to per-head keys and values
+   before attention -- unless the up-projections are folded elsewhere: q^T (W^UK c) = (W^UK^T q)^T c, so
+   W^UK moves into the query, and W^UV can be applied after the attention-weighted sum of latents. The
+   model then attends over the latent cache directly, like multi-query attention with a single 576-wide
+   key head and 512-wide value head. `--attn_impl=naive` keeps the up-projected keys and values in the
+   cache instead (same weights, same outputs, much bigger cache), so the two can be compared.
+
+3. Self-speculative decoding with the MTP module (V3 §2.2). V3 trains a Multi-Token Prediction module that
+   predicts the token *after* the next one from the trunk's hidden state and the next token's embedding.
+   The report notes it can be kept at inference as a draft model: it guesses token n+2 cheaply, and the
+   main model checks the guess in the same forward pass that produces token n+1, so an accepted guess is
+   a token for free. V3 reports 85-90% acceptance of the second token and 1.8x tokens per second (V3
+   §5.4.3). The official inference code does not use MTP at all; this file does, with the standard
+   speculative-sampling acceptance rule, so the text has exactly the main model's distribution.
+
+Honest notes on what is simplified: speculative decoding runs one sequence at a time and drafts one token
+(depth 1); everything runs in float32; on a CPU and a tiny model, the timings are dominated by Python and
+per-call overhead, not by the arithmetic the caches save. Every text is representable: the tokenizers are
+byte-level (BPE over UTF-8 bytes), so any character falls back to its bytes; even a lone surrogate, which
+has no UTF-8 form, is encoded as U+FFFD rather than raising.
 """
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from model import Transformer, sample_next
+from checkpoint import CheckpointError, load_model
+from cli import parse_config, pick_device, print_config
+from model import MLA, ModelArgs, Transformer, kv_cache_numbers_per_token, sample_next
+from tasks import format_prompt
+from tokenizer import Tokenizer, get_tokenizer
+
+REPO = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Settings
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleConfig:
+    """Every flag of `python sample.py`; each field is `--name=value` on the command line."""
+    # where the model comes from
+    out_dir: str = field(default="out", metadata={"help": "folder with ckpt.pt (relative: from this file's folder)"})
+    init_from: "str | None" = field(default=None, metadata={"help": "checkpoint file; overrides out_dir"})
+    # what to generate
+    prompt: str = field(default=format_prompt("37+48"), metadata={"help": "prompt text, or FILE:path"})
+    bos: bool = field(default=True, metadata={"help": "start the prompt with BOS, as training documents do"})
+    num_samples: int = field(default=1, metadata={"help": "continuations to sample (1: streamed as produced)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "new tokens per sample"})
+    stop: str = field(default="</answer>", metadata={"help": "stop after this text (EOS always stops); '' = none"})
+    # how to sample
+    temperature: float = field(default=0.8, metadata={"help": "softmax temperature; 0 = greedy"})
+    top_k: "int | None" = field(default=None, metadata={"help": "sample among the k most likely tokens only"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus: smallest set with this much probability, (0, 1]"})
+    seed: int = field(default=1337, metadata={"help": "random seed"})
+    # how to decode
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
+    attn_impl: str = field(default="absorb", metadata={"help": "absorb (latent cache) or naive (per-head k, v)"})
+    speculative: bool = field(default=False, metadata={"help": "MTP drafts, the main model verifies"})
+    benchmark: bool = field(default=False, metadata={"help": "time four decoding methods, measure cache sizes"})
+    bench_tokens: int = field(default=256, metadata={"help": "new tokens per benchmark run (clipped to context)"})
+    bench_repeats: int = field(default=2, metadata={"help": "benchmark rounds; the best time of each method counts"})
+
+    def __post_init__(self):
+        """Reject values that make no sense, with a message saying what is allowed."""
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top_p={self.top_p} must be in (0, 1]; 1 disables nucleus sampling")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature={self.temperature} must be >= 0 (0 means greedy decoding)")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"--top_k={self.top_k} must be a positive integer or none")
+        for name in ("max_new_tokens", "num_samples", "bench_tokens", "bench_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)} must be at least 1")
+        if self.attn_impl not in ("absorb", "naive"):
+            raise ValueError(f"--attn_impl={self.attn_impl!r} must be 'absorb' or 'naive'")
+
+    def checkpoint_path(self) -> Path:
+        """init_from if given, else out_dir/ckpt.pt; relative paths are taken from the repository folder."""
+        path = Path(str(self.init_from)) if self.init_from is not None else Path(self.out_dir) / "ckpt.pt"
+        return path if path.is_absolute() else REPO / path
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Prompts
+# ----------------------------------------------------------------------------------------------------
+
+def read_prompt(text: str) -> str:
+    """The prompt itself, or the contents of `path` for 'FILE:path'. Raises ValueError if unreadable."""
+    if not text.startswith("FILE:"):
+        return text
+    path = Path(text[len("FILE:"):]).expanduser()
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} does not exist (--prompt=FILE:path reads the prompt from a file)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path} is not UTF-8 text ({e})") from e
+
+
+def encode_prompt(tok: Tokenizer, text: str, bos: bool = True) -> list[int]:
+    """Token ids of the prompt; an empty prompt becomes [BOS] so the model has something to start from."""
+    ids = tok.encode(text, bos=bos)   # byte-level: every string has an encoding
+    return ids or [tok.bos_id]
+
+
+def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int) -> list[int]:
+    """Keep the prompt's last tokens so that prompt + max_new_tokens fits the model's context.
+
+    Prints a warning on stderr when tokens are dropped; raises ValueError if no prompt token would fit."""
+    room = max_seq_len - max_new_tokens
+    if room < 1:
+        raise ValueError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of max_seq_len={max_seq_len} tokens; ask for fewer new tokens")
+    if len(ids) > room:
+        print(f"warning: the prompt has {len(ids)} tokens but only {room} fit before {max_new_tokens} new "
+              f"ones (max_seq_len={max_seq_len}); keeping its last {room} tokens", file=sys.stderr)
+        ids = ids[-room:]
+    return ids
+
+
+def completion_text(tok: Tokenizer, ids: list[int], stop: str = "") -> tuple[str, bool]:
+    """Text of generated ids without the EOS token, cut just after the first `stop` string.
+
+    Returns (text, ended) where ended says whether EOS or the stop string was reached."""
+    ended = bool(ids) and ids[-1] == tok.eos_id
+    text = tok.decode(ids[:-1] if ended else ids)
+    if stop and stop in text:
+        text, ended = text[:text.index(stop) + len(stop)], True
+    return text, ended
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Loading
+# ----------------------------------------------------------------------------------------------------
+
+def load(cfg: SampleConfig, device: str) -> tuple[Transformer, Tokenizer]:
+    """The checkpoint's model (eval mode, on `device`, with cfg.attn_impl) and tokenizer.
+
+    Raises CheckpointError naming the command that makes a checkpoint when there is none."""
+    model, tok, _ = load_model(cfg.checkpoint_path(), device, hint="python train.py", attn_impl=cfg.attn_impl)
+    return model, tok
+
+
+def random_tiny_model(seed: int, device: str, max_seq_len: int = 512,
+                      attn_impl: str = "absorb") -> tuple[Transformer, Tokenizer]:
+    """An untrained `tiny` preset model with the byte tokenizer, for benchmarks without a checkpoint.
+
+    The context is widened to max_seq_len (default 512) so that 256+ new tokens fit after a prompt; that
+    only changes the rotary tables, not a single weight."""
+    tok = get_tokenizer("char")
+    torch.manual_seed(seed)
+    args = ModelArgs.preset("tiny", vocab_size=tok.n_vocab, max_seq_len=max_seq_len, original_seq_len=max_seq_len,
+                            attn_impl=attn_impl)
+    return Transformer(args).to(device).eval(), tok
+
+
+@contextmanager
+def attention_path(model: Transformer, attn_impl: "str | None"):
+    """Temporarily switch every MLA layer (main and MTP blocks) to 'naive' or 'absorb'; None keeps it.
+
+    Both paths use the same weights; only what the cache holds differs (see model.MLA)."""
+    layers = [m for m in model.modules() if isinstance(m, MLA)]
+    before = [m.attn_impl for m in layers]
+    for m in layers:
+        m.attn_impl = attn_impl or m.attn_impl
+    try:
+        yield
+    finally:
+        for m, impl in zip(layers, before):
+            m.attn_impl = impl
+
+
+def current_attn_impl(model: Transformer) -> str:
+    """The attention path the model's MLA layers use now ('naive' or 'absorb')."""
+    return next(m.attn_impl for m in model.modules() if isinstance(m, MLA))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Decoding: without a cache, and with the (latent or naive) KV cache
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_uncached(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+                      top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
+                      generator: "torch.Generator | None" = None) -> list[int]:
+    """The baseline: every step runs the whole sequence so far through the model again, no cache.
+
+    Returns the new tokens (ending with eos_id if it was produced). Same sampling as the cached paths."""
+    idx = torch.tensor([prompt], dtype=torch.long, device=model.embed.weight.device)   # (1, T)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = model(idx)[0][:, -1]                                   # (1, V): all T positions recomputed
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)   # (1,)
+        out.append(int(nxt))
+        if int(nxt) == eos_id:
+            break
+        idx = torch.cat([idx, nxt[:, None]], dim=1)                      # (1, T + 1)
+    return out
+
+
+@torch.no_grad()
+def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                 top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
+                 generator: "torch.Generator | None" = None) -> Iterator[torch.Tensor]:
+    """Decode a batch with the KV cache, yielding the (B,) new tokens of each step as soon as they exist.
+
+    Prompts of different lengths are left-padded to the longest, L tokens, and the padding slots are
+    removed from attention (cache.key_mask); RoPE only sees relative positions, so a padded prompt computes
+    exactly what it would alone. The prompts go through the model once (prefill); after that every step
+    feeds one token per row and reads everything earlier from the cache. Rows that produced eos_id keep
+    emitting it; the steps end when every row has, or after max_new_tokens. Uses the model's current
+    attention path (see `attention_path`). Raises ValueError for an empty prompt.
+    """
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("every prompt needs at least one token (start empty prompts with BOS)")
+    B, L = len(prompts), max(len(p) for p in prompts)
+    device = model.embed.weight.device
+    pad = eos_id if eos_id is not None else 0
+    idx = torch.full((B, L), pad, dtype=torch.long, device=device)        # (B, L) left-padded prompts
+    cache = model.new_cache(B, L + max_new_tokens, current_attn_impl(model))
+    for b, p in enumerate(prompts):
+        idx[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        cache.key_mask[b, :L - len(p)] = False                           # padding is never attended to
+    logits = model(idx, cache=cache)[0][:, -1]                            # (B, V) prefill: whole prompts
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)    # (B,)
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            done = done | (nxt == eos_id)
+        yield nxt
+        if (eos_id is not None and bool(done.all())) or step == max_new_tokens - 1:
+            return
+        logits = model(nxt[:, None], cache=cache)[0][:, -1]               # (B, V) one new token per row
 
 
 @torch.no_grad()
@@ -16,33 +270,15 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
 
     Shorter prompts are left-padded and their padding slots masked out of attention (cache.key_mask);
     RoPE only sees relative positions, so a padded prompt computes exactly what it would alone.
+    attn_impl ('naive' / 'absorb', None = the model's own) picks the attention path for this call.
     Returns (completions, finished): each completion's new tokens, ending with eos_id if it was produced
     (nothing after it), and whether it ended with eos_id before max_new_tokens ran out.
     """
-    B, L = len(prompts), max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError("every prompt needs at least one token (start empty prompts with BOS)")
-    device = model.embed.weight.device
-    pad = eos_id if eos_id is not None else 0
-    idx = torch.full((B, L), pad, dtype=torch.long, device=device)
-    cache = model.new_cache(B, L + max_new_tokens, attn_impl)
-    for b, p in enumerate(prompts):
-        idx[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        cache.key_mask[b, :L - len(p)] = False                         # padding is never attended to
-    logits = model(idx, cache=cache)[0][:, -1]                          # (B, V) prefill
-    out = torch.empty(B, 0, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        if eos_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            done = done | (nxt == eos_id)
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        if (eos_id is not None and bool(done.all())) or step == max_new_tokens - 1:
-            break
-        logits = model(nxt[:, None], cache=cache)[0][:, -1]
+    with attention_path(model, attn_impl):
+        steps = list(decode_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
+    rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]   # (B, new)
     completions, finished = [], []
-    for row in out.tolist():
+    for row in rows:
         if eos_id is not None and eos_id in row:
             completions.append(row[:row.index(eos_id) + 1])
             finished.append(True)
@@ -50,3 +286,356 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
             completions.append(row)
             finished.append(False)
     return completions, finished
+
+
+def stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
+           top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
+           generator: "torch.Generator | None" = None) -> Iterator[int]:
+    """One sequence with the KV cache, yielding each new token id as soon as it is sampled."""
+    for nxt in decode_steps(model, [prompt], max_new_tokens, temperature, top_k, top_p, eos_id, generator):
+        yield int(nxt[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Speculative decoding with the MTP module as the draft model
+# ----------------------------------------------------------------------------------------------------
+# Notation: x_0 .. x_m are the tokens so far, x_m the newest one, not yet fed to the trunk. h_i is the
+# trunk's last hidden state at position i (h^0 in V3 eq. 21); the head turns h_i into a distribution for
+# x_{i+1}, and MTP module 1 turns (h_i, Emb(x_{i+1})) into a guess for x_{i+2}. One round:
+#
+#   draft:   MTP(h_{m-1}, x_m)           -> q, a distribution for x_{m+1}; sample the draft d ~ q
+#   verify:  trunk([x_m, d]) in ONE call -> p at position m (for x_{m+1}) and p' at m+1 (for x_{m+2})
+#   accept d with probability min(1, p(d) / q(d))  -> keep d, and sample x_{m+2} ~ p' for free
+#   reject                                          -> x_{m+1} ~ norm(max(0, p - q)), drop position m+1
+#
+# This rule (Leviathan et al. 2023; Chen et al. 2023) makes x_{m+1} distributed exactly as p: P(x) =
+# min(q(x), p(x)) + (1 - sum_y min(q(y), p(y))) * norm(max(0, p - q))(x) = p(x). Greedy decoding is the
+# special case of one-hot p and q: d is kept iff it is the main model's argmax, so the text is identical to
+# plain greedy decoding, only produced in fewer main-model calls.
+#
+# The two caches and the rollback. cache.pos counts positions written to the main layers, cache.mtp_pos
+# those written to the MTP block. Invariant at the top of each round: the main cache holds positions
+# 0..m-1 (pos = m); the MTP cache holds 0..mtp_pos-1, and `pending` keeps h at positions mtp_pos..m-1
+# (one or two of them), whose MTP inputs were not final yet when they were computed.
+#   - draft feeds `pending` with the tokens one step after them, x_{mtp_pos+1}..x_m: all accepted, so the
+#     MTP cache only ever holds positions whose h and next token are final. mtp_pos becomes m.
+#   - verify writes positions m (x_m) and m+1 (d) to the main cache; pos becomes m+2.
+#   - accepted: both positions are right; pending = [h_m, h_{m+1}]; the next round starts at m+2.
+#   - rejected: slot m+1 holds the wrong token d, so set pos back to m+1 (the stale slot is simply
+#     overwritten next round and never attended to before that); pending = [h_m]; next round at m+1.
+
+@dataclass
+class SpecStats:
+    """Counters of one or more speculative runs."""
+    drafts: int = 0          # tokens the MTP module proposed
+    accepted: int = 0        # ... of which the main model kept
+    forwards: int = 0        # main-model calls (prefill included); plain decoding needs one per token
+    tokens: int = 0          # tokens returned
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted drafts / drafts (0 when nothing was drafted)."""
+        return self.accepted / max(self.drafts, 1)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """New tokens per main-model call: 1 for plain decoding, up to 2 with one draft token."""
+        return self.tokens / max(self.forwards, 1)
+
+
+def token_probs(logits: torch.Tensor, temperature: float, top_k: "int | None" = None,
+                top_p: "float | None" = None) -> torch.Tensor:
+    """(N, V) logits -> (N, V) the distribution `sample_next` draws from (one-hot argmax when greedy)."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                   # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        remove = sorted_probs.cumsum(-1) - sorted_probs >= top_p           # keep the smallest set reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    return logits.softmax(-1)
+
+
+def verify_draft(p: torch.Tensor, q: torch.Tensor, draft: int,
+                 generator: "torch.Generator | None" = None) -> tuple[int, bool]:
+    """The speculative-sampling rule for one position: keep `draft` (drawn from q) or replace it.
+
+    p, q (V,): the main model's and the draft model's distributions. Returns (token, accepted); the token
+    is distributed exactly as p whatever q is."""
+    u = torch.rand((), device=p.device, generator=generator)
+    if u < p[draft] / q[draft]:                                             # prob min(1, p(d)/q(d))
+        return draft, True
+    residual = (p - q).clamp(min=0)                                        # where p has mass q lacks
+    if residual.sum() <= 0:                                                # p == q up to rounding
+        residual = p
+    return int(torch.multinomial(residual / residual.sum(), 1, generator=generator)), False
+
+
+@torch.no_grad()
+def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+                       top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
+                       generator: "torch.Generator | None" = None,
+                       stats: "SpecStats | None" = None) -> Iterator[int]:
+    """Self-speculative decoding of one sequence: MTP module 1 drafts, the main model verifies.
+
+    Yields each new token id as soon as it is final; updates `stats` (a SpecStats) if given. Stops after
+    max_new_tokens tokens or eos_id. Uses the model's current attention path. Raises ValueError if the
+    model has no MTP module or the prompt is empty."""
+    if len(model.mtp) == 0:
+        raise ValueError("speculative decoding drafts with the MTP module, but this model has mtp_depth=0")
+    if not prompt:
+        raise ValueError("the prompt needs at least one token (start empty prompts with BOS)")
+    stats = stats if stats is not None else SpecStats()
+    device = model.embed.weight.device
+
+    def probs(logits):                                                     # (N, V) -> (N, V)
+        return token_probs(logits, temperature, top_k, top_p)
+
+    def sample(dist):                                                      # (V,) -> one token id
+        return int(torch.multinomial(dist, 1, generator=generator))
+
+    cache = model.new_cache(1, len(prompt) + max_new_tokens, current_attn_impl(model))
+    h = model.trunk(torch.tensor([prompt], device=device), cache)         # (1, P, D) h^0 of every prompt position
+    x = prompt + [sample(probs(model.head(model.norm(h[:, -1])).float())[0])]   # x_P from the prefill
+    stats.forwards += 1
+    stats.tokens += 1
+    yield x[-1]
+    pending, n_new = h, 1                                                 # h at positions mtp_pos .. pos-1
+    while n_new < max_new_tokens and x[-1] != eos_id:
+        m = cache.pos                                                     # position of x_m = x[-1]
+        # draft: the MTP block sees the pending positions and, for each, the token one step later
+        ahead = torch.tensor([x[cache.mtp_pos + 1:m + 1]], device=device)        # (1, len(pending))
+        q = probs(model.mtp_draft(pending, ahead, cache)[:, -1])[0]        # (V,) for x_{m+1}; mtp_pos = m
+        draft = sample(q)
+        # verify: x_m and the draft in one main-model call, positions m and m+1
+        h2 = model.trunk(torch.tensor([[x[m], draft]], device=device), cache)    # (1, 2, D); pos = m + 2
+        p = probs(model.head(model.norm(h2)).float()[0])                   # (2, V) for x_{m+1}, x_{m+2}
+        token, accepted = verify_draft(p[0], q, draft, generator)
+        stats.forwards += 1
+        stats.drafts += 1
+        stats.accepted += accepted
+        if accepted:
+            new, pending = [draft, sample(p[1])], h2                       # the bonus token x_{m+2}
+        else:
+            new, pending = [token], h2[:, :1]                              # h_m is still right ...
+            cache.pos = m + 1                                              # ... slot m+1 (the draft) is not
+        for t in new:
+            x.append(t)
+            n_new += 1
+            stats.tokens += 1
+            yield t
+            if t == eos_id or n_new == max_new_tokens:
+                return
+
+
+def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+                         top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
+                         generator: "torch.Generator | None" = None) -> tuple[list[int], SpecStats]:
+    """speculative_stream collected: (new tokens, SpecStats)."""
+    stats = SpecStats()
+    out = list(speculative_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
+                                  stats))
+    return out, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Benchmark
+# ----------------------------------------------------------------------------------------------------
+
+def _timed(fn, *args):
+    """(fn(*args), seconds it took)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def cache_sizes(model: Transformer, max_len: int) -> dict:
+    """KV-cache bytes measured from real KVCache tensors (batch 1, max_len tokens) for both MLA paths,
+    next to a standard MHA with the same heads, which is computed (2 n_h d_h numbers) since it has no
+    implementation here. Per token per layer, and in total for all max_len tokens and all layers."""
+    a = model.args
+    absorb, naive = model.new_cache(1, max_len, "absorb"), model.new_cache(1, max_len, "naive")
+    n_cached_layers = a.n_layers + a.mtp_depth
+    elem = absorb.layers[0]["kv"].element_size()
+    mha = kv_cache_numbers_per_token(a)["mha"] * elem
+    return {
+        "per_token_per_layer": {"absorb": absorb.bytes_per_token_per_layer(),
+                                "naive": naive.bytes_per_token_per_layer(), "mha_computed": mha},
+        # the same figure read off the whole allocation, as a cross-check
+        "per_token_per_layer_from_total": {"absorb": absorb.total_bytes() / (max_len * n_cached_layers),
+                                           "naive": naive.total_bytes() / (max_len * n_cached_layers)},
+        "total": {"absorb": absorb.total_bytes(), "naive": naive.total_bytes(),
+                  "mha_computed": mha * max_len * n_cached_layers},
+        "max_len": max_len,
+        "layers": n_cached_layers,
+    }
+
+
+def benchmark(model: Transformer, tok: Tokenizer, cfg: SampleConfig) -> dict:
+    """Greedy decoding of the same prompt four ways, timed, plus the cache sizes.
+
+    Methods: no cache (recompute the whole sequence each step), naive cache (per-head keys and values),
+    absorbed latent cache, and speculative decoding with the MTP draft (absorbed cache). Each is warmed up
+    on a few tokens first, then timed cfg.bench_repeats times. Returns a dict; `print_benchmark` shows it
+    as tables."""
+    prompt = encode_prompt(tok, read_prompt(cfg.prompt), cfg.bos)
+    L = model.args.max_seq_len
+    n = min(cfg.bench_tokens, max(L - len(prompt), L // 2))      # fewer new tokens rather than no prompt
+    if n < cfg.bench_tokens:
+        print(f"note: --bench_tokens={cfg.bench_tokens} clipped to {n} to fit the context of {L} tokens",
+              file=sys.stderr)
+    prompt = fit_prompt(prompt, L, n)
+    eos = None                           # always generate n tokens, so every method does the same work
+    runs = {
+        "no_cache": lambda k: generate_uncached(model, prompt, k, 0.0, eos_id=eos),
+        "naive": lambda k: generate_batch(model, [prompt], k, 0.0, eos_id=eos, attn_impl="naive")[0][0],
+        "absorb": lambda k: generate_batch(model, [prompt], k, 0.0, eos_id=eos, attn_impl="absorb")[0][0],
+    }
+    spec_stats: list[SpecStats] = []
+    if len(model.mtp):
+        def spec(k):
+            with attention_path(model, "absorb"):
+                out, stats = speculative_generate(model, prompt, k, 0.0, eos_id=eos)
+            spec_stats.append(stats)
+            return out
+        runs["speculative"] = spec
+    for run in runs.values():
+        run(min(n, 8))                                                    # warm-up
+    tokens, seconds = {}, {}
+    for _ in range(cfg.bench_repeats):                                    # interleaved, best time counts:
+        for name, run in runs.items():                                    # other programs only ever slow
+            tokens[name], t = _timed(run, n)                              # a run down
+            seconds[name] = min(t, seconds.get(name, float("inf")))
+    tps = {k: n / s for k, s in seconds.items()}
+    res = {
+        "prompt_tokens": len(prompt), "new_tokens": n,
+        "tokens_per_s": tps,
+        "speedup_vs_no_cache": {k: v / tps["no_cache"] for k, v in tps.items()},
+        "same_tokens_as_no_cache": {k: v == tokens["no_cache"] for k, v in tokens.items()},
+        "cache": cache_sizes(model, model.args.max_seq_len),
+    }
+    if "speculative" in runs:
+        stats = spec_stats[-1]                                            # the timed run
+        res["speculative"] = {"acceptance": stats.acceptance, "tokens_per_forward": stats.tokens_per_forward,
+                              "speedup_vs_absorb": tps["speculative"] / tps["absorb"]}
+    c = res["cache"]["per_token_per_layer"]
+    res["mla_to_mha"] = c["absorb"] / c["mha_computed"]
+    return res
+
+
+def print_benchmark(res: dict) -> None:
+    """The benchmark dict as three small tables."""
+    print(f"\n---- decoding speed: greedy, {res['prompt_tokens']} prompt + {res['new_tokens']} new tokens ----")
+    print(f"  {'method':<12} {'tokens/s':>9} {'vs no cache':>12}  same tokens")
+    for k, v in res["tokens_per_s"].items():
+        same = "yes" if res["same_tokens_as_no_cache"][k] else "no (float rounding flips a near-tie)"
+        print(f"  {k:<12} {v:>9.1f} {res['speedup_vs_no_cache'][k]:>11.2f}x  {same}")
+    if "speculative" in res:
+        s = res["speculative"]
+        print(f"  speculative: acceptance {s['acceptance']:.1%} of MTP drafts, {s['tokens_per_forward']:.2f} "
+              f"tokens per main-model call, {s['speedup_vs_absorb']:.2f}x the absorbed cache's tokens/s")
+    c = res["cache"]
+    per, tot = c["per_token_per_layer"], c["total"]
+    print("\n---- KV cache per token per layer (bytes; measured from the cache tensors) ----")
+    print(f"  MLA latent (absorb)  {per['absorb']:>7}   c^KV + k^R")
+    print(f"  naive MLA            {per['naive']:>7}   per-head keys and values")
+    print(f"  MHA, same heads      {per['mha_computed']:>7}   computed: 2 n_h d_h numbers")
+    print(f"  MLA : MHA = 1 : {1 / res['mla_to_mha']:.1f} ({res['mla_to_mha']:.1%})")
+    print(f"\n---- peak cache memory for a {c['max_len']}-token generation, batch 1, {c['layers']} layers "
+          "(main + MTP) ----")
+    print("  (the cache is allocated once for the whole generation, so its peak is its allocated size)")
+    for k, label in (("absorb", "MLA latent"), ("naive", "naive MLA"), ("mha_computed", "MHA (computed)")):
+        print(f"  {label:<15} {tot[k] / 2**20:>9.3f} MiB")
+    v3 = kv_cache_numbers_per_token(ModelArgs.preset("671B"))
+    print(f"  for V3's own shape: {v3['mla']} vs {v3['mha']} numbers per token per layer "
+          f"({v3['mla'] / v3['mha']:.1%})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Main
+# ----------------------------------------------------------------------------------------------------
+
+def print_stream(tokens: Iterable[int], tok: Tokenizer, stop: str) -> list[int]:
+    """Print tokens as text while they arrive; stop after EOS or the stop string. Returns the ids used.
+
+    Every step decodes all new ids and prints the part not shown yet; trailing U+FFFD is held back, since
+    it may be the first bytes of a multi-byte character whose remaining bytes are still to come."""
+    ids, shown = [], ""
+    for t in tokens:
+        ids.append(t)
+        text, ended = completion_text(tok, ids, stop)
+        safe = text if ended else text.rstrip("\ufffd")
+        if safe.startswith(shown):
+            print(safe[len(shown):], end="", flush=True)
+            shown = safe
+        if ended:
+            break
+    text, _ = completion_text(tok, ids, stop)
+    print(text[len(shown):] if text.startswith(shown) else "", flush=True)
+    return ids
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    """Parse flags, load the checkpoint, then generate (streaming for one sample) or benchmark."""
+    cfg = parse_config(SampleConfig, argv, description=__doc__.split("\n\n")[0])
+    print_config(cfg, "sample")
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    try:
+        model, tok = load(cfg, device)
+    except CheckpointError as e:
+        if not cfg.benchmark:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"note: {e}\nnote: benchmarking an untrained `tiny` model instead: its speeds and cache sizes are "
+              "real, its MTP acceptance rate is meaningless", file=sys.stderr)
+        model, tok = random_tiny_model(cfg.seed, device, attn_impl=cfg.attn_impl)
+    print(f"model: {model.args.n_layers} layers, dim {model.args.dim}, {cfg.attn_impl} attention, "
+          f"context {model.args.max_seq_len}, device {device}")
+    if cfg.benchmark:
+        print_benchmark(benchmark(model, tok, cfg))
+        return 0
+    try:
+        prompt = fit_prompt(encode_prompt(tok, read_prompt(cfg.prompt), cfg.bos), model.args.max_seq_len,
+                            cfg.max_new_tokens)
+        if cfg.speculative and len(model.mtp) == 0:
+            raise ValueError("--speculative needs an MTP module, but this checkpoint has mtp_depth=0")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "eos_id": tok.eos_id,
+                "generator": gen}
+    prompt_text = tok.decode([t for t in prompt if t != tok.bos_id])
+    stats, n_tokens, t0 = SpecStats(), 0, time.perf_counter()
+    if cfg.num_samples == 1 or cfg.speculative:
+        # one sequence at a time, printed as it is produced
+        for i in range(cfg.num_samples):
+            if cfg.num_samples > 1:
+                print(f"---- sample {i + 1} ----")
+            print(prompt_text, end="", flush=True)
+            tokens = (speculative_stream(model, prompt, cfg.max_new_tokens, stats=stats, **sampling)
+                      if cfg.speculative else stream(model, prompt, cfg.max_new_tokens, **sampling))
+            n_tokens += len(print_stream(tokens, tok, cfg.stop))
+    else:
+        # a batch of samples of the same prompt, printed when all are done
+        completions, _ = generate_batch(model, [prompt] * cfg.num_samples, cfg.max_new_tokens, **sampling)
+        for i, ids in enumerate(completions):
+            print(f"---- sample {i + 1} ----\n{prompt_text}{completion_text(tok, ids, cfg.stop)[0]}")
+            n_tokens += len(ids)
+    seconds = time.perf_counter() - t0
+    print(f"---- {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s) ----")
+    if cfg.speculative:
+        print(f"speculative: {stats.acceptance:.1%} of {stats.drafts} MTP drafts accepted, "
+              f"{stats.tokens_per_forward:.2f} tokens per main-model call")
+    else:
+        print("next: --speculative drafts with the MTP module; --benchmark measures speed and cache sizes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
