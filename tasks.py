@@ -77,9 +77,9 @@ subtraction ``52-38`` becomes ``12-8-0=4 5-3-0=2``, answer ``24``. Every equatio
 arithmetically true; only the carry (borrow) is not propagated. Everywhere else the
 worked solutions are correct, and ``flaw_rate=0`` gives a clean corpus.
 
-For the default task (``default_task()``: two operands with 1-3 digits, ``+`` or ``-``) the
-situation arises in 33.0% of problems (16.8% additions, 16.2% subtractions: an exact sum over
-the sampling distribution; ``flaw_situation_fraction`` estimates it for any task). A model
+For the default task (``default_task()``: two operands with 1-2 digits, ``+`` or ``-``) the
+situation arises in about 33% of problems (16.9% additions, 16.2% subtractions, estimated from
+200 000 draws; ``flaw_situation_fraction`` estimates it for any task). A model
 that imitates the majority habit greedily therefore loses about a third of its accuracy,
 while its *samples* are still right in about ``1 - flaw_rate`` of those cases. That is
 exactly the signal GRPO needs: within a group of G samples for one question some are right
@@ -274,8 +274,12 @@ class ArithmeticTask(Task):
 
 
 def default_task() -> ArithmeticTask:
-    """The default task for the corpus and RL: two operands of 1-3 digits joined by + or -."""
-    return ArithmeticTask(digits=(1, 3), n_operands=2, ops="+-")
+    """The default task for the corpus and RL: two operands of 1-2 digits joined by + or -.
+
+    Two digits, not three, so that the default pretraining run (a few CPU minutes) gets past the point
+    where the model learns to find the right digits of the question (measured: with 1-3 digits it had
+    not, after four minutes); harder settings are one flag away (train.py --max_digits)."""
+    return ArithmeticTask(digits=(1, 2), n_operands=2, ops="+-")
 
 
 # Countdown expressions are trees: an int leaf, or a tuple (op, left, right).
@@ -737,7 +741,7 @@ def in_flaw_situation(problem: Problem) -> bool:
 def flaw_situation_fraction(task: Task | None = None, n: int = 20_000, seed: int = 0) -> float:
     """Monte Carlo estimate of the fraction of `task`'s problems in the flawed situation.
 
-    For `default_task()` the exact value is 33.0%: a model that greedily imitates the
+    For `default_task()` it is about 33%: a model that greedily imitates the
     misconception gets about a third of the problems wrong.
     """
     task = task or default_task()

@@ -66,13 +66,15 @@ class TrainConfig:
     tokenizer: str = field(default="bpe", metadata={"help": "bpe | char | gpt2 | cl100k_base | o200k_base"})
     vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary size (bpe only)"})
     n_examples: int = field(default=60000, metadata={"help": "documents in the built-in corpus"})
+    ops: str = field(default="+-", metadata={"help": "built-in corpus: operators of the arithmetic task"})
+    max_digits: int = field(default=2, metadata={"help": "built-in corpus: operands have 1..max_digits digits"})
     flaw_rate: float = field(default=0.6, metadata={"help": "built-in corpus: share of flawed worked solutions "
                                                             "in the planted-misconception situation (tasks.py)"})
-    batch_size: int = 32
+    batch_size: int = 16
     block_size: int = field(default=128, metadata={"help": "tokens per training sequence"})
     grad_accum: int = 1
     max_iters: int = 5000
-    max_seconds: float = field(default=210.0, metadata={"help": "wall-clock budget; 0 = none"})
+    max_seconds: float = field(default=240.0, metadata={"help": "wall-clock budget; 0 = none"})
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_iters: int = 50
@@ -80,7 +82,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_interval: int = 250
+    eval_interval: int = 200
     eval_iters: int = 20
     log_interval: int = 25
     n_eval: int = field(default=500, metadata={"help": "held-out problems for the final greedy accuracy"})
@@ -130,7 +132,7 @@ def load_data(cfg: TrainConfig):
         ids = torch.tensor(tok.encode(text), dtype=torch.long)
         desc = f"{path.name}: {len(text):,} characters"
     else:
-        docs = tasks.build_corpus(cfg.n_examples, seed=cfg.seed, flaw_rate=cfg.flaw_rate)
+        docs = tasks.build_corpus(cfg.n_examples, seed=cfg.seed, task=corpus_task(cfg), flaw_rate=cfg.flaw_rate)
         tok = _tokenizer(cfg, tasks.corpus_text(docs[:20000]), cache)
         stream = []
         for d in docs:
@@ -143,6 +145,11 @@ def load_data(cfg: TrainConfig):
         raise SystemExit(f"not enough data: {len(ids)} tokens, need > {10 * (cfg.block_size + 2)} "
                          "(10% is held out for validation); use a bigger file or a smaller --block_size")
     return tok, train, val, desc
+
+
+def corpus_task(cfg) -> tasks.ArithmeticTask:
+    """The arithmetic task of the built-in corpus (grpo.py reads the same fields from the checkpoint)."""
+    return tasks.ArithmeticTask(digits=(1, cfg.max_digits), n_operands=2, ops=cfg.ops)
 
 
 def _tokenizer(cfg: TrainConfig, text: str, cache: Path):
@@ -241,10 +248,10 @@ def estimate_loss(model, train, val, cfg, device, ctx) -> dict:
 
 
 @torch.no_grad()
-def heldout_accuracy(model, tok, n: int, path: Path, batch_size: int = 250) -> float:
+def heldout_accuracy(model, tok, task, n: int, path: Path, batch_size: int = 250) -> float:
     """Greedy accuracy on n held-out arithmetic problems (never in the corpus); writes SPEC §3 JSON lines."""
     model.eval()
-    problems = tasks.heldout_problems(tasks.default_task(), n, seed=0)
+    problems = tasks.heldout_problems(task, n, seed=0)
     records = []
     for i in range(0, n, batch_size):
         chunk = problems[i:i + batch_size]
@@ -452,7 +459,7 @@ def main(argv=None) -> dict:
         metrics.append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
         print(f"done: {step} steps in {elapsed:.0f}s; train CE {losses['train']:.4f}, val CE {losses['val']:.4f}")
         if not cfg.data and stop["signal"] is None and cfg.n_eval > 0:
-            acc = heldout_accuracy(raw, tok, cfg.n_eval, out_dir / "eval_pretrain.jsonl")
+            acc = heldout_accuracy(raw, tok, corpus_task(cfg), cfg.n_eval, out_dir / "eval_pretrain.jsonl")
             summary["heldout_accuracy"] = acc
             print(f"greedy accuracy on {cfg.n_eval} held-out problems: {100 * acc:.1f}% "
                   f"(records in {out_dir / 'eval_pretrain.jsonl'})")
