@@ -66,7 +66,7 @@ def test_bias_update_keeps_maxvio_below_gamma_zero(tmp_path):
     import json
 
     def mean_vio(out, gamma):
-        run(out, "--max_iters=80", f"--model=dim=48,inter_dim=96,moe_inter_dim=24,n_layers=2,kv_lora_rank=16,"
+        run(out, "--max_iters=80", "--batch_size=16", f"--model=dim=48,inter_dim=96,moe_inter_dim=24,n_layers=2,kv_lora_rank=16,"
                                    f"q_lora_rank=32,bias_update_speed={gamma}", "--log_interval=1")
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         vios = [r["max_vio"] for r in rows if "max_vio" in r][-40:]
@@ -74,7 +74,7 @@ def test_bias_update_keeps_maxvio_below_gamma_zero(tmp_path):
 
     frozen = mean_vio(tmp_path / "g0", 0.0)
     balanced = mean_vio(tmp_path / "g1", 0.01)
-    assert balanced < 0.8 * frozen
+    assert balanced < 0.7 * frozen
 
 
 def test_resume_is_exact(tmp_path, monkeypatch):
