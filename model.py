@@ -411,9 +411,8 @@ class MLA(nn.Module):
                 cache["v"][:B, start_pos:end] = v
                 k, v = cache["k"][:B, :end], cache["v"][:B, :end]  # (B, S, H, ...)
             qh = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)      # (B, H, T, qk_head_dim)
-            o = F.scaled_dot_product_attention(qh, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                               is_causal=is_causal and T > 1, scale=self.softmax_scale)
-            o = o.transpose(1, 2)                                  # (B, T, H, v_head_dim)
+            o = attention(qh, k.transpose(1, 2), v.transpose(1, 2), mask, is_causal and T > 1,
+                          self.softmax_scale).transpose(1, 2)      # (B, T, H, v_head_dim)
         else:
             # ---- absorb W^UK into the query: q_nope^T W^UK c = (W^UK^T q_nope)^T c ----
             w_uk = wkv_b[:, :self.qk_nope_head_dim]                # (H, nope, kv_lora_rank)
@@ -427,11 +426,24 @@ class MLA(nn.Module):
             qh = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)   # (B, H, T, kv_lora_rank + rope)
             kh = torch.cat([kv, k_pe.squeeze(2)], dim=-1).unsqueeze(1)  # (B, 1, S, kv_lora_rank + rope)
             vh = kv.unsqueeze(1)                                   # (B, 1, S, kv_lora_rank)
-            o_lat = F.scaled_dot_product_attention(qh, kh.expand(-1, H, -1, -1), vh.expand(-1, H, -1, -1),
-                                                   attn_mask=mask, is_causal=is_causal and T > 1,
-                                                   scale=self.softmax_scale)   # (B, H, T, kv_lora_rank)
+            o_lat = attention(qh, kh.expand(-1, H, -1, -1), vh.expand(-1, H, -1, -1), mask,
+                              is_causal and T > 1, self.softmax_scale)  # (B, H, T, kv_lora_rank)
             o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)        # (B, T, H, v_head_dim), W^UV applied late
         return self.wo(o.flatten(2))                               # (B, T, D), eq. 19
+
+
+def attention(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for q, k (B, H, T|S, d_qk) and v (B, H, S, d_v) -> (B, H, T, d_v).
+
+    MLA's value width differs from its query/key width (d_v vs d_h + d_h^R, or d_c vs d_c + d_h^R when
+    absorbed), and fused attention kernels want one width. For plain causal attention we therefore pad
+    the values with zeros to the query width and drop the padded output channels again: the zeros add
+    nothing to the weighted sum, and the fused kernel is faster than the reference path."""
+    dq, dv = q.shape[-1], v.shape[-1]
+    if mask is None and dv < dq:
+        v = F.pad(v, (0, dq - dv))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)[..., :dv]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------------
