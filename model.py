@@ -305,7 +305,7 @@ def precompute_rope(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
             # channel-pair index whose wavelength fits n_rot times into original_seq_len
             return d * math.log(args.original_seq_len / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
         low = max(math.floor(pair_index(args.beta_fast)), 0)
-        high = min(math.ceil(pair_index(args.beta_slow)), d // 2 - 1)
+        high = min(math.ceil(pair_index(args.beta_slow)), d - 1)        # clamped as the official code does
         ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
         freqs = freqs / args.rope_factor * ramp + freqs * (1 - ramp)                 # ramp=1 -> interpolate
     t = torch.arange(args.max_seq_len, dtype=torch.float32)

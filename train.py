@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import grpo
 import tasks
 from checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from cli import (
@@ -46,7 +47,6 @@ from cli import (
     setup_distributed,
 )
 from model import ModelArgs, Transformer, count_params, max_violation
-from sample import generate_batch
 from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -247,22 +247,12 @@ def estimate_loss(model, train, val, cfg, device, ctx) -> dict:
     return out
 
 
-@torch.no_grad()
-def heldout_accuracy(model, tok, task, n: int, path: Path, batch_size: int = 250) -> float:
-    """Greedy accuracy on n held-out arithmetic problems (never in the corpus); writes SPEC §3 JSON lines."""
-    model.eval()
-    problems = tasks.heldout_problems(task, n, seed=0)
-    records = []
-    for i in range(0, n, batch_size):
-        chunk = problems[i:i + batch_size]
-        prompts = [tok.encode(tasks.format_prompt(p.question), bos=True) for p in chunk]
-        comps, _ = generate_batch(model, prompts, 64, temperature=0, eos_id=tok.eos_id)
-        for p, c in zip(chunk, comps):
-            text = tok.decode([t for t in c if t != tok.eos_id])
-            records.append(tasks.eval_record(p, text))
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return sum(r["correct"] for r in records) / len(records)
+def heldout_accuracy(model, tok, task, n: int, path: Path) -> float:
+    """Greedy accuracy on n held-out problems (never in the corpus), with grpo.py's evaluation, so the
+    pretraining and RL figures are measured identically; writes SPEC §3 JSON lines to path."""
+    records, summary = grpo.evaluate(model, tok, tasks.heldout_problems(task, n, seed=0), max_new_tokens=64)
+    grpo.write_jsonl(path, records)
+    return summary["accuracy"]
 
 
 # ----------------------------------------------------------------------------------------------------

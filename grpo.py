@@ -1,0 +1,858 @@
+"""
+tinyseek/grpo.py -- R1-Zero-style reasoning RL: GRPO with rule-based rewards only.
+
+Run `python train.py` first, then `python grpo.py`: the pretrained checkpoint is improved by
+Group Relative Policy Optimization, with no critic, no reward model and no human labels, and the
+held-out accuracy is evaluated before, during and after training.
+
+References:
+  [DSM] DeepSeekMath, arXiv 2402.03300, §4.1 (GRPO, eq. 3-4)
+  [R1]  DeepSeek-R1, arXiv 2501.12948, §2.2 (R1-Zero: template + rule-based rewards)
+  [DR]  "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO), arXiv 2503.20783
+  [DAPO] "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", arXiv 2503.14476
+
+From PPO to GRPO
+----------------
+A language model is a policy: the prompt is the state, each token an action. Policy-gradient methods
+raise the log-probability of actions in proportion to their *advantage*, how much better they turned
+out than expected. PPO estimates "expected" with a learned value function, a critic as large as the
+policy itself, and keeps each update close to the policy that sampled the data by clipping the
+importance ratio rho = pi_theta / pi_old to [1 - eps, 1 + eps].
+
+GRPO [DSM §4.1] removes the critic. For each question q it samples a *group* of G outputs
+o_1..o_G from pi_old, scores them r_1..r_G, and uses the group itself as the baseline: with outcome
+rewards every token of o_i gets the same advantage
+
+    A_i = (r_i - mean(r)) / std(r)                                  [DSM §4.1.2, outcome supervision]
+
+so an output is pushed up exactly when it beat its siblings. The objective [DSM eq. 3] is
+
+    J = E[ 1/G sum_i 1/|o_i| sum_t { min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta KL_it } ]
+
+with a per-token KL to a frozen reference model (the starting checkpoint), estimated by
+[DSM eq. 4]  KL = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1, which is unbiased and never negative.
+The KL sits in the loss, not in the reward, so it does not disturb the advantages. We minimise -J.
+
+R1-Zero [R1 §2.2] applied exactly this to a base model with a template that asks for reasoning
+inside <think> </think> and the answer inside <answer> </answer>, and two rule-based rewards:
+accuracy (a program verifies the answer) and format (the tags are present and well-formed). A neural
+reward model was deliberately avoided because a policy learns to exploit it (reward hacking). The
+verifiers and the template live in tasks.py; here they are only called.
+
+Where GRPO gets its signal -- and where tiny models fail
+--------------------------------------------------------
+If all G outputs of a question get the same reward (all right or all wrong), every advantage is zero
+and the question teaches nothing. The fraction of such "zero-variance" groups is logged every step:
+when the pretrained model almost never (or always) solves a question, most groups are flat and
+learning stalls. tasks.py plants a systematic mistake in the pretraining corpus (a dropped carry) so
+that samples of the pretrained model are right often enough to give signal (see its docstring).
+
+Variants implemented (flags)
+----------------------------
+  --scale_rewards=group|none   divide by the group std [DSM] or not [DR]: the std division gives
+                               questions that are almost always solved (tiny std) huge advantages.
+  --loss_type=grpo             mean over sequences of each sequence's token mean (DSM eq. 3).
+              dr_grpo          sum of token terms / (N * max_new_tokens): a constant normaliser, so a
+                               long wrong answer is not penalised less per token than a short one [DR].
+              dapo             sum of token terms / number of completion tokens in the batch: every
+                               token weighs the same [DAPO "token-level policy gradient loss"].
+  --eps_high > --eps           clip-higher [DAPO]: a larger upper clip lets unlikely good tokens grow.
+  --dynamic_sampling           replace zero-variance groups with fresh questions [DAPO].
+  --mask_truncated             completions cut off at max_new_tokens get no loss [DAPO "overlong
+                               filtering"]: their reward reflects the cut, not the reasoning.
+  --beta=0                     no KL term; the reference model is then not even built (saves memory).
+
+What is simplified, honestly
+----------------------------
+- One update per batch by default (mu=1), as DeepSeekMath did ("a single update following each
+  exploration stage"). Then pi_old is the current policy, rho = 1 exactly, nothing is clipped, and
+  the loss value is ~0 by construction while its *gradient* is not: watch reward and held-out
+  accuracy, never the loss. Clipping only acts with --mu > 1.
+- The old log-probs are recomputed by the training forward pass, not stored by the sampler; with the
+  same fp32 weights both are the same numbers up to rounding (inference engines in bf16 are not, which
+  is why large systems need importance corrections we do not).
+- Log-probabilities use logits / temperature, i.e. the distribution the samples were drawn from.
+- The reference model is the starting checkpoint forever; DeepSeekMath's iterative GRPO also refreshed
+  it and retrained a reward model. Process rewards (a score per reasoning step) are not implemented.
+- At this scale "reasoning" improves by unlearning a systematic habit (tasks.py's dropped carry);
+  nothing like R1-Zero's growing chains of thought or "aha moments" should be expected.
+- Under torchrun each rank normalises its own share of the batch and DDP averages the gradients; for
+  the dapo/dr_grpo normalisers this weighs ranks equally rather than tokens.
+- The router's load statistics (for the aux-loss-free bias update) include right-padding tokens.
+- No sequence-wise balance loss and no MTP loss during RL: only the policy objective is optimised.
+
+Map of this file
+----------------
+  1. GRPOConfig ....................... every flag
+  2. Pure pieces ...................... group_advantages, kl_unbiased, grpo_loss, token_logprobs
+  3. Rollout .......................... prompts, sampling G completions per question, rewards,
+                                        dynamic sampling
+  4. Update ........................... collate, policy_update (mu passes of AdamW), grpo_step
+  5. Evaluation ....................... greedy held-out accuracy, JSON lines (SPEC §3)
+  6. Logging .......................... log line, metrics.jsonl, plots
+  7. main ............................. training loop, --eval_only, errors
+
+Outputs in --out_dir: metrics.jsonl (one JSON object per step; held-out results on the steps where
+evaluation ran), eval_step{N}.jsonl (one line per held-out problem after N steps; N=0 is the starting
+checkpoint), grpo_rewards.png, grpo_heldout.png, grpo_length.png, and ckpt.pt (loadable by
+sample.py). `--eval_only` writes eval.jsonl.
+"""
+
+import copy
+import dataclasses
+import functools
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import tasks
+from checkpoint import CheckpointError, load_model, save_checkpoint
+from cli import (
+    cleanup_distributed,
+    parse_config,
+    pick_device,
+    print_config,
+    setup_distributed,
+)
+from sample import generate_batch
+
+REPO = Path(__file__).resolve().parent
+LOSS_NOTE = ("note: with mu=1 the loss is ~0 by construction (ratio=1 at the sampling policy); "
+             "watch reward and held-out accuracy instead")
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Configuration
+# ----------------------------------------------------------------------------------------------------
+
+
+def _flag(default, help_text: str):
+    """A dataclass field whose help text shows up in `python grpo.py --help`."""
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class GRPOConfig:
+    """Every knob of a GRPO run; each field is a `--name=value` flag (cli.parse_config)."""
+
+    # ---- input / output ----
+    init_from: str = _flag(str(REPO / "out" / "ckpt.pt"), "checkpoint to improve (made by `python train.py`)")
+    out_dir: str = _flag(str(REPO / "out_grpo"), "metrics, evaluations, plots and the final ckpt.pt go here")
+    # ---- task (tasks.py) ----
+    task: str = _flag("arithmetic", "arithmetic (SPEC §3 default) or countdown (needs search, not recall)")
+    digits_min: int = _flag(1, "arithmetic: fewest digits per operand")
+    digits_max: int = _flag(2, "arithmetic: most digits per operand (train.py --max_digits)")
+    n_operands: int = _flag(2, "arithmetic: operands per question")
+    ops: str = _flag("+-", "arithmetic: operators to draw from, a subset of '+-*'")
+    n_numbers: int = _flag(3, "countdown: numbers per question")
+    # ---- rollout ----
+    group_size: int = _flag(8, "G, completions sampled per question (>= 2)")
+    prompts_per_step: int = _flag(16, "questions per step, summed over all ranks")
+    max_new_tokens: int = _flag(64, "completion length limit (sampling and evaluation)")
+    temperature: float = _flag(1.0, "sampling temperature of the rollouts (> 0)")
+    dynamic_sampling: bool = _flag(False, "DAPO: replace zero-variance groups by fresh questions")
+    dynamic_max_tries: int = _flag(3, "dynamic sampling: extra sampling rounds per step at most")
+    mask_truncated: bool = _flag(True, "no loss on completions cut off at max_new_tokens (DAPO)")
+    # ---- rewards (R1 §2.2) ----
+    w_acc: float = _flag(1.0, "weight of the accuracy reward")
+    w_fmt: float = _flag(0.1, "weight of the format reward (keep small, SPEC §2)")
+    # ---- objective ----
+    loss_type: str = _flag("grpo", "grpo | dr_grpo | dapo: how token terms are normalised")
+    scale_rewards: str = _flag("group", "group: divide advantages by the group std; none: Dr. GRPO")
+    eps: float = _flag(0.2, "lower clip range: rho >= 1 - eps")
+    eps_high: float = _flag(0.2, "upper clip range: rho <= 1 + eps_high (clip-higher when > eps)")
+    beta: float = _flag(0.04, "KL coefficient; 0 drops the reference model")
+    mu: int = _flag(1, "optimisation passes per sampled batch")
+    # ---- optimisation ----
+    lr: float = _flag(1e-4, "peak learning rate (AdamW)")
+    warmup_steps: int = _flag(5, "linear warmup steps")
+    lr_decay: bool = _flag(True, "cosine decay to min_lr_ratio * lr at max_steps")
+    min_lr_ratio: float = _flag(0.1, "final lr as a fraction of lr when lr_decay")
+    weight_decay: float = _flag(0.0, "AdamW weight decay")
+    grad_clip: float = _flag(1.0, "clip the gradient norm to this (0: off)")
+    update_router_bias: bool = _flag(True, "aux-loss-free bias update after each optimizer step")
+    max_steps: int = _flag(60, "training steps")
+    max_seconds: float = _flag(240.0, "start no new step after this many seconds since launch (0: no limit)")
+    # ---- evaluation ----
+    eval_every: int = _flag(10, "evaluate every this many steps (0: only before and after training)")
+    n_eval: int = _flag(500, "held-out problems per evaluation (0: no evaluation)")
+    eval_batch_size: int = _flag(250, "problems per greedy generation batch")
+    eval_seed: int = _flag(0, "which held-out problems (the same set at every evaluation)")
+    eval_only: bool = _flag(False, "only evaluate init_from, write eval.jsonl and print the accuracy")
+    # ---- system ----
+    seed: int = _flag(1337, "seed for questions, sampling and initialisation")
+    device: str = _flag("auto", "auto | cpu | cuda | cuda:N | mps")
+
+    def __post_init__(self):
+        """Reject impossible settings before anything is loaded (argparse turns this into a usage error)."""
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size}: GRPO needs G >= 2 completions per question; "
+                             "the advantage compares each completion with the others of its group")
+        choices = {"task": ("arithmetic", "countdown"), "loss_type": ("grpo", "dr_grpo", "dapo"),
+                   "scale_rewards": ("group", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        positive = ("prompts_per_step", "max_new_tokens", "mu", "eval_batch_size", "max_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0: greedy groups are identical "
+                             "and carry no signal")
+        if not (0 < self.eps < 1 and self.eps_high > 0):
+            raise ValueError(f"need 0 < eps < 1 and eps_high > 0, got eps={self.eps}, eps_high={self.eps_high}")
+        for name in ("beta", "lr", "weight_decay", "grad_clip", "max_seconds", "n_eval", "eval_every",
+                     "warmup_steps", "dynamic_max_tries", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+
+
+def make_task(cfg: GRPOConfig) -> tasks.Task:
+    """The task selected by --task and its knobs."""
+    if cfg.task == "countdown":
+        return tasks.CountdownTask(n_numbers=cfg.n_numbers)
+    return tasks.ArithmeticTask(digits=(cfg.digits_min, cfg.digits_max), n_operands=cfg.n_operands, ops=cfg.ops)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The pure pieces: advantages, KL, the clipped objective, token log-probabilities
+# ----------------------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (DSM §4.1.2, outcome supervision): (P, G) rewards -> (P, G).
+
+    A_i = r_i - mean(r) over the group (row), divided by (std(r) + eps) when scale="group" [DSM] and
+    left unscaled when scale="none" [DR]. std is the population std (unbiased=False), so a group's
+    advantages have mean 0 and root-mean-square just under 1. A group whose rewards are all equal
+    gets exactly 0 (no signal, and no 0/0).
+    """
+    rewards = rewards.float()
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale == "group":
+        adv = adv / (rewards.std(dim=1, unbiased=False, keepdim=True) + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be 'group' or 'none', got {scale!r}")
+    flat = rewards.amax(dim=1) == rewards.amin(dim=1)                  # (P,) zero-variance groups
+    return adv.masked_fill(flat[:, None], 0.0)
+
+
+def kl_unbiased(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi_theta || pi_ref) estimate of DSM eq. 4 (Schulman's "k3"), same shape as inputs.
+
+    With x = pi_ref / pi_theta = exp(ref_logp - logp): KL = x - log x - 1. Its expectation under
+    pi_theta is the true KL (unbiased), and x - log x - 1 >= 0 for every x > 0 (equality iff x = 1).
+    """
+    d = ref_logp - logp                                                # log(pi_ref / pi_theta)
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: "torch.Tensor | None", adv: torch.Tensor,
+              mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0,
+              loss_type: str = "grpo", max_new_tokens: "int | None" = None) -> tuple[torch.Tensor, dict]:
+    """The negative clipped GRPO objective (DSM eq. 3) over completion tokens, and diagnostics.
+
+    Args:
+        logp: (N, T) log pi_theta of each completion token (with gradient).
+        old_logp: (N, T) log pi_old, the policy that sampled the tokens (no gradient).
+        ref_logp: (N, T) log pi_ref of the frozen reference model, or None (then beta must be 0).
+        adv: (N,) one advantage per sequence, shared by all its tokens.
+        mask: (N, T) 1/True for completion tokens that count; prompt padding and slots after the
+            end are 0, and so are whole sequences dropped by --mask_truncated.
+        eps_low, eps_high: rho is clipped to [1 - eps_low, 1 + eps_high].
+        beta: KL coefficient.
+        loss_type: how the per-token terms l_it are reduced to one number:
+            grpo:    (1/N') sum_i (1/|o_i|) sum_t l_it, N' = sequences with at least one token (DSM eq. 3)
+            dr_grpo: sum_it l_it / (N * max_new_tokens), a constant [DR]
+            dapo:    sum_it l_it / sum_i |o_i|, the token mean over the batch [DAPO]
+        max_new_tokens: the constant of dr_grpo (the generation limit).
+    Returns:
+        loss (scalar) and stats: clip_frac (share of tokens where the clipped term was chosen, i.e.
+        rho > 1 + eps_high with A > 0 or rho < 1 - eps_low with A < 0), kl (mean per-token KL, 0
+        without a reference), ratio (mean rho).
+    """
+    m = mask.bool()
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp")
+    # Zero the unused slots first, so nothing there can become inf (and inf * 0 = nan in the gradient).
+    logp = torch.where(m, logp, 0.0)
+    old_logp = torch.where(m, old_logp, 0.0)
+    ratio = torch.exp(logp - old_logp)                                 # (N, T) rho
+    A = adv.to(logp.dtype)[:, None]                                    # (N, 1), broadcast over tokens
+    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.minimum(ratio * A, clipped_ratio * A)           # (N, T), minus: we minimise
+    kl = None
+    if ref_logp is not None:
+        kl = kl_unbiased(logp, torch.where(m, ref_logp, 0.0))         # (N, T), 0 on unused slots
+        if beta > 0:
+            per_token = per_token + beta * kl
+    per_token = torch.where(m, per_token, 0.0)
+    n_tokens = m.sum(dim=1)                                            # (N,) |o_i| that count
+    if loss_type == "grpo":
+        seq_mean = per_token.sum(dim=1) / n_tokens.clamp(min=1)        # (N,) per-sequence token mean
+        loss = seq_mean.sum() / (n_tokens > 0).sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        if max_new_tokens is None:
+            raise ValueError("loss_type='dr_grpo' needs max_new_tokens")
+        loss = per_token.sum() / (logp.shape[0] * max_new_tokens)
+    elif loss_type == "dapo":
+        loss = per_token.sum() / n_tokens.sum().clamp(min=1)
+    else:
+        raise ValueError(f"loss_type must be grpo, dr_grpo or dapo, got {loss_type!r}")
+    with torch.no_grad():
+        total = m.sum().clamp(min=1)
+        was_clipped = ((ratio > 1 + eps_high) & (A > 0)) | ((ratio < 1 - eps_low) & (A < 0))
+        stats = {"clip_frac": ((was_clipped & m).sum() / total).item(),
+                 "kl": (kl[m].sum() / total).item() if kl is not None else 0.0,
+                 "ratio": (ratio[m].sum() / total).item()}
+    return loss, stats
+
+
+def token_logprobs(model: torch.nn.Module, idx: torch.Tensor, start: torch.Tensor, n_new: int,
+                   temperature: float = 1.0, with_entropy: bool = False
+                   ) -> tuple[torch.Tensor, "torch.Tensor | None"]:
+    """log pi(token) for every completion slot of a right-padded batch, from one forward pass.
+
+    Args:
+        model: the Transformer (or its DDP wrapper); `model(idx)` returns (logits, None).
+        idx: (N, L) prompt + completion + padding per row, with L >= max(start) + n_new.
+        start: (N,) index of each row's first completion token (= its prompt length).
+        n_new: T, the completion slots to score.
+        temperature: logits are divided by it, as when the completions were sampled.
+        with_entropy: also return the entropy (nats) of the predicted distribution in each slot.
+    Returns:
+        logp (N, T): logp[i, j] = log pi(idx[i, s_i + j] | idx[i, :s_i + j]) with s_i = start[i], read
+        from the logits at position s_i + j - 1 (position t predicts token t + 1). Slots past a row's
+        completion hold numbers for padding: mask them. entropy (N, T) or None.
+    Causal attention means right-padding never changes the positions before it.
+    """
+    logits, _ = model(idx)                                             # (N, L, V) float32
+    N, L, V = logits.shape
+    pos = start.to(idx.device)[:, None] - 1 + torch.arange(n_new, device=idx.device)[None]  # (N, T)
+    if int(start.max()) + n_new > L:
+        raise ValueError(f"idx has {L} columns but max(start) + n_new = {int(start.max()) + n_new}")
+    targets = idx.gather(1, pos + 1)                                   # (N, T) the tokens being scored
+    picked = logits.gather(1, pos[..., None].expand(N, n_new, V)) / temperature  # (N, T, V)
+    logp_all = F.log_softmax(picked, dim=-1)
+    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)         # (N, T)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)             # (N, T)
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Rollout: G completions per question from the current (= old) policy, scored by rules
+# ----------------------------------------------------------------------------------------------------
+
+RewardFn = Callable[[str, tasks.Problem], dict]
+
+
+def prompt_tokens(tok, question: str) -> list[int]:
+    """[BOS] + the R1-Zero prompt, ending right after <think>, exactly as pretraining documents begin."""
+    return [tok.bos_id] + tok.encode(tasks.format_prompt(question))
+
+
+def completion_text(tok, completion: list[int], finished: bool) -> str:
+    """The text the verifier sees: the sampled tokens without the final EOS (if one was produced)."""
+    return tok.decode(completion[:-1] if finished else completion)
+
+
+@dataclass
+class Group:
+    """One question and the G completions sampled for it, with their rule-based rewards."""
+
+    problem: tasks.Problem
+    prompt: list[int]                      # [BOS] + prompt tokens
+    completions: list[list[int]]           # G token lists, EOS included when finished
+    finished: list[bool]                   # False = cut off at max_new_tokens (truncated)
+    texts: list[str]                       # decoded completions, what the verifier saw
+    rewards: list[float]                   # total reward per completion
+    accuracy: list[float]
+    format: list[float]
+
+    @property
+    def zero_variance(self) -> bool:
+        """All G rewards equal: every advantage is 0, the group teaches nothing."""
+        return max(self.rewards) == min(self.rewards)
+
+
+def sample_groups(model, tok, problems: list, group_size: int, max_new_tokens: int, temperature: float,
+                  reward_fn: RewardFn, generator: "torch.Generator | None" = None) -> list[Group]:
+    """Sample `group_size` completions for each problem in one batch (KV cache) and score them."""
+    model.eval()                                     # no router load accounting while sampling
+    prompts = [prompt_tokens(tok, p.question) for p in problems]
+    batch = [p for p in prompts for _ in range(group_size)]            # P*G prompts, group-major
+    completions, finished = generate_batch(model, batch, max_new_tokens, temperature=temperature,
+                                           eos_id=tok.eos_id, generator=generator)
+    groups = []
+    for i, (problem, prompt) in enumerate(zip(problems, prompts)):
+        rows = range(i * group_size, (i + 1) * group_size)
+        comps, fins = [completions[r] for r in rows], [finished[r] for r in rows]
+        texts = [completion_text(tok, c, f) for c, f in zip(comps, fins)]
+        scores = [reward_fn(t, problem) for t in texts]
+        groups.append(Group(problem, prompt, comps, fins, texts, [float(s["total"]) for s in scores],
+                            [float(s["accuracy"]) for s in scores], [float(s["format"]) for s in scores]))
+    return groups
+
+
+def collect_rollouts(model, tok, draw_problems: Callable[[int], list], n_prompts: int, cfg: GRPOConfig,
+                     reward_fn: RewardFn, generator: "torch.Generator | None" = None) -> tuple[list[Group], dict]:
+    """`n_prompts` scored groups for one step, with optional dynamic sampling [DAPO].
+
+    Returns (groups, info); info["zero_var_frac"] is measured on the first draw, before any
+    replacement, because that is the diagnostic (how often the current model gives no signal).
+    With dynamic sampling, zero-variance groups are replaced by groups of fresh questions for at most
+    `dynamic_max_tries` extra rounds; if still short, some zero-variance groups stay in the batch.
+    """
+    def draw(n):
+        """n fresh questions, G scored completions each."""
+        return sample_groups(model, tok, draw_problems(n), cfg.group_size, cfg.max_new_tokens, cfg.temperature,
+                             reward_fn, generator)
+
+    groups = draw(n_prompts)
+    info = {"zero_var_frac": sum(g.zero_variance for g in groups) / len(groups), "resampled": 0}
+    if cfg.dynamic_sampling:
+        good = [g for g in groups if not g.zero_variance]
+        spare = [g for g in groups if g.zero_variance]
+        for _ in range(cfg.dynamic_max_tries):
+            if len(good) >= n_prompts:
+                break
+            fresh = draw(n_prompts - len(good))
+            info["resampled"] += len(fresh)
+            good += [g for g in fresh if not g.zero_variance]
+        groups = good[:n_prompts] + spare[:max(0, n_prompts - len(good))]
+    return groups, info
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Update: the clipped objective, mu passes of AdamW, the router bias
+# ----------------------------------------------------------------------------------------------------
+
+def collate(groups: list[Group], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad every prompt + completion of the groups into one batch.
+
+    Returns idx (N, Lp + T) int64, start (N,) prompt lengths, mask (N, T) bool marking real completion
+    tokens (EOS included), where N = P*G rows in group-major order, Lp the longest prompt and T the
+    longest completion.
+    """
+    prompts = [g.prompt for g in groups for _ in g.completions]
+    comps = [c for g in groups for c in g.completions]
+    N, Lp, T = len(comps), max(len(p) for p in prompts), max(len(c) for c in comps)
+    idx = torch.full((N, Lp + T), pad_id, dtype=torch.long)
+    mask = torch.zeros(N, T, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, comps)):
+        idx[i, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        mask[i, :len(c)] = True
+    start = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return idx.to(device), start.to(device), mask.to(device)
+
+
+def _world_size() -> int:
+    """Number of processes in the torchrun job (1 for a plain script)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def lr_at(step: int, cfg: GRPOConfig) -> float:
+    """Linear warmup over warmup_steps, then constant or cosine decay to min_lr_ratio * lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if not cfg.lr_decay:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: GRPOConfig) -> torch.optim.Optimizer:
+    """AdamW over every trainable weight (betas as in V3 §4.2); parameters without a gradient (the MTP
+    modules, which RL does not use) are simply skipped by the optimizer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+
+def policy_update(policy, ref_model, optimizer, groups: list[Group], cfg: GRPOConfig, pad_id: int,
+                  lr: "float | None" = None) -> dict:
+    """Advantages, then `cfg.mu` optimisation passes of the GRPO loss on one sampled batch.
+
+    `policy` is the Transformer or its DDP wrapper; `ref_model` the frozen reference or None (beta=0).
+    Returns a dict of floats: loss, kl, clip_frac, ratio (means over the mu passes; with mu=1 nothing
+    is clipped and ratio is 1), entropy and grad_norm (first pass), trained_seqs, tokens.
+    """
+    model = policy.module if isinstance(policy, DDP) else policy
+    device = model.embed.weight.device
+    rewards = torch.tensor([g.rewards for g in groups])                # (P, G)
+    adv = group_advantages(rewards, cfg.scale_rewards).flatten().to(device)  # (N,) group-major like collate
+    idx, start, mask = collate(groups, pad_id, device)
+    if cfg.mask_truncated:                                             # DAPO overlong filtering
+        finished = torch.tensor([f for g in groups for f in g.finished], device=device)
+        mask = mask & finished[:, None]
+    T = mask.shape[1]
+    with torch.no_grad():
+        model.eval()
+        ref_logp = (token_logprobs(ref_model, idx, start, T, cfg.temperature)[0]
+                    if ref_model is not None and cfg.beta > 0 else None)
+        # pi_old: the weights that sampled the batch. With mu=1 the first pass *is* pi_old (just detach).
+        old_logp = token_logprobs(model, idx, start, T, cfg.temperature)[0] if cfg.mu > 1 else None
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    model.train()
+    stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio": 0.0}   # averaged over the mu passes
+    for it in range(cfg.mu):
+        logp, entropy = token_logprobs(policy, idx, start, T, cfg.temperature, with_entropy=(it == 0))
+        old = logp.detach() if old_logp is None else old_logp
+        loss, st = grpo_loss(logp, old, ref_logp, adv, mask, cfg.eps, cfg.eps_high, cfg.beta, cfg.loss_type,
+                             cfg.max_new_tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+                     else torch.zeros(()))
+        optimizer.step()
+        sync_router_bias(model, cfg.update_router_bias)
+        for key, value in (("loss", loss.item()), *st.items()):
+            stats[key] += value / cfg.mu
+        if it == 0:                     # entropy and gradient norm of the sampling policy itself
+            stats["entropy"] = entropy[mask].mean().item() if bool(mask.any()) else 0.0
+            stats["grad_norm"] = float(grad_norm)
+            stats["trained_seqs"] = int(mask.any(dim=1).sum())          # rows left after masking
+    stats["tokens"] = cfg.mu * (int(start.sum()) + sum(len(c) for g in groups for c in g.completions))
+    return stats
+
+
+def sync_router_bias(model, enabled: bool = True) -> None:
+    """Aux-loss-free bias step (V3 §2.1.2) from the load of this update, averaged over ranks first."""
+    if not enabled:
+        for m in model.moe_layers():
+            m.reset_load()
+        return
+    load = model.expert_load()                                         # (n_moe_layers, E)
+    if _world_size() > 1:
+        dist.all_reduce(load)
+        load = load / _world_size()
+    model.update_bias(load)
+
+
+def grpo_step(policy, ref_model, optimizer, tok, draw_problems: Callable[[int], list], reward_fn: RewardFn,
+              cfg: GRPOConfig, n_prompts: "int | None" = None, generator: "torch.Generator | None" = None,
+              lr: "float | None" = None) -> dict:
+    """One GRPO step: sample G completions for each of n_prompts questions, score, update.
+
+    `draw_problems(n)` returns n problems (anything with a `.question`), `reward_fn(text, problem)`
+    returns {"accuracy", "format", "total"}; main() passes the task's train split and tasks.reward, a
+    test can pass a toy task. Returns the step's statistics (floats) including the time split.
+    """
+    model = policy.module if isinstance(policy, DDP) else policy
+    n_prompts = n_prompts or cfg.prompts_per_step
+    t0 = time.perf_counter()
+    groups, info = collect_rollouts(model, tok, draw_problems, n_prompts, cfg, reward_fn, generator)
+    t1 = time.perf_counter()
+    upd = policy_update(policy, ref_model, optimizer, groups, cfg, tok.eos_id, lr)
+    t2 = time.perf_counter()
+
+    def flat(key):
+        """One list of the field `key` over all P*G completions."""
+        return [x for g in groups for x in getattr(g, key)]
+
+    lengths = [len(c) for c in flat("completions")]
+    n = len(lengths)
+    return {
+        "reward": sum(flat("rewards")) / n, "accuracy": sum(flat("accuracy")) / n,
+        "format": sum(flat("format")) / n, "zero_var_frac": info["zero_var_frac"],
+        "resampled": info["resampled"], "trunc_frac": 1 - sum(flat("finished")) / n,
+        "length": sum(lengths) / n, **upd,
+        "sample_s": t1 - t0, "update_s": t2 - t1,
+        "sample_tok_s": sum(lengths) / max(t1 - t0, 1e-9), "train_tok_s": upd["tokens"] / max(t2 - t1, 1e-9),
+        "example": groups[0].texts[0],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Held-out evaluation: greedy, on questions never seen in pretraining or RL (SPEC §3 JSON lines)
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, tok, problems: list, max_new_tokens: int, batch_size: int = 250,
+             step: "int | None" = None) -> tuple[list[dict], dict]:
+    """Greedy completions (temperature 0) for held-out problems, verified by tasks.eval_record.
+
+    Returns (records, summary): one JSON-ready dict per problem with question, completion, answer,
+    correct (SPEC §3) plus predicted, format, finished and step; summary has accuracy, format and
+    length (mean completion tokens) and n.
+    """
+    model.eval()
+    records, lengths = [], []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        comps, fins = generate_batch(model, [prompt_tokens(tok, p.question) for p in chunk], max_new_tokens,
+                                     temperature=0.0, eos_id=tok.eos_id)
+        for p, c, f in zip(chunk, comps, fins):
+            records.append({**tasks.eval_record(p, completion_text(tok, c, f)), "finished": f, "step": step})
+            lengths.append(len(c))
+    n = max(1, len(records))
+    summary = {"accuracy": sum(r["correct"] for r in records) / n, "format": sum(r["format"] for r in records) / n,
+               "length": sum(lengths) / n, "n": len(records)}
+    return records, summary
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    """One JSON object per line."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Logging: one line per step, metrics.jsonl, plots
+# ----------------------------------------------------------------------------------------------------
+
+def format_step(step: int, s: dict) -> str:
+    """The fixed log line of one step."""
+    line = (f"step {step:4d} | reward {s['reward']:.3f} acc {s['accuracy']:.3f} fmt {s['format']:.3f} | "
+            f"zero-var {s['zero_var_frac']:.2f} trunc {s['trunc_frac']:.2f} len {s['length']:5.1f} | "
+            f"kl {s['kl']:.4f} clip {s['clip_frac']:.3f} ent {s['entropy']:.3f} | "
+            f"sample {s['sample_s']:.2f}s {s['sample_tok_s']:6.0f} tok/s, update {s['update_s']:.2f}s "
+            f"{s['train_tok_s']:6.0f} tok/s")
+    if "heldout_acc" in s:
+        line += f" | held-out acc {100 * s['heldout_acc']:.1f}%"
+    return line
+
+
+def plot_metrics(history: list[dict], out_dir, n_eval: int = 0, temperature: float = 1.0) -> list[Path]:
+    """Write grpo_rewards.png, grpo_heldout.png and grpo_length.png from the metrics records."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    train = [h for h in history if "reward" in h]
+    evals = [h for h in history if "heldout_acc" in h]
+    paths = []
+
+    def save(fig, name):
+        """Write one figure to out_dir and close it."""
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / name)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in train]
+    for key, label in (("reward", "total reward"), ("accuracy", "accuracy reward"), ("format", "format reward")):
+        ax.plot(steps, [h[key] for h in train], label=label)
+    ax.set(title=f"GRPO rollout rewards (sampled at temperature {temperature:g})", xlabel="step",
+           ylabel="mean reward per completion")
+    ax.legend()
+    save(fig, "grpo_rewards.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in evals], [100 * h["heldout_acc"] for h in evals], marker="o", label="accuracy")
+    ax.plot([h["step"] for h in evals], [100 * h["heldout_fmt"] for h in evals], marker=".", ls="--",
+            label="well-formed")
+    ax.set(title=f"Greedy held-out accuracy ({n_eval} problems never seen in training)", xlabel="step",
+           ylabel="% of held-out problems", ylim=(0, 100))
+    ax.legend()
+    save(fig, "grpo_heldout.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [h["length"] for h in train], label="sampled (mean)")
+    ax.plot([h["step"] for h in evals], [h["heldout_len"] for h in evals], marker="o", label="greedy held-out")
+    ax.set(title="Completion length", xlabel="step", ylabel="tokens per completion (EOS included)")
+    ax.legend()
+    save(fig, "grpo_length.png")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. main: load, evaluate, train, evaluate, save
+# ----------------------------------------------------------------------------------------------------
+
+def check_fits(model, tok, cfg: GRPOConfig, questions: list[str]) -> None:
+    """CheckpointError if the tokenizer or the longest prompt + max_new_tokens does not fit the model."""
+    args = model.args
+    if tok.n_vocab > args.vocab_size:
+        raise CheckpointError(f"tokenizer has {tok.n_vocab} ids but the model only {args.vocab_size}; "
+                              "the checkpoint is inconsistent, recreate it with `python train.py`")
+    longest = max(len(prompt_tokens(tok, q)) for q in questions)
+    if longest + cfg.max_new_tokens > args.max_seq_len:
+        raise CheckpointError(f"prompts of {longest} tokens + max_new_tokens={cfg.max_new_tokens} exceed the "
+                              f"model's max_seq_len={args.max_seq_len}; lower --max_new_tokens or pick an "
+                              "easier task")
+
+
+def run_eval(model, tok, problems, cfg: GRPOConfig, path: Path, step: "int | None") -> dict:
+    """Evaluate, write the JSON lines to `path`, return the summary (with seconds)."""
+    t0 = time.perf_counter()
+    records, summary = evaluate(model, tok, problems, cfg.max_new_tokens, cfg.eval_batch_size, step)
+    write_jsonl(path, records)
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def _mean_over_ranks(stats: dict, keys: tuple) -> dict:
+    """Average the numeric `keys` of `stats` over all ranks (in place for the log of rank 0)."""
+    if _world_size() == 1:
+        return stats
+    vec = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(vec)
+    for k, v in zip(keys, (vec / _world_size()).tolist()):
+        stats[k] = v
+    return stats
+
+
+def main(argv=None) -> None:
+    """`python grpo.py [--flag=value ...]`; see GRPOConfig or `--help` for the flags."""
+    cfg = parse_config(GRPOConfig, argv, description="GRPO reinforcement learning with rule-based rewards "
+                                                      "(DeepSeek-R1-Zero recipe) on a pretrained checkpoint")
+    try:
+        train(cfg)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def train(cfg: GRPOConfig) -> dict:
+    """Load `cfg.init_from`, evaluate, run GRPO (or only evaluate with --eval_only), save; returns the
+    last held-out summary. Raises CheckpointError for a missing or incompatible checkpoint."""
+    d, device = setup_distributed(pick_device(cfg.device))
+    try:
+        return _train(cfg, d, device)
+    finally:
+        cleanup_distributed(d)
+
+
+def _train(cfg: GRPOConfig, d, device: str) -> dict:
+    """The body of train() once the process group (if any) is set up."""
+    master, t_start = d.master, time.perf_counter()
+    if cfg.prompts_per_step % d.world_size:
+        raise SystemExit(f"--prompts_per_step={cfg.prompts_per_step} must be divisible by the "
+                         f"{d.world_size} ranks")
+    torch.manual_seed(cfg.seed + d.rank)
+    out_dir = Path(cfg.out_dir)
+    model, tok, ckpt = load_model(cfg.init_from, device, hint="python train.py")
+    task = make_task(cfg)
+    eval_problems = tasks.heldout_problems(task, cfg.n_eval, cfg.eval_seed) if cfg.n_eval else []
+    rng = random.Random(cfg.seed * 1000 + d.rank)                     # questions: different on each rank
+    check_fits(model, tok, cfg, [p.question for p in eval_problems] +
+               [task.sample(random.Random(i), "train").question for i in range(200)])
+    if master:
+        print_config(cfg, "grpo config")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"loaded {cfg.init_from} (kind={ckpt.get('kind', '?')}) on {device}; task {task}")
+
+    if cfg.eval_only:
+        summary = {}
+        if master:
+            path = out_dir / "eval.jsonl"
+            summary = run_eval(model, tok, eval_problems, cfg, path, ckpt.get("step"))
+            print(f"held-out accuracy {100 * summary['accuracy']:.1f}% (format {100 * summary['format']:.1f}%) "
+                  f"on {summary['n']} problems in {summary['seconds']:.1f}s; one line per problem in {path}")
+        return summary
+
+    # ---- models: the policy (trained), the reference (frozen copy, only when beta > 0) ----
+    ref_model = None
+    if cfg.beta > 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    policy = model
+    if d.enabled:   # experts a rank did not route to and the MTP modules get no gradient: find them
+        policy = DDP(model, device_ids=[device] if device.startswith("cuda") else None,
+                     find_unused_parameters=True, broadcast_buffers=False)
+    optimizer = make_optimizer(model, cfg)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * d.rank)
+    reward_fn = functools.partial(tasks.reward, w_acc=cfg.w_acc, w_fmt=cfg.w_fmt)  # R1-Zero's rule-based reward
+
+    def draw_problems(n):
+        """n questions from the task's train split (never a held-out one)."""
+        return [task.sample(rng, split="train") for _ in range(n)]
+
+    history, summary = [], {}
+    metrics_path = out_dir / "metrics.jsonl"
+    if master:
+        metrics_path.write_text("")
+
+    def log(record):
+        """Keep one step's record and append it to metrics.jsonl."""
+        history.append(record)
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def heldout(step, record):
+        """Evaluate on the held-out problems, write eval_step{step}.jsonl, add the results to record."""
+        s = run_eval(model, tok, eval_problems, cfg, out_dir / f"eval_step{step}.jsonl", step)
+        record.update(heldout_acc=s["accuracy"], heldout_fmt=s["format"], heldout_len=s["length"],
+                      eval_s=s["seconds"])
+        return s
+
+    if master and eval_problems:
+        rec = {"step": 0}
+        summary = heldout(0, rec)
+        log(rec)
+        print(f"step    0 | held-out acc {100 * summary['accuracy']:.1f}% format {100 * summary['format']:.1f}% "
+              f"len {summary['length']:.1f} ({summary['n']} problems, greedy, {summary['seconds']:.1f}s)")
+    if master:
+        print(LOSS_NOTE)
+    keys = ("reward", "accuracy", "format", "zero_var_frac", "trunc_frac", "length", "kl", "clip_frac",
+            "entropy", "loss")
+    totals = {"sample_s": 0.0, "update_s": 0.0}
+    step = 0
+    while step < cfg.max_steps:
+        out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t_start >= cfg.max_seconds
+        if d.enabled:                                                  # every rank stops at the same step
+            flag = torch.tensor([float(out_of_time)])
+            dist.broadcast(flag, src=0)
+            out_of_time = bool(flag.item())
+        if out_of_time:
+            if master:
+                print(f"stopping after {step} steps: --max_seconds={cfg.max_seconds:g} reached")
+            break
+        step += 1
+        stats = grpo_step(policy, ref_model, optimizer, tok, draw_problems, reward_fn, cfg,
+                          cfg.prompts_per_step // d.world_size, generator, lr_at(step - 1, cfg))
+        stats = _mean_over_ranks(stats, keys)
+        totals["sample_s"] += stats["sample_s"]
+        totals["update_s"] += stats["update_s"]
+        if not master:
+            continue
+        rec = {"step": step, "lr": lr_at(step - 1, cfg), **stats}
+        if eval_problems and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            summary = heldout(step, rec)
+        log(rec)
+        print(format_step(step, rec))
+    if master and eval_problems and "heldout_acc" not in history[-1]:   # stopped early by max_seconds
+        rec = {"step": step}
+        summary = heldout(step, rec)
+        log(rec)
+        print(f"step {step:4d} | held-out acc {100 * summary['accuracy']:.1f}%")
+
+    if master:
+        save_checkpoint(out_dir / "ckpt.pt", {
+            "model": model.state_dict(), "model_args": model.args.to_dict(), "tokenizer": ckpt["tokenizer"],
+            "config": ckpt.get("config", {}), "kind": "grpo", "grpo_config": dataclasses.asdict(cfg),
+            "step": step, "init_from": str(cfg.init_from), "heldout": summary})
+        plot_metrics(history, out_dir, len(eval_problems), cfg.temperature)
+        first = next((h for h in history if "heldout_acc" in h), None)
+        wall, n = time.perf_counter() - t_start, max(step, 1)
+        eval_s = sum(h.get("eval_s", 0.0) for h in history)
+        print(f"done: {step} steps, {wall:.0f}s in all: sampling {totals['sample_s']:.0f}s, updates "
+              f"{totals['update_s']:.0f}s, evaluation {eval_s:.0f}s; per step {totals['sample_s'] / n:.2f}s "
+              f"sampling + {totals['update_s'] / n:.2f}s update (G={cfg.group_size}, mu={cfg.mu})")
+        if first and summary:
+            print(f"held-out accuracy {100 * first['heldout_acc']:.1f}% -> {100 * summary['accuracy']:.1f}% "
+                  f"({summary['n']} problems, greedy)")
+        print(LOSS_NOTE)
+        print(f"wrote {out_dir}/ckpt.pt, metrics.jsonl, eval_step*.jsonl, grpo_rewards.png, grpo_heldout.png, "
+              f"grpo_length.png\nnext: python sample.py --out_dir={out_dir}\n"
+              f"      python grpo.py --eval_only --init_from={out_dir}/ckpt.pt --out_dir={out_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
