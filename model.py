@@ -78,6 +78,7 @@ class ModelArgs:
     def __post_init__(self):
         """Reject impossible configurations with a message naming the field, its value and the rule."""
         def bad(field, rule):
+            """Raise the ValueError for `field` breaking `rule`."""
             raise ValueError(f"ModelArgs.{field}={getattr(self, field)!r} is invalid: {rule}")
 
         for f in ("max_seq_len", "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads",
@@ -302,7 +303,7 @@ def precompute_rope(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
     freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)            # (d/2,)
     if args.max_seq_len > args.original_seq_len:
         def pair_index(n_rot):
-            # channel-pair index whose wavelength fits n_rot times into original_seq_len
+            """Channel-pair index whose wavelength fits n_rot times into original_seq_len."""
             return d * math.log(args.original_seq_len / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
         low = max(math.floor(pair_index(args.beta_fast)), 0)
         high = min(math.ceil(pair_index(args.beta_slow)), d - 1)        # clamped as the official code does
@@ -470,6 +471,7 @@ class KVCache:
         H = args.n_heads
 
         def layer():
+            """Zeroed cache tensors for one layer."""
             if self.attn_impl == "absorb":
                 return {"kv": torch.zeros(batch_size, max_len, args.kv_lora_rank, device=device, dtype=dtype),
                         "pe": torch.zeros(batch_size, max_len, args.qk_rope_head_dim, device=device, dtype=dtype)}
@@ -836,22 +838,32 @@ class Transformer(nn.Module):
         return out
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: "int | None" = None,
-                top_p: "float | None" = None, generator: "torch.Generator | None" = None) -> torch.Tensor:
-    """Pick one token per row from logits (B, V): greedy when temperature == 0, else sample from
-    softmax(logits / temperature) restricted to the top_k tokens and/or the top_p probability mass."""
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: "int | None" = None,
+                   top_p: "float | None" = None) -> torch.Tensor:
+    """The distribution decoding draws from: (B, V) logits -> (B, V) probabilities of softmax(logits / T)
+    restricted to the top_k tokens and/or the smallest set holding top_p of the mass (one-hot argmax at
+    temperature 0). Speculative decoding needs these probabilities themselves, not just a sample."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]                  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum - sorted_logits.softmax(-1) >= top_p                 # keep the smallest set reaching top_p
+        sorted_probs = sorted_logits.softmax(-1)
+        remove = sorted_probs.cumsum(-1) - sorted_probs >= top_p          # keep the smallest set reaching top_p
         logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: "int | None" = None,
+                top_p: "float | None" = None, generator: "torch.Generator | None" = None) -> torch.Tensor:
+    """Pick one token per row from logits (B, V): argmax when temperature == 0, else a draw from
+    sampling_probs(logits, temperature, top_k, top_p)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -51,7 +51,14 @@ import torch
 
 from checkpoint import CheckpointError, load_model
 from cli import parse_config, pick_device, print_config
-from model import MLA, ModelArgs, Transformer, kv_cache_numbers_per_token, sample_next
+from model import (
+    MLA,
+    ModelArgs,
+    Transformer,
+    kv_cache_numbers_per_token,
+    sample_next,
+    sampling_probs,
+)
 from tasks import format_prompt
 from tokenizer import Tokenizer, get_tokenizer
 
@@ -343,23 +350,6 @@ class SpecStats:
         return self.tokens / max(self.forwards, 1)
 
 
-def token_probs(logits: torch.Tensor, temperature: float, top_k: "int | None" = None,
-                top_p: "float | None" = None) -> torch.Tensor:
-    """(N, V) logits -> (N, V) the distribution `sample_next` draws from (one-hot argmax when greedy)."""
-    if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]                   # (N, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        remove = sorted_probs.cumsum(-1) - sorted_probs >= top_p           # keep the smallest set reaching top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    return logits.softmax(-1)
-
-
 def verify_draft(p: torch.Tensor, q: torch.Tensor, draft: int,
                  generator: "torch.Generator | None" = None) -> tuple[int, bool]:
     """The speculative-sampling rule for one position: keep `draft` (drawn from q) or replace it.
@@ -393,9 +383,11 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
     device = model.embed.weight.device
 
     def probs(logits):                                                     # (N, V) -> (N, V)
-        return token_probs(logits, temperature, top_k, top_p)
+        """The distribution this call samples from (temperature, top_k, top_p applied)."""
+        return sampling_probs(logits, temperature, top_k, top_p)
 
     def sample(dist):                                                      # (V,) -> one token id
+        """One draw from a probability vector, with this call's generator."""
         return int(torch.multinomial(dist, 1, generator=generator))
 
     cache = model.new_cache(1, len(prompt) + max_new_tokens, current_attn_impl(model))
@@ -498,6 +490,7 @@ def benchmark(model: Transformer, tok: Tokenizer, cfg: SampleConfig) -> dict:
     spec_stats: list[SpecStats] = []
     if len(model.mtp):
         def spec(k):
+            """Speculative greedy decoding of k tokens (absorbed cache), keeping its statistics."""
             with attention_path(model, "absorb"):
                 out, stats = speculative_generate(model, prompt, k, 0.0, eos_id=eos)
             spec_stats.append(stats)

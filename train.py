@@ -373,6 +373,7 @@ def main(argv=None) -> dict:
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def checkpoint(final_metrics=None):
+        """Write out_dir/ckpt.pt atomically (rank 0 only) with everything --resume needs."""
         if not master:
             return
         save_checkpoint(ckpt_path, {
