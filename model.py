@@ -721,8 +721,8 @@ class Transformer(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, init_std) for every weight matrix and embedding (V3 §4.2); norms start at one."""
-        if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.args.init_std)
+        if isinstance(module, (nn.Linear, nn.Embedding, Gate)) and not module.weight.is_meta:
+            nn.init.normal_(module.weight, mean=0.0, std=self.args.init_std)   # meta: nothing to fill
 
     def moe_layers(self) -> list[MoE]:
         """All MoE layers, main blocks first, then the MTP blocks."""

@@ -262,14 +262,15 @@ def heldout_accuracy(model, tok, task, n: int, path: Path) -> float:
 def plot_run(metrics: list[dict], load_history: list, out_dir: Path) -> list[Path]:
     """loss.png (train/val CE, MTP and balance losses) and expert_load.png (per-layer load share heatmap at
     the end, and MaxVio over steps: aux-loss-free balancing at work)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import (
+        Figure,  # no pyplot: no global backend switch, safe inside notebooks
+    )
 
     paths = []
     train = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "val_loss" in m]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     ax.plot([m["step"] for m in train], [m["ce"] for m in train], label="train CE (next token)", alpha=0.8)
     ax.plot([m["step"] for m in train], [m["mtp"] for m in train], label="MTP loss (lambda/D sum CE_k)", alpha=0.8)
     if evals:
@@ -282,14 +283,14 @@ def plot_run(metrics: list[dict], load_history: list, out_dir: Path) -> list[Pat
     fig.tight_layout()
     paths.append(out_dir / "loss.png")
     fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
 
     if load_history:
         steps = [s for s, _ in load_history]
         loads = torch.stack([ld for _, ld in load_history])                 # (n_logs, layers, E)
         share = loads[-1] / loads[-1].sum(-1, keepdim=True)               # (layers, E) at the end
         vio = max_violation(loads.flatten(0, 1)).view(loads.shape[:2])     # (n_logs, layers)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        fig = Figure(figsize=(12, 4.5))
+        a1, a2 = fig.subplots(1, 2)
         im = a1.imshow(share.numpy(), aspect="auto", cmap="viridis")
         a1.set(xlabel="routed expert", ylabel="MoE layer (MTP last)", title="share of tokens per expert (last window)")
         fig.colorbar(im, ax=a1, label="fraction of routed tokens")
@@ -301,7 +302,6 @@ def plot_run(metrics: list[dict], load_history: list, out_dir: Path) -> list[Pat
         fig.tight_layout()
         paths.append(out_dir / "expert_load.png")
         fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
     return paths
 
 
