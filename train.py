@@ -369,6 +369,7 @@ def main(argv=None) -> dict:
     # ---- Ctrl-C / SIGTERM: finish the step, write a checkpoint, exit ----
     stop = {"signal": None}
     def on_signal(signum, frame):
+        """Remember the signal; the loop finishes its step, writes a checkpoint and exits."""
         stop["signal"] = signum
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
