@@ -5,6 +5,8 @@ tinyseek/train.py -- pretrain the DeepSeek-V3-style model from model.py.
     python train.py --data=shakespeare.txt --tokenizer=char
     python train.py --preset=small --device=cuda --compile
     torchrun --standalone --nproc_per_node=2 train.py # several processes (gloo on CPU, nccl on GPUs)
+    python train.py --sft=pairs.jsonl --init_from=out/ckpt.pt --out_dir=out_sft --lr=3e-4 --max_iters=200
+                                                      # supervised fine-tuning (loss on completions only)
 
 What happens, top to bottom:
   1. Config: one dataclass; every field is a `--key=value` flag; the effective config is printed and saved.
@@ -18,6 +20,13 @@ What happens, top to bottom:
 
 The learning-rate schedule is fitted to whichever budget ends first, --max_iters or --max_seconds, so
 "train for three minutes" gives a complete warmup-and-decay run.
+
+Supervised fine-tuning (SFT) is the same loop with other batches. `--sft=FILE` reads prompt -> completion
+pairs (JSON lines {"prompt": ..., "completion": ...}); each batch holds whole examples, right-padded, and
+the targets of prompt and padding positions are -1, which the model's cross-entropy ignores: the model is
+taught to write completions, not to predict the questions it will be asked. `--init_from` starts from a
+checkpoint's weights and tokenizer (the architecture is then the checkpoint's). This is how R1's "cold
+start" data, its rejection-sampled data and the distilled students are trained (see r1.py).
 What is left out on purpose: dropout (V3 uses none), pipeline/expert parallelism, real FP8 kernels.
 """
 
@@ -38,7 +47,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import grpo
 import tasks
-from checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from checkpoint import (
+    CheckpointError,
+    model_from_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from cli import (
     cleanup_distributed,
     parse_config,
@@ -89,6 +103,10 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt"})
+    init_from: str = field(default="", metadata={"help": "start from this checkpoint's weights and tokenizer "
+                                                         "(fine-tuning); its architecture replaces --preset/--model"})
+    sft: str = field(default="", metadata={"help": "JSON lines of {prompt, completion}: supervised fine-tuning "
+                                                   "with the loss on completion tokens only"})
     seed: int = 1337
 
 
@@ -115,12 +133,21 @@ def model_args_from(cfg: TrainConfig, vocab_size: int) -> ModelArgs:
 # 2. Data
 # ----------------------------------------------------------------------------------------------------
 
-def load_data(cfg: TrainConfig):
-    """Return (tokenizer, train_tokens, val_tokens, description) as 1-D int64 tensors.
+def load_data(cfg: TrainConfig, tok=None, max_len: "int | None" = None):
+    """Return (tokenizer, train, val, description).
 
-    Built-in: `n_examples` worked arithmetic problems (tasks.build_corpus), each framed BOS ... EOS.
-    --data=FILE: the file's text, first 90% train, last 10% val (as nanoGPT does)."""
+    Pretraining: train and val are 1-D int64 token streams.
+      Built-in: `n_examples` worked arithmetic problems (tasks.build_corpus), each framed BOS ... EOS.
+      --data=FILE: the file's text, first 90% train, last 10% val (as nanoGPT does).
+    SFT (--sft=FILE): train and val are lists of (ids, n_prompt) examples (encode_sft).
+    A tokenizer passed in (from --init_from) is used as is; otherwise one is trained on the data."""
     cache = ROOT / "data" / "cache"
+    if cfg.sft:
+        if tok is None:
+            rows = read_sft_jsonl(cfg.sft)
+            tok = _tokenizer(cfg, "\n\n".join(r["prompt"] + r["completion"] for r in rows[:20000]), cache)
+        train, val, desc = load_sft(cfg, tok, max_len or cfg.block_size)
+        return tok, train, val, desc
     if cfg.data:
         path = Path(cfg.data).expanduser()
         if not path.is_file():
@@ -128,12 +155,12 @@ def load_data(cfg: TrainConfig):
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise SystemExit(f"--data={cfg.data}: the file is empty")
-        tok = _tokenizer(cfg, text[:2_000_000], cache)
+        tok = tok or _tokenizer(cfg, text[:2_000_000], cache)
         ids = torch.tensor(tok.encode(text), dtype=torch.long)
         desc = f"{path.name}: {len(text):,} characters"
     else:
         docs = tasks.build_corpus(cfg.n_examples, seed=cfg.seed, task=corpus_task(cfg), flaw_rate=cfg.flaw_rate)
-        tok = _tokenizer(cfg, tasks.corpus_text(docs[:20000]), cache)
+        tok = tok or _tokenizer(cfg, tasks.corpus_text(docs[:20000]), cache)
         stream = []
         for d in docs:
             stream.extend(tok.encode(d, bos=True, eos=True))
@@ -145,6 +172,66 @@ def load_data(cfg: TrainConfig):
         raise SystemExit(f"not enough data: {len(ids)} tokens, need > {10 * (cfg.block_size + 2)} "
                          "(10% is held out for validation); use a bigger file or a smaller --block_size")
     return tok, train, val, desc
+
+
+def read_sft_jsonl(path) -> list[dict]:
+    """Read an SFT file: one JSON object per line with string fields "prompt" and "completion" (other fields
+    are kept but unused). Blank lines are skipped. Raises SystemExit naming the first bad line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SystemExit(f"--sft={path}: no such file (make one with `python r1.py coldstart` or "
+                         "`python r1.py reject`)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}); each line "
+                                 'must be one object like {"prompt": "...", "completion": "..."}') from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "completion")):
+                raise SystemExit(f'{path}, line {n}: needs string fields "prompt" and "completion", got '
+                                 f"{line.strip()[:80]!r}")
+            if not row["completion"]:
+                raise SystemExit(f"{path}, line {n}: the completion is empty; there would be nothing to learn")
+            rows.append(row)
+    if not rows:
+        raise SystemExit(f"--sft={path}: the file holds no examples")
+    return rows
+
+
+def encode_sft(rows: list[dict], tok, max_len: int, path="") -> list[tuple[torch.Tensor, int]]:
+    """Tokenize SFT pairs as (ids, n_prompt): ids = [BOS] prompt completion [EOS] as one int64 tensor, and
+    n_prompt = how many leading ids belong to the prompt (BOS included). Prompt and completion are encoded
+    separately, exactly as at generation time, where the prompt is encoded and the completion sampled."""
+    out = []
+    for n, row in enumerate(rows, start=1):
+        prompt = tok.encode(row["prompt"], bos=True)
+        ids = prompt + tok.encode(row["completion"], eos=True)
+        if len(ids) > max_len + 1:
+            raise SystemExit(f"{path}, example {n}: prompt + completion are {len(ids)} tokens but at most "
+                             f"{max_len + 1} fit (--block_size / the model's max_seq_len); shorten it or raise "
+                             "--block_size")
+        out.append((torch.tensor(ids, dtype=torch.long), len(prompt)))
+    return out
+
+
+def load_sft(cfg: "TrainConfig", tok, max_len: int):
+    """SFT examples split 90/10 into train/val (at least one of each): (train, val, description)."""
+    rows = read_sft_jsonl(cfg.sft)
+    if len(rows) < 2:
+        raise SystemExit(f"--sft={cfg.sft}: one example is not enough (one is held out for validation)")
+    examples = encode_sft(rows, tok, max_len, cfg.sft)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_val = max(1, len(examples) // 10)
+    val = [examples[i] for i in order[:n_val]]
+    train = [examples[i] for i in order[n_val:]]
+    completion_tokens = sum(len(ids) - n_prompt for ids, n_prompt in train)
+    desc = (f"SFT pairs from {cfg.sft}: {len(train):,} train / {len(val):,} val examples, "
+            f"{completion_tokens:,} completion tokens (the only ones with a loss)")
+    return train, val, desc
 
 
 def corpus_task(cfg) -> tasks.ArithmeticTask:
@@ -160,11 +247,35 @@ def _tokenizer(cfg: TrainConfig, text: str, cache: Path):
         raise SystemExit(f"--tokenizer={cfg.tokenizer}: {e}") from None
 
 
-def get_batch(data: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, device: str):
-    """A random batch of windows: x (B, block_size) and y = x shifted by one token (next-token targets)."""
+def get_batch(data, cfg: TrainConfig, gen: torch.Generator, device: str):
+    """A random batch: x (B, T) inputs and y (B, T) next-token targets, -1 where no loss is taken.
+
+    Pretraining (data is one token stream): windows of block_size tokens, y = x shifted by one.
+    SFT (data is a list of (ids, n_prompt) examples): whole examples right-padded to the longest in the
+    batch; the targets of prompt tokens and of padding are -1 (ignored by the cross-entropy), so only the
+    completion is learned."""
+    if isinstance(data, list):
+        return sft_batch(data, cfg.batch_size, gen, device)
     ix = torch.randint(len(data) - cfg.block_size - 1, (cfg.batch_size,), generator=gen)
     x = torch.stack([data[i:i + cfg.block_size] for i in ix.tolist()])
     y = torch.stack([data[i + 1:i + 1 + cfg.block_size] for i in ix.tolist()])
+    return x.to(device), y.to(device)
+
+
+def sft_batch(examples: list, batch_size: int, gen: torch.Generator, device: str, pad_id: int = 0):
+    """batch_size random SFT examples -> x, y (B, T) with T = longest example - 1.
+
+    Position i predicts token i+1, which is a completion token exactly when i+1 >= n_prompt; every other
+    target is -1. Padding goes on the right, where causal attention keeps it from touching real tokens."""
+    ix = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
+    T = max(len(examples[i][0]) for i in ix) - 1
+    x = torch.full((batch_size, T), pad_id, dtype=torch.long)
+    y = torch.full((batch_size, T), -1, dtype=torch.long)
+    for row, i in enumerate(ix):
+        ids, n_prompt = examples[i]
+        n = len(ids) - 1
+        x[row, :n] = ids[:-1]
+        y[row, n_prompt - 1:n] = ids[n_prompt:]                 # targets of completion tokens only
     return x.to(device), y.to(device)
 
 
@@ -324,10 +435,19 @@ def main(argv=None) -> dict:
     if device == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    # ---- data and model ----
-    tok, train_data, val_data, desc = load_data(cfg)
-    args = model_args_from(cfg, tok.n_vocab)
-    model = Transformer(args).to(device)
+    # ---- data and model (fresh, or the weights, architecture and tokenizer of --init_from) ----
+    if cfg.init_from:
+        model, tok = model_from_checkpoint(read_checkpoint(cfg.init_from, hint="python train.py"), device)
+        args = model.args
+        if cfg.block_size > args.max_seq_len:
+            raise SystemExit(f"--block_size={cfg.block_size} exceeds the max_seq_len={args.max_seq_len} of "
+                             f"{cfg.init_from}; use --block_size={args.max_seq_len} or less")
+        tok, train_data, val_data, desc = load_data(cfg, tok, max_len=cfg.block_size)
+    else:
+        tok, train_data, val_data, desc = load_data(cfg)
+        args = model_args_from(cfg, tok.n_vocab)
+        model = Transformer(args).to(device)
+    kind = "sft" if cfg.sft else "pretrain"
     optimizer = make_optimizer(model, cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed + ddp.rank)     # each rank draws its own batches (sharding)
     step, elapsed_before, metrics, load_history = 0, 0.0, [], []
@@ -348,9 +468,11 @@ def main(argv=None) -> dict:
             print(f"resumed from {ckpt_path} at step {step}")
     if master:
         c = count_params(args)
-        print(f"data: {desc}; tokenizer {tok.name} ({tok.n_vocab} tokens); {len(train_data):,} train / "
-              f"{len(val_data):,} val tokens")
-        print(f"model: {cfg.preset}, {c['total'] / 1e6:.2f}M parameters ({c['activated'] / 1e6:.2f}M activated per "
+        sizes = "" if cfg.sft else f"; {len(train_data):,} train / {len(val_data):,} val tokens"
+        print(f"data: {desc}; tokenizer {tok.name} ({tok.n_vocab} tokens){sizes}")
+        if cfg.init_from:
+            print(f"initialised from {cfg.init_from} (its architecture; --preset and --model are not used)")
+        print(f"model: {'from ' + cfg.init_from if cfg.init_from else cfg.preset}, {c['total'] / 1e6:.2f}M parameters ({c['activated'] / 1e6:.2f}M activated per "
               f"token) + {c['mtp'] / 1e6:.2f}M MTP; device {device}" + (f" x {ddp.world_size} ranks" if ddp.enabled else ""))
     raw = model
     if cfg.compile:
@@ -379,11 +501,10 @@ def main(argv=None) -> dict:
             return
         save_checkpoint(ckpt_path, {
             "model": raw.state_dict(), "model_args": args.to_dict(), "tokenizer": tok.to_dict(),
-            "config": asdict(cfg), "kind": "pretrain", "step": step, "elapsed": elapsed,
+            "config": asdict(cfg), "kind": kind, "step": step, "elapsed": elapsed,
             "optimizer": optimizer.state_dict(), "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
             "metrics": metrics, **({"final": final_metrics} if final_metrics else {})})
 
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp.world_size
     t_start = time.perf_counter()
     elapsed = elapsed_before
     t_log, tokens_since_log = time.perf_counter(), 0
@@ -400,6 +521,7 @@ def main(argv=None) -> dict:
         # ---- forward / backward over grad_accum micro-batches ----
         for micro in range(cfg.grad_accum):
             x, y = get_batch(train_data, cfg, gen, device)
+            tokens_since_log += x.numel() * ddp.world_size            # SFT batches vary in length
             sync = not ddp.enabled or micro == cfg.grad_accum - 1
             with ctx, (contextlib.nullcontext() if sync else model.no_sync()):
                 _, loss = model(x, y)
@@ -419,7 +541,6 @@ def main(argv=None) -> dict:
             dist.all_reduce(load)
         vio = raw.update_bias(load)                                # MaxVio per layer of this step's load
         step += 1
-        tokens_since_log += tokens_per_step
 
         if master and (step % cfg.log_interval == 0 or step == 1):
             dt = time.perf_counter() - t_log
@@ -451,10 +572,10 @@ def main(argv=None) -> dict:
         metrics.append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
         print(f"done: {step} steps in {elapsed:.0f}s; train CE {losses['train']:.4f}, val CE {losses['val']:.4f}")
         if not cfg.data and stop["signal"] is None and cfg.n_eval > 0:
-            acc = heldout_accuracy(raw, tok, corpus_task(cfg), cfg.n_eval, out_dir / "eval_pretrain.jsonl")
+            eval_path = out_dir / f"eval_{kind}.jsonl"
+            acc = heldout_accuracy(raw, tok, corpus_task(cfg), cfg.n_eval, eval_path)
             summary["heldout_accuracy"] = acc
-            print(f"greedy accuracy on {cfg.n_eval} held-out problems: {100 * acc:.1f}% "
-                  f"(records in {out_dir / 'eval_pretrain.jsonl'})")
+            print(f"greedy accuracy on {cfg.n_eval} held-out problems: {100 * acc:.1f}% (records in {eval_path})")
         checkpoint(summary)
         with open(out_dir / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in metrics)

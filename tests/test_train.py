@@ -186,3 +186,111 @@ def test_torchrun_two_processes(tmp_path):
     assert "x 2 ranks" in r.stdout
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 8
+
+
+# ---- supervised fine-tuning (--sft): completion-only loss, reusing the pretraining loop ----
+
+def write_sft(path, pairs):
+    import json
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
+    return path
+
+
+def sft_examples(tok, n=6):
+    import tasks
+    rows = []
+    for i in range(n):
+        q = f"{10 + i}+{20 + 3 * i}"
+        reasoning, answer = tasks.worked_solution(tasks.arithmetic_problem(q))
+        rows.append({"prompt": tasks.format_prompt(q), "completion": tasks.format_completion(reasoning, answer)})
+    return train.encode_sft(rows, tok, max_len=128)
+
+
+def test_sft_batch_targets_only_completion_tokens():
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer("char")
+    examples = sft_examples(tok)
+    x, y = train.sft_batch(examples, 4, torch.Generator().manual_seed(0), "cpu")
+    ix = torch.randint(len(examples), (4,), generator=torch.Generator().manual_seed(0)).tolist()
+    for row, i in enumerate(ix):
+        ids, n_prompt = examples[i]
+        n = len(ids) - 1
+        assert torch.equal(x[row, :n], ids[:-1])
+        assert (y[row, :n_prompt - 1] == -1).all()                 # predicting a prompt token: no loss
+        assert torch.equal(y[row, n_prompt - 1:n], ids[n_prompt:])  # completion (and EOS) targets
+        assert (y[row, n:] == -1).all()                            # padding: no loss
+        assert tok.decode(ids[n_prompt:-1].tolist()).endswith("</answer>")
+
+
+def test_sft_prompt_tokens_contribute_zero_gradient():
+    """The loss depends only on completion positions: the gradient reaching the logits of prompt and padding
+    positions is exactly zero, and changing what the prompt positions 'should' predict changes nothing."""
+    from model import ModelArgs, Transformer
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer("char")
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.preset("tiny", vocab_size=tok.n_vocab, dim=48, inter_dim=96, moe_inter_dim=24,
+                                         n_layers=2, kv_lora_rank=16, q_lora_rank=32)).eval()
+    x, y = train.sft_batch(sft_examples(tok), 3, torch.Generator().manual_seed(1), "cpu")
+    head_outputs = []                                              # main head first, then the MTP head call
+    handle = model.head.register_forward_hook(lambda module, inputs, out: head_outputs.append(out))
+    _, loss = model(x, y)
+    handle.remove()
+    main_logits = head_outputs[0]                                  # (B, T, V)
+    main_logits.retain_grad()
+    loss.backward()
+    grad = main_logits.grad.abs().sum(-1)                          # (B, T)
+    assert (grad[y == -1] == 0).all()
+    assert (grad[y != -1] > 0).all()
+    # filling in the prompt targets (plain language-model training) would change the loss
+    y_all = torch.where((y == -1) & (x != 0), torch.roll(x, -1, dims=1), y)
+    _, loss_all = model(x, y_all)
+    assert loss_all.item() != pytest.approx(loss.item())
+
+
+def test_sft_run_from_checkpoint_learns_completions(tmp_path):
+    import tasks
+    run(tmp_path / "base", "--max_iters=5")
+    pairs = []
+    for i in range(40):
+        q = f"{i % 9 + 1}+{i // 9 + 1}"
+        reasoning, answer = tasks.worked_solution(tasks.arithmetic_problem(q))
+        pairs.append((tasks.format_prompt(q), tasks.format_completion(reasoning, answer)))
+    data = write_sft(tmp_path / "pairs.jsonl", pairs)
+    summary = run(tmp_path / "sft", f"--sft={data}", f"--init_from={tmp_path / 'base' / 'ckpt.pt'}",
+                  "--max_iters=40", "--lr=3e-3", "--warmup_iters=5")
+    import json
+    logged = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    ce = [r["ce"] for r in logged if "ce" in r]
+    assert ce[-1] < 0.5 * ce[0]
+    assert summary["step"] == 40
+    _model, tok, ckpt = load_model(tmp_path / "sft" / "ckpt.pt")
+    base = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)
+    assert ckpt["kind"] == "sft" and ckpt["model_args"] == base["model_args"]
+    assert tok.to_dict() == base["tokenizer"]                      # the checkpoint's tokenizer is kept
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prompt": "a", "completion": "b"}\nnot json\n', "line 2: not valid JSON"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', 'line 2: needs string fields "prompt" and "completion"'),
+    ('{"prompt": "a", "completion": 3}\n', 'line 1: needs string fields'),
+    ('[1, 2]\n', 'line 1: needs string fields'),
+    ('{"prompt": "a", "completion": ""}\n', "line 1: the completion is empty"),
+    ("\n\n", "holds no examples"),
+])
+def test_malformed_sft_file_names_the_line(tmp_path, content, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    with pytest.raises(SystemExit, match=message):
+        run(tmp_path / "out", f"--sft={f}", "--max_iters=2")
+
+
+def test_sft_example_too_long_is_named(tmp_path):
+    f = write_sft(tmp_path / "long.jsonl", [("User: 1+1\nAssistant: <think>", "x" * 500)] * 3)
+    with pytest.raises(SystemExit, match="example 1: prompt \\+ completion are"):
+        run(tmp_path / "out", f"--sft={f}", "--max_iters=2", "--tokenizer=char")
+
+
+def test_sft_missing_file_says_how_to_make_one(tmp_path):
+    with pytest.raises(SystemExit, match="r1.py"):
+        run(tmp_path / "out", f"--sft={tmp_path / 'nope.jsonl'}", "--max_iters=2")
