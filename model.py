@@ -8,7 +8,7 @@ Read it beside the reports:
 Names follow the official DeepSeek-V3 `inference/model.py`, so the two can be read side by side.
 
 Map of the file (top to bottom):
-  1. ModelArgs ............ every knob, the presets tiny / small / 16B / 671B, and validation
+  1. ModelArgs ............ every knob, the presets tiny / nano / small / 16B / 671B, and validation
   2. FP8 simulation ....... fp8_quant_dequant, fp8_quant_error, Linear (fine-grained E4M3 scaling, V3 §3.3)
   3. RMSNorm, RoPE/YaRN ... precompute_rope, apply_rope (rotary on the decoupled dims only)
   4. MLA .................. Multi-head Latent Attention, `naive` and `absorb` paths (V2 §2.1, eq. 9-19)
@@ -154,6 +154,13 @@ PRESETS = {
     # dim=128 the fan-in is 56x smaller than V3's 7168, and 0.006 would start the network nearly silent.
     # The bias update speed is raised 10x because a laptop run has ~1000 steps, not V3's ~500k.
     "tiny": ModelArgs(init_std=0.02, bias_update_speed=0.01),
+    # A smaller student for distillation experiments (r1.py): half the layers of tiny, half its routed experts
+    # and a narrower width, still with every V3 feature on (MLA with q compression, shared + routed experts,
+    # group-limited routing, one dense layer, MTP).
+    "nano": ModelArgs(dim=96, inter_dim=256, moe_inter_dim=48, n_layers=2, n_heads=4, n_routed_experts=4,
+                      n_activated_experts=2, n_expert_groups=2, n_limited_groups=1, q_lora_rank=48,
+                      kv_lora_rank=24, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=24, init_std=0.02,
+                      bias_update_speed=0.01),
     # One GPU: ~240M total / ~60M activated parameters with a small vocabulary.
     "small": ModelArgs(max_seq_len=1024, original_seq_len=1024, dim=768, inter_dim=2048, moe_inter_dim=256,
                        n_layers=12, n_dense_layers=1, n_heads=12, n_routed_experts=32, n_shared_experts=1,

@@ -60,6 +60,7 @@ from cli import (
     print_config,
     setup_distributed,
 )
+from cost import GPU_PEAK_BF16, flops_per_token
 from model import ModelArgs, Transformer, count_params, max_violation
 from tokenizer import get_tokenizer
 
@@ -73,7 +74,7 @@ ROOT = Path(__file__).resolve().parent
 @dataclass
 class TrainConfig:
     """Every setting of a pretraining run (each is a --flag)."""
-    preset: str = field(default="tiny", metadata={"help": "model preset: tiny | small | 16B | 671B"})
+    preset: str = field(default="tiny", metadata={"help": "model preset: tiny | nano | small | 16B | 671B"})
     model: str = field(default="", metadata={"help": "ModelArgs overrides, e.g. 'fp8=true,mtp_depth=0'"})
     out_dir: str = field(default="out", metadata={"help": "where ckpt.pt, metrics and plots go"})
     data: str = field(default="", metadata={"help": "a UTF-8 text file; empty = built-in arithmetic corpus"})
@@ -300,29 +301,15 @@ def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x activated matmul parameters (forward 2, backward 4) plus attention
-    scores and weighted values (6 x layers x heads x (qk_head_dim + v_head_dim) x seq_len), as nanoGPT
-    counts them (no causal halving). Embedding lookups are not matmuls and are left out; MTP blocks are in."""
-    c = count_params(args)
-    matmul = c["activated"] - args.vocab_size * args.dim + c["mtp"] * (
-        (args.n_activated_experts + args.n_shared_experts) / (args.n_routed_experts + args.n_shared_experts))
-    attn = 6 * (args.n_layers + args.mtp_depth) * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
-    return 6 * matmul + attn
-
-
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                 "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
-
-
 def peak_flops(device: str) -> tuple[float, str]:
-    """Peak FLOP/s to divide by for MFU: a measured fp32 matmul rate on CPU, the dense bf16 spec on a GPU."""
+    """Peak FLOP/s to divide by for MFU: a measured fp32 matmul rate on CPU, the dense bf16 spec on a GPU
+    (cost.GPUS, with sources). FLOPs per token come from cost.flops_per_token."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_BF16.items():
             if key in name:
                 return value, f"{name} dense bf16 spec {value / 1e12:.0f} TFLOP/s"
-        return 0.0, f"{name}: peak unknown (add it to GPU_PEAK_BF16), MFU not shown"
+        return 0.0, f"{name}: peak unknown (add it to cost.GPUS), MFU not shown"
     if device == "cpu":
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
         for _ in range(3):
