@@ -84,6 +84,8 @@ class R1Config:
                                                     "pretrain one now with train.py's defaults"})
     pretrain_iters: int = field(default=750, metadata={"help": "pretraining steps of a base or student (a step "
                                                               "budget, so results do not depend on machine speed)"})
+    pretrain_examples: int = field(default=60000, metadata={"help": "documents in the pretraining corpus "
+                                                                    "(train.py --n_examples)"})
     # ---- cold start ----
     n_cold: int = field(default=300, metadata={"help": "clean worked examples in the cold-start set"})
     cold_steps: int = field(default=150, metadata={"help": "SFT steps on the cold-start set"})
@@ -95,6 +97,8 @@ class R1Config:
     rl_steps: int = field(default=60, metadata={"help": "GRPO steps per RL stage"})
     rl_lr: float = 1e-4
     final_rl: bool = field(default=True, metadata={"help": "recipe: run the second RL stage"})
+    zero_baseline: bool = field(default=True, metadata={"help": "recipe: also run R1-Zero (RL straight from the "
+                                                                "base, no cold start) for comparison"})
     # ---- rejection sampling ----
     k: int = field(default=4, metadata={"help": "samples per prompt"})
     n_prompts: int = field(default=1000, metadata={"help": "training prompts to sample for"})
@@ -111,8 +115,8 @@ class R1Config:
 
     def __post_init__(self):
         """Reject impossible settings before anything runs."""
-        for name in ("pretrain_iters", "n_cold", "cold_steps", "sft_steps", "sft_batch_size", "rl_steps", "k", "n_prompts",
-                     "max_new_tokens", "max_digits"):
+        for name in ("pretrain_iters", "pretrain_examples", "n_cold", "cold_steps", "sft_steps", "sft_batch_size",
+                     "rl_steps", "k", "n_prompts", "max_new_tokens", "max_digits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not self.temperature > 0:
@@ -155,8 +159,9 @@ def cold_start_examples(n: int, task: tasks.Task, seed: int = 0) -> list[dict]:
             continue
         seen.add(p.question)
         reasoning, answer = tasks.worked_solution(p, flawed=False)
-        rows.append({"prompt": tasks.format_prompt(p.question), "completion": tasks.format_completion(reasoning, answer),
-                     "question": p.question, "answer": answer})
+        completion = tasks.format_completion(reasoning, answer)
+        rows.append({"prompt": tasks.format_prompt(p.question), "completion": completion, "question": p.question,
+                     "answer": answer})
         if len(rows) == n:
             return rows
     raise SystemExit(f"--n_cold={n}: the task has only {len(rows)} distinct training questions")
@@ -242,12 +247,13 @@ def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict
 
 def evaluate_stage(ckpt: Path, cfg: R1Config, path: Path) -> dict:
     """Greedy accuracy of a checkpoint on the cfg.n_eval held-out problems (grpo.evaluate), the records
-    written to `path`, and one example: the first held-out question where the planted mistake could occur."""
+    written to `path`, and one example: the first held-out question where the planted mistake could occur
+    (or the first question, if none of them can)."""
     model, tok, _ = load_model(ckpt, pick_device(cfg.device))
     problems = tasks.heldout_problems(task_of(cfg), cfg.n_eval, seed=0)
     records, summary = grpo.evaluate(model, tok, problems, cfg.max_new_tokens)
     grpo.write_jsonl(path, records)
-    example = next(r for p, r in zip(problems, records) if tasks.in_flaw_situation(p))
+    example = next((r for p, r in zip(problems, records) if tasks.in_flaw_situation(p)), records[0])
     return {"accuracy": summary["accuracy"], "format": summary["format"], "n": summary["n"], "example": example}
 
 
@@ -311,13 +317,13 @@ def rl_argv(cfg: R1Config, init_from: Path, out_dir: Path) -> list[str]:
 def pretrain_argv(cfg: R1Config, out_dir: Path, preset: str) -> list[str]:
     """train.py flags for pretraining a base (teacher) or student model on the built-in corpus."""
     return [f"--preset={preset}", f"--out_dir={out_dir}", f"--max_iters={cfg.pretrain_iters}", "--max_seconds=0",
-            "--n_eval=0",
+            f"--n_examples={cfg.pretrain_examples}", "--n_eval=0",
             f"--ops={cfg.ops}", f"--max_digits={cfg.max_digits}", f"--seed={cfg.seed}", f"--device={cfg.device}"]
 
 
 def recipe(cfg: R1Config) -> list[dict]:
     """The R1 sequence (module docstring): base -> cold start -> RL -> rejection sampling -> SFT of the base
-    -> RL again. Writes out_dir/results.jsonl (one JSON line per stage) and r1_stages.png."""
+    -> RL again; then, for comparison, R1-Zero's single RL stage from the same base. Writes out_dir/results.jsonl (one JSON line per stage) and r1_stages.png."""
     out = resolve(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline(cfg, out, "results.jsonl")
@@ -345,6 +351,8 @@ def recipe(cfg: R1Config) -> list[dict]:
     pipe.stage("rejection SFT", "train.py", sft_argv(cfg, rs, base, out / "rejection_sft", cfg.sft_steps))
     if cfg.final_rl:
         pipe.stage("RL again", "grpo.py", rl_argv(cfg, out / "rejection_sft" / "ckpt.pt", out / "rl_again"))
+    if cfg.zero_baseline:   # not an R1 stage: the R1-Zero path from the same base, for comparison
+        pipe.stage("R1-Zero (RL from base)", "grpo.py", rl_argv(cfg, base, out / "r1_zero"))
     png = plot_stages(pipe.results, out / "r1_stages.png", cfg.n_eval)
     print(f"\n==== R1 recipe done in {time.perf_counter() - t_start:.0f}s ====")
     print_table(pipe.results)
@@ -373,9 +381,10 @@ def distill(cfg: R1Config) -> list[dict]:
                       title=f"Student ({cfg.student_preset}): distillation vs RL from the same pretraining")
     print(f"\n==== distillation vs RL for the {cfg.student_preset} student ====")
     print_table(pipe.results)
-    winner = "distillation" if distilled["accuracy"] > rl["accuracy"] else "RL"
-    print(f"distillation on {n_rows} teacher samples: {100 * distilled['accuracy']:.1f}% in {distilled['seconds']:.0f}s "
-          f"of SFT; RL: {100 * rl['accuracy']:.1f}% in {rl['seconds']:.0f}s of GRPO -> {winner} is ahead here "
+    d, r = distilled["accuracy"], rl["accuracy"]
+    verdict = "distillation is ahead" if d > r else "RL is ahead" if r > d else "a tie"
+    print(f"distillation on {n_rows} teacher samples: {100 * d:.1f}% in {distilled['seconds']:.0f}s of SFT; "
+          f"RL: {100 * r:.1f}% in {rl['seconds']:.0f}s of GRPO -> {verdict} here "
           "(the teacher's own cost is not counted in the distillation time)")
     print(f"wrote {pipe.results_path}, {png}")
     return pipe.results
@@ -405,7 +414,10 @@ def plot_stages(results: list[dict], path: Path, n_eval: int, title: str = "") -
     ax = fig.subplots()
     names = [r["stage"].replace(" + ", "\n+ ").replace(" (", "\n(") for r in evaluated]
     acc = [100 * r["accuracy"] for r in evaluated]
-    bars = ax.bar(range(len(evaluated)), acc, color="tab:blue")
+    # RL-only paths (R1-Zero, the student's own RL) in orange, so they stand apart from SFT-based stages
+    colors = ["tab:orange" if r["stage"].startswith("R1-Zero") or r["stage"].endswith("+ RL") else "tab:blue"
+              for r in evaluated]
+    bars = ax.bar(range(len(evaluated)), acc, color=colors)
     for b, a in zip(bars, acc):
         ax.text(b.get_x() + b.get_width() / 2, a + 1, f"{a:.1f}%", ha="center", fontsize=9)
     ax.set_xticks(range(len(evaluated)), names, fontsize=8)

@@ -459,7 +459,8 @@ def main(argv=None) -> dict:
         print(f"data: {desc}; tokenizer {tok.name} ({tok.n_vocab} tokens){sizes}")
         if cfg.init_from:
             print(f"initialised from {cfg.init_from} (its architecture; --preset and --model are not used)")
-        print(f"model: {'from ' + cfg.init_from if cfg.init_from else cfg.preset}, {c['total'] / 1e6:.2f}M parameters ({c['activated'] / 1e6:.2f}M activated per "
+        name = f"from {cfg.init_from}" if cfg.init_from else cfg.preset
+        print(f"model: {name}, {c['total'] / 1e6:.2f}M parameters ({c['activated'] / 1e6:.2f}M activated per "
               f"token) + {c['mtp'] / 1e6:.2f}M MTP; device {device}" + (f" x {ddp.world_size} ranks" if ddp.enabled else ""))
     raw = model
     if cfg.compile:

@@ -142,11 +142,13 @@ def test_bad_flag_values_are_usage_errors():
 def test_recipe_and_distill_end_to_end(tmp_path):
     """The whole sequence at toy budgets on one-digit sums: every stage runs, is evaluated on the same
     held-out problems, and the outputs (JSONL results, PNGs, the rejection-sampled SFT file) are written."""
-    flags = [f"--out_dir={tmp_path}", "--max_digits=1", "--pretrain_iters=200", "--cold_steps=10", "--rl_steps=2",
-             "--sft_steps=10", "--n_prompts=40", "--k=4", "--n_eval=20", "--device=cpu", "--seed=0"]
+    flags = [f"--out_dir={tmp_path}", "--max_digits=1", "--pretrain_iters=120", "--pretrain_examples=5000",
+             "--n_cold=50", "--cold_steps=10", "--rl_steps=2", "--sft_steps=10", "--n_prompts=40", "--k=4",
+             "--n_eval=20", "--device=cpu", "--seed=0"]
     results = r1.main(["recipe", *flags])
     stages = [r["stage"] for r in results]
-    assert stages == ["base", "cold start", "RL", "rejection sampling", "rejection SFT", "RL again"]
+    assert stages == ["base", "cold start", "RL", "rejection sampling", "rejection SFT", "RL again",
+                      "R1-Zero (RL from base)"]
     assert all(0 <= r["accuracy"] <= 1 and r["n"] == 20 for r in results if "accuracy" in r)
     rs = results[3]
     assert rs["samples"] == 160 and 0 < rs["kept"] <= 160 and rs["yield"] == rs["kept"] / 160
