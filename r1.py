@@ -1,9 +1,9 @@
 """
 tinyseek/r1.py -- from R1-Zero to R1: cold-start SFT, rejection sampling, and distillation into a smaller model.
 
-    python r1.py coldstart --out=data/cold_start.jsonl        # a few hundred clean worked examples
-    python r1.py reject --init_from=out_grpo/ckpt.pt --out=rs.jsonl --k=4 --n_prompts=1000
-    python r1.py recipe --base=out/ckpt.pt                    # the whole R1 sequence, stage by stage
+    python r1.py coldstart --out=out_r1/cold_start.jsonl      # a few hundred clean worked examples
+    python r1.py reject --init_from=out_grpo/ckpt.pt --out=out_r1/rejection.jsonl --k=4 --n_prompts=1000
+    python r1.py recipe                                       # the whole R1 sequence, stage by stage
     python r1.py distill --teacher_data=out_r1/rejection.jsonl  # a small student: distillation vs RL
 
 R1-Zero (grpo.py) learns to reason from pure RL, but the DeepSeek-R1 report (arXiv 2501.12948, §2.3) lists
@@ -33,6 +33,7 @@ the pretraining corpus plants a systematic mistake (a dropped carry) that RL has
   rejection SFT   k samples per training prompt from the RL model, keep the  r1.py reject, then
                   verified ones; SFT of the BASE model on them               train.py --sft
   RL again        GRPO from the rejection-SFT model (optional)               grpo.py
+  R1-Zero         for comparison, not a stage: GRPO straight from the base    grpo.py
 
 Every stage is evaluated the same way: greedy decoding on the same `n_eval` held-out problems (never seen
 in any stage), checked by the verifier. `recipe` prints each stage's command, accuracy and an example
@@ -74,7 +75,8 @@ COMMANDS = ("coldstart", "reject", "recipe", "distill")
 class R1Config:
     """Every setting of r1.py's commands (each is a --flag)."""
     out_dir: str = field(default="out_r1", metadata={"help": "recipe/distill: where every stage's folder goes"})
-    out: str = field(default="", metadata={"help": "coldstart/reject: the JSONL file to write"})
+    out: str = field(default="", metadata={"help": "coldstart/reject: the JSONL file to write (default: "
+                                                   "out_dir/cold_start.jsonl, out_dir/rejection.jsonl)"})
     init_from: str = field(default="", metadata={"help": "reject: checkpoint to sample from"})
     # ---- the task (the same knobs as train.py's built-in corpus) ----
     ops: str = "+-"
@@ -445,7 +447,7 @@ def main(argv: "list[str] | None" = None):
     torch.manual_seed(cfg.seed)
     try:
         if command == "coldstart":
-            out = resolve(cfg.out or "data/cold_start.jsonl")
+            out = resolve(cfg.out or f"{cfg.out_dir}/cold_start.jsonl")
             rows = cold_start_examples(cfg.n_cold, task_of(cfg), cfg.seed)
             write_jsonl(out, rows)
             print(f"wrote {len(rows)} clean worked examples to {out}\n"
@@ -454,7 +456,7 @@ def main(argv: "list[str] | None" = None):
         if command == "reject":
             if not cfg.init_from:
                 raise SystemExit("reject: say which checkpoint to sample from, e.g. --init_from=out_grpo/ckpt.pt")
-            out = resolve(cfg.out or "data/rejection.jsonl")
+            out = resolve(cfg.out or f"{cfg.out_dir}/rejection.jsonl")
             return reject_to_file(cfg, resolve(cfg.init_from), out, cfg.seed)
         return recipe(cfg) if command == "recipe" else distill(cfg)
     except (CheckpointError, NothingVerified) as e:
