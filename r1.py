@@ -423,6 +423,10 @@ def plot_stages(results: list[dict], path: Path, n_eval: int, title: str = "") -
     for b, a in zip(bars, acc):
         ax.text(b.get_x() + b.get_width() / 2, a + 1, f"{a:.1f}%", ha="center", fontsize=9)
     ax.set_xticks(range(len(evaluated)), names, fontsize=8)
+    for r in results:
+        if "yield" in r:   # the rejection-sampling step between RL and rejection SFT
+            ax.text(0.01, 0.97, f"rejection sampling: {r['kept']} of {r['samples']} samples kept "
+                    f"(yield {100 * r['yield']:.1f}%)", transform=ax.transAxes, va="top", fontsize=8)
     ax.set(ylim=(0, 105), ylabel=f"greedy accuracy on {n_eval} held-out problems (%)",
            title=title or "R1 recipe, scaled down: held-out accuracy after each stage")
     fig.tight_layout()
