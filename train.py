@@ -27,6 +27,7 @@ the targets of prompt and padding positions are -1, which the model's cross-entr
 taught to write completions, not to predict the questions it will be asked. `--init_from` starts from a
 checkpoint's weights and tokenizer (the architecture is then the checkpoint's). This is how R1's "cold
 start" data, its rejection-sampled data and the distilled students are trained (see r1.py).
+
 What is left out on purpose: dropout (V3 uses none), pipeline/expert parallelism, real FP8 kernels.
 """
 
