@@ -1,7 +1,7 @@
 """
 tinyseek/checkpoint.py -- saving and loading checkpoints safely, shared by train.py, grpo.py and sample.py.
 
-A checkpoint is a plain dict (SPEC §3):
+A checkpoint is a plain dict:
     {"model": state_dict, "model_args": dict, "tokenizer": dict, "config": dict, "kind": str, ...}
 plus whatever a script needs to resume (optimizer state, step, RNG states, data position). Only tensors
 and plain Python values are stored, so it loads with `torch.load(..., weights_only=True)`, which cannot

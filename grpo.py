@@ -88,7 +88,7 @@ Map of this file
   3. Rollout .......................... prompts, sampling G completions per question, rewards,
                                         dynamic sampling
   4. Update ........................... collate, policy_update (mu passes of AdamW), grpo_step
-  5. Evaluation ....................... greedy held-out accuracy, JSON lines (SPEC §3)
+  5. Evaluation ....................... greedy held-out accuracy, JSON lines
   6. Logging .......................... log line, metrics.jsonl, plots
   7. main ............................. training loop, --eval_only, errors
 
@@ -148,7 +148,7 @@ class GRPOConfig:
     init_from: str = _flag(str(REPO / "out" / "ckpt.pt"), "checkpoint to improve (made by `python train.py`)")
     out_dir: str = _flag(str(REPO / "out_grpo"), "metrics, evaluations, plots and the final ckpt.pt go here")
     # ---- task (tasks.py) ----
-    task: str = _flag("arithmetic", "arithmetic (SPEC §3 default) or countdown (needs search, not recall)")
+    task: str = _flag("arithmetic", "arithmetic (the default) or countdown (needs search, not recall)")
     digits_min: int = _flag(1, "arithmetic: fewest digits per operand")
     digits_max: int = _flag(2, "arithmetic: most digits per operand (train.py --max_digits)")
     n_operands: int = _flag(2, "arithmetic: operands per question")
@@ -164,7 +164,7 @@ class GRPOConfig:
     mask_truncated: bool = _flag(True, "no loss on completions cut off at max_new_tokens (DAPO)")
     # ---- rewards (R1 §2.2) ----
     w_acc: float = _flag(1.0, "weight of the accuracy reward")
-    w_fmt: float = _flag(0.1, "weight of the format reward (keep small, SPEC §2)")
+    w_fmt: float = _flag(0.1, "weight of the format reward (keep small: a large bonus can dominate the advantage)")
     # ---- objective ----
     loss_type: str = _flag("grpo", "grpo | dr_grpo | dapo: how token terms are normalised")
     scale_rewards: str = _flag("group", "group: divide advantages by the group std; none: Dr. GRPO")
@@ -577,7 +577,7 @@ def grpo_step(policy, ref_model, optimizer, tok, draw_problems: Callable[[int], 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Held-out evaluation: greedy, on questions never seen in pretraining or RL (SPEC §3 JSON lines)
+# 5. Held-out evaluation: greedy, on questions never seen in pretraining or RL (one JSON line per problem)
 # ----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -586,7 +586,7 @@ def evaluate(model, tok, problems: list, max_new_tokens: int, batch_size: int = 
     """Greedy completions (temperature 0) for held-out problems, verified by tasks.eval_record.
 
     Returns (records, summary): one JSON-ready dict per problem with question, completion, answer,
-    correct (SPEC §3) plus predicted, format, finished and step; summary has accuracy, format and
+    correct plus predicted, format, finished and step; summary has accuracy, format and
     length (mean completion tokens) and n.
     """
     model.eval()

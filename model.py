@@ -36,7 +36,7 @@ from torch import nn
 
 @dataclass
 class ModelArgs:
-    """Every knob of the model. Architecture fields carry the official inference code's names (SPEC §1);
+    """Every knob of the model. Architecture fields carry the official inference code's names (the official inference/model.py);
     the training knobs after them are ours. Build one with `ModelArgs.preset(name, **overrides)`."""
     # --- architecture (official names) ---
     max_seq_len: int = 256            # longest sequence the RoPE tables and caches are built for
@@ -887,7 +887,7 @@ def count_params(args: ModelArgs) -> dict:
     stores copies of both, which is why it quotes ~14B). `activated` counts everything one token touches:
     embedding, head, attention, norms, dense FFNs, gates, shared experts and K of the N_r routed experts
     of each MoE layer. For 671B this plain count gives ~37.5B; the report's "37B" and the model card's
-    36.7B round differently (SPEC §3).
+    36.7B round differently.
     """
     a = args
     d, H = a.dim, a.n_heads

@@ -239,7 +239,7 @@ def arithmetic_problem(question: str) -> Problem:
 
 @dataclass
 class ArithmeticTask(Task):
-    """Integer arithmetic, e.g. ``37+48`` -> ``85`` (SPEC §3: the default GRPO task).
+    """Integer arithmetic, e.g. ``37+48`` -> ``85`` (the default GRPO task).
 
     Knobs:
         digits: (lo, hi) number of digits per operand; the count is uniform in [lo, hi], then
@@ -560,7 +560,7 @@ def reward(completion: str, problem: Problem, w_acc: float = 1.0, w_fmt: float =
     """R1-Zero's rule-based reward: ``total = w_acc * accuracy + w_fmt * format``.
 
     Returns ``{"accuracy": 0/1, "format": 0/1, "total": float}``. Keep w_fmt small: with
-    GRPO's std normalisation a format bonus alone can dominate the advantage (SPEC §2).
+    GRPO's std normalisation a format bonus alone can dominate the advantage.
     """
     acc = accuracy_reward(completion, problem)
     fmt = format_reward(completion)
@@ -568,7 +568,7 @@ def reward(completion: str, problem: Problem, w_acc: float = 1.0, w_fmt: float =
 
 
 def eval_record(problem: Problem, completion: str) -> dict:
-    """One JSON-ready evaluation line (SPEC §3): question, completion, answer, correct, ...
+    """One JSON-ready evaluation line: question, completion, answer, correct, ...
 
     ``answer`` is the expected answer, ``predicted`` the parsed one (or None), ``format`` whether
     the completion is well-formed.

@@ -348,7 +348,7 @@ def estimate_loss(model, train, val, cfg, device, ctx) -> dict:
 
 def heldout_accuracy(model, tok, task, n: int, path: Path) -> float:
     """Greedy accuracy on n held-out problems (never in the corpus), with grpo.py's evaluation, so the
-    pretraining and RL figures are measured identically; writes SPEC §3 JSON lines to path."""
+    pretraining and RL figures are measured identically; writes one JSON line per problem to path."""
     records, summary = grpo.evaluate(model, tok, tasks.heldout_problems(task, n, seed=0), max_new_tokens=64)
     grpo.write_jsonl(path, records)
     return summary["accuracy"]

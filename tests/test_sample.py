@@ -56,7 +56,7 @@ def model() -> Transformer:
 
 @pytest.fixture(scope="module")
 def ckpt_path(tmp_path_factory, model) -> Path:
-    """A checkpoint in the format train.py writes (SPEC §3), holding the random test model."""
+    """A checkpoint in the format train.py writes, holding the random test model."""
     path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
     save_checkpoint(path, {"model": model.state_dict(), "model_args": model.args.to_dict(),
                            "tokenizer": TOK.to_dict(), "config": {}, "kind": "pretrain"})
