@@ -19,7 +19,8 @@ What happens, top to bottom:
   5. Checkpoints (atomic), metrics.jsonl, plots, and for the built-in task a greedy held-out accuracy.
 
 The learning-rate schedule is fitted to whichever budget ends first, --max_iters or --max_seconds, so
-"train for three minutes" gives a complete warmup-and-decay run.
+"train for three minutes" (--max_seconds=180) gives a complete warmup-and-decay run. The default is a step
+budget (750 steps), so a slower machine takes longer but trains the same model.
 
 Supervised fine-tuning (SFT) is the same loop with other batches. `--sft=FILE` reads prompt -> completion
 pairs (JSON lines {"prompt": ..., "completion": ...}); each batch holds whole examples, right-padded, and
@@ -89,8 +90,10 @@ class TrainConfig:
     batch_size: int = 16
     block_size: int = field(default=128, metadata={"help": "tokens per training sequence"})
     grad_accum: int = 1
-    max_iters: int = 5000
-    max_seconds: float = field(default=240.0, metadata={"help": "wall-clock budget; 0 = none"})
+    max_iters: int = field(default=750, metadata={"help": "optimizer steps (the default budget: the same model "
+                                                         "on any machine, ~4 minutes on 2 CPU cores)"})
+    max_seconds: float = field(default=0.0, metadata={"help": "wall-clock budget instead of or besides max_iters; "
+                                                              "0 = none"})
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_iters: int = 50
