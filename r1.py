@@ -48,6 +48,7 @@ the language-consistency reward have no counterpart in a one-task toy.
 
 import json
 import random
+import re
 import shlex
 import sys
 import time
@@ -123,8 +124,8 @@ class R1Config:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} must be > 0: rejection sampling needs varied samples")
-        if self.n_eval < 0:
-            raise ValueError(f"n_eval={self.n_eval} must be >= 0")
+        if self.n_eval < 1:
+            raise ValueError(f"n_eval={self.n_eval} must be >= 1: every stage is scored on held-out problems")
 
 
 def task_of(cfg: R1Config) -> tasks.ArithmeticTask:
@@ -259,6 +260,11 @@ def evaluate_stage(ckpt: Path, cfg: R1Config, path: Path) -> dict:
     return {"accuracy": summary["accuracy"], "format": summary["format"], "n": summary["n"], "example": example}
 
 
+def slug(name: str) -> str:
+    """A stage name as a file-name part: 'R1-Zero (RL from base)' -> 'r1_zero_rl_from_base'."""
+    return "_".join(re.findall(r"[a-z0-9]+", name.lower()))
+
+
 class Pipeline:
     """Runs stages in order, prints each one's command, accuracy and example, and keeps a results list."""
 
@@ -281,7 +287,7 @@ class Pipeline:
         ckpt = ckpt or Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))) / "ckpt.pt"
         res = {"stage": name, "command": f"python {script} " + " ".join(argv), "checkpoint": str(ckpt),
                "seconds": round(seconds, 1) if run else None,
-               **evaluate_stage(ckpt, self.cfg, self.out_dir / f"eval_{name.replace(' ', '_')}.jsonl")}
+               **evaluate_stage(ckpt, self.cfg, self.out_dir / f"eval_{slug(name)}.jsonl")}
         ex = res["example"]
         print(f"---- {name}: held-out accuracy {100 * res['accuracy']:.1f}% (format {100 * res['format']:.1f}%, "
               f"{res['n']} problems, greedy)" + (f"; stage took {seconds:.0f}s" if run else ""))

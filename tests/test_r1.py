@@ -133,9 +133,11 @@ def test_distill_without_teacher_data_says_what_to_run(tmp_path):
         r1.main(["distill", f"--out_dir={tmp_path}"])
 
 
-def test_bad_flag_values_are_usage_errors():
+@pytest.mark.parametrize("flag", ["--k=0", "--n_eval=0", "--temperature=0", "--n_prompts=0"])
+def test_bad_flag_values_are_usage_errors(flag, capsys):
     with pytest.raises(SystemExit):
-        r1.main(["recipe", "--k=0"])
+        r1.main(["recipe", flag])
+    assert flag.split("=")[0].lstrip("-") in capsys.readouterr().err
 
 
 @pytest.mark.slow
