@@ -121,7 +121,13 @@ def setup_distributed(device: str) -> tuple[Dist, str]:
     return d, device
 
 
-def cleanup_distributed(d: Dist) -> None:
-    """Leave the process group (no-op for a single process)."""
+def cleanup_distributed(d: Dist, wait: bool = True) -> None:
+    """Leave the process group (no-op for a single process).
+
+    wait=True first waits for every rank (a barrier): rank 0 evaluates and writes files at the end while the
+    others are done, and a rank that tears its connections down while a peer is still busy can abort at
+    exit. After an error there is no barrier (the other ranks may never arrive)."""
     if d.enabled and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

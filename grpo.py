@@ -723,10 +723,13 @@ def train(cfg: GRPOConfig) -> dict:
     """Load `cfg.init_from`, evaluate, run GRPO (or only evaluate with --eval_only), save; returns the
     last held-out summary. Raises CheckpointError for a missing or incompatible checkpoint."""
     d, device = setup_distributed(pick_device(cfg.device))
+    finished = False
     try:
-        return _train(cfg, d, device)
+        summary = _train(cfg, d, device)
+        finished = True
+        return summary
     finally:
-        cleanup_distributed(d)
+        cleanup_distributed(d, wait=finished)
 
 
 def _train(cfg: GRPOConfig, d, device: str) -> dict:
