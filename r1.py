@@ -152,22 +152,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def training_prompts(task: tasks.Task, n: int, seed: int) -> list:
+    """Up to n distinct training-split problems (never a held-out one), fewer only if the task has fewer;
+    the questions of the cold-start set and of rejection sampling."""
+    rng, seen, out = random.Random(seed), set(), []
+    for _ in range(100 * n):
+        p = task.sample(rng, split="train")
+        if p.question not in seen:
+            seen.add(p.question)
+            out.append(p)
+            if len(out) == n:
+                break
+    return out
+
+
 def cold_start_examples(n: int, task: tasks.Task, seed: int = 0) -> list[dict]:
     """n clean worked examples (no planted mistake) of distinct training-split questions, as SFT pairs
     {"prompt", "completion", "question", "answer"}: R1's cold-start data, scaled down (§2.3.1)."""
-    rng, seen, rows = random.Random(seed), set(), []
-    for _ in range(100 * n):
-        p = task.sample(rng, split="train")
-        if p.question in seen:
-            continue
-        seen.add(p.question)
+    problems = training_prompts(task, n, seed)
+    if len(problems) < n:
+        raise SystemExit(f"--n_cold={n}: the task has only {len(problems)} distinct training questions")
+    rows = []
+    for p in problems:
         reasoning, answer = tasks.worked_solution(p, flawed=False)
         completion = tasks.format_completion(reasoning, answer)
         rows.append({"prompt": tasks.format_prompt(p.question), "completion": completion, "question": p.question,
                      "answer": answer})
-        if len(rows) == n:
-            return rows
-    raise SystemExit(f"--n_cold={n}: the task has only {len(rows)} distinct training questions")
+    return rows
 
 
 class NothingVerified(RuntimeError):
@@ -213,19 +224,6 @@ def rejection_sample(model, tok, problems: list, k: int, max_new_tokens: int = 6
             "never produced a verified, well-formed, finished answer. Sample from a better checkpoint, or raise "
             "--k / --n_prompts; an empty dataset is not written.")
     return rows, stats
-
-
-def training_prompts(task: tasks.Task, n: int, seed: int) -> list:
-    """n distinct training-split problems (never a held-out one) for rejection sampling."""
-    rng, seen, out = random.Random(seed), set(), []
-    for _ in range(100 * n):
-        p = task.sample(rng, split="train")
-        if p.question not in seen:
-            seen.add(p.question)
-            out.append(p)
-            if len(out) == n:
-                break
-    return out
 
 
 def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict:
@@ -331,7 +329,8 @@ def pretrain_argv(cfg: R1Config, out_dir: Path, preset: str) -> list[str]:
 
 def recipe(cfg: R1Config) -> list[dict]:
     """The R1 sequence (module docstring): base -> cold start -> RL -> rejection sampling -> SFT of the base
-    -> RL again; then, for comparison, R1-Zero's single RL stage from the same base. Writes out_dir/results.jsonl (one JSON line per stage) and r1_stages.png."""
+    -> RL again; then, for comparison, R1-Zero's single RL stage from the same base. Writes
+    out_dir/results.jsonl (one JSON line per stage) and r1_stages.png."""
     out = resolve(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline(cfg, out, "results.jsonl")
