@@ -116,7 +116,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tasks
-from checkpoint import CheckpointError, load_model, save_checkpoint
+from checkpoint import CheckpointError, load_model, save_checkpoint, write_jsonl
 from cli import (
     cleanup_distributed,
     parse_config,
@@ -124,7 +124,7 @@ from cli import (
     print_config,
     setup_distributed,
 )
-from sample import generate_batch
+from sample import completion_text, evaluate, generate_batch, prompt_tokens
 
 REPO = Path(__file__).resolve().parent
 LOSS_NOTE = ("note: with mu=1 the loss is ~0 by construction (ratio=1 at the sampling policy); "
@@ -358,16 +358,6 @@ def token_logprobs(model: torch.nn.Module, idx: torch.Tensor, start: torch.Tenso
 RewardFn = Callable[[str, tasks.Problem], dict]
 
 
-def prompt_tokens(tok, question: str) -> list[int]:
-    """[BOS] + the R1-Zero prompt, ending right after <think>, exactly as pretraining documents begin."""
-    return [tok.bos_id] + tok.encode(tasks.format_prompt(question))
-
-
-def completion_text(tok, completion: list[int], finished: bool) -> str:
-    """The text the verifier sees: the sampled tokens without the final EOS (if one was produced)."""
-    return tok.decode(completion[:-1] if finished else completion)
-
-
 @dataclass
 class Group:
     """One question and the G completions sampled for it, with their rule-based rewards."""
@@ -399,7 +389,7 @@ def sample_groups(model, tok, problems: list, group_size: int, max_new_tokens: i
     for i, (problem, prompt) in enumerate(zip(problems, prompts)):
         rows = range(i * group_size, (i + 1) * group_size)
         comps, fins = [completions[r] for r in rows], [finished[r] for r in rows]
-        texts = [completion_text(tok, c, f) for c, f in zip(comps, fins)]
+        texts = [completion_text(tok, c)[0] for c in comps]
         scores = [reward_fn(t, problem) for t in texts]
         groups.append(Group(problem, prompt, comps, fins, texts, [float(s["total"]) for s in scores],
                             [float(s["accuracy"]) for s in scores], [float(s["format"]) for s in scores]))
@@ -574,40 +564,6 @@ def grpo_step(policy, ref_model, optimizer, tok, draw_problems: Callable[[int], 
         "sample_tok_s": sum(lengths) / max(t1 - t0, 1e-9), "train_tok_s": upd["tokens"] / max(t2 - t1, 1e-9),
         "example": groups[0].texts[0],
     }
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Held-out evaluation: greedy, on questions never seen in pretraining or RL (one JSON line per problem)
-# ----------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model, tok, problems: list, max_new_tokens: int, batch_size: int = 250,
-             step: "int | None" = None) -> tuple[list[dict], dict]:
-    """Greedy completions (temperature 0) for held-out problems, verified by tasks.eval_record.
-
-    Returns (records, summary): one JSON-ready dict per problem with question, completion, answer,
-    correct plus predicted, format, finished and step; summary has accuracy, format and
-    length (mean completion tokens) and n.
-    """
-    model.eval()
-    records, lengths = [], []
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        comps, fins = generate_batch(model, [prompt_tokens(tok, p.question) for p in chunk], max_new_tokens,
-                                     temperature=0.0, eos_id=tok.eos_id)
-        for p, c, f in zip(chunk, comps, fins):
-            records.append({**tasks.eval_record(p, completion_text(tok, c, f)), "finished": f, "step": step})
-            lengths.append(len(c))
-    n = max(1, len(records))
-    summary = {"accuracy": sum(r["correct"] for r in records) / n, "format": sum(r["format"] for r in records) / n,
-               "length": sum(lengths) / n, "n": len(records)}
-    return records, summary
-
-
-def write_jsonl(path, rows: list[dict]) -> None:
-    """One JSON object per line."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 # ----------------------------------------------------------------------------------------------------

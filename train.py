@@ -27,7 +27,7 @@ pairs (JSON lines {"prompt": ..., "completion": ...}); each batch holds whole ex
 the targets of prompt and padding positions are -1, which the model's cross-entropy ignores: the model is
 taught to write completions, not to predict the questions it will be asked. `--init_from` starts from a
 checkpoint's weights and tokenizer (the architecture is then the checkpoint's). This is how R1's "cold
-start" data, its rejection-sampled data and the distilled students are trained (see r1.py).
+start" data, its rejection-sampled data and the distilled students are trained (see extras/r1.py).
 
 What is left out on purpose: dropout (V3 uses none), pipeline/expert parallelism, real FP8 kernels.
 """
@@ -47,13 +47,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import grpo
 import tasks
 from checkpoint import (
     CheckpointError,
     model_from_checkpoint,
     read_checkpoint,
     save_checkpoint,
+    write_jsonl,
 )
 from cli import (
     cleanup_distributed,
@@ -62,8 +62,8 @@ from cli import (
     print_config,
     setup_distributed,
 )
-from cost import GPU_PEAK_BF16, flops_per_token
-from model import ModelArgs, Transformer, count_params, max_violation
+from model import ModelArgs, Transformer, count_params, flops_per_token, max_violation
+from sample import evaluate
 from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -184,8 +184,8 @@ def read_sft_jsonl(path) -> list[dict]:
     are kept but unused). Blank lines are skipped. Raises SystemExit naming the first bad line."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise SystemExit(f"--sft={path}: no such file (make one with `python r1.py coldstart` or "
-                         "`python r1.py reject`)")
+        raise SystemExit(f"--sft={path}: no such file (make one with `python -m extras.r1 coldstart` or "
+                         "`python -m extras.r1 reject`)")
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
@@ -305,15 +305,54 @@ def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
 
 
+# GPUs: dense peak tensor-core throughput, TFLOP/s (10^12 FLOP/s), the denominator of MFU on a GPU.
+# Datasheets print the "with sparsity" figure first (2:4 structured sparsity, twice the dense rate); a
+# normal training run gets the dense one, which is what this table holds. fp8=None: no FP8 tensor cores.
+# The key order matters: peak_flops finds a GPU by substring of torch.cuda.get_device_name(), so "A100"
+# must come before "A10" and "L40S" before "L4".
+GPUS = {
+    "H200": {"bf16": 989.4, "fp8": 1978.9,
+             "source": "NVIDIA H200 datasheet: the H100 SXM's compute (3,958 FP8 / 1,979 BF16 TFLOPS with "
+                       "sparsity) with more and faster memory (141 GB HBM3e, 4.8 TB/s)"},
+    "H100": {"bf16": 989.4, "fp8": 1978.9,
+             "source": "NVIDIA H100 datasheet and Hopper whitepaper, SXM5 dense (PCIe: 756 BF16 / 1,513 FP8)"},
+    "H800": {"bf16": 989.4, "fp8": 1978.9,
+             "source": "NVIDIA H800 SXM datasheet: the H100 SXM's tensor-core compute; an export variant with "
+                       "NVLink cut to 400 GB/s (H100: 900 GB/s). V3's cluster (report §3.1)"},
+    "A100": {"bf16": 312.0, "fp8": None,
+             "source": "NVIDIA A100 datasheet: 312 BF16 dense (624 with sparsity); Ampere has no FP8"},
+    "A800": {"bf16": 312.0, "fp8": None,
+             "source": "NVIDIA A800 datasheet: the A100's compute, NVLink cut to 400 GB/s (A100: 600 GB/s)"},
+    "L40S": {"bf16": 362.05, "fp8": 733.0,
+             "source": "NVIDIA L40S datasheet: 362.05 BF16 / 733 FP8 dense (733 / 1,466 with sparsity)"},
+    "L4": {"bf16": 121.0, "fp8": 242.5,
+           "source": "NVIDIA L4 datasheet: 242 BF16 / 485 FP8 with sparsity, halved"},
+    "A10": {"bf16": 125.0, "fp8": None,
+            "source": "NVIDIA A10 datasheet: 125 BF16 dense (250 with sparsity); Ampere has no FP8"},
+    # GeForce cards run FP16/BF16 tensor math with FP32 accumulation at half the rate of FP16 accumulation.
+    # BF16 always accumulates in FP32 (so do PyTorch's matmuls), so these are the FP32-accumulate figures;
+    # the headline numbers (330 for the 4090, 142 for the 3090) are the FP16-accumulate ones.
+    "RTX 4090": {"bf16": 165.2, "fp8": 330.3,
+                 "source": "NVIDIA Ada Lovelace whitepaper, RTX 4090 dense, FP32 accumulate "
+                           "(FP16 accumulate: 330.3 BF16-class / 660.6 FP8)"},
+    "RTX 3090": {"bf16": 71.0, "fp8": None,
+                 "source": "NVIDIA Ampere GA102 whitepaper, RTX 3090 dense BF16 with FP32 accumulate "
+                           "(FP16 with FP16 accumulate: 142); Ampere has no FP8"},
+}
+
+# Dense BF16 peaks in FLOP/s, the denominator of peak_flops on a GPU (same keys, same order).
+GPU_PEAK_BF16 = {name: spec["bf16"] * 1e12 for name, spec in GPUS.items()}
+
+
 def peak_flops(device: str) -> tuple[float, str]:
     """Peak FLOP/s to divide by for MFU: a measured fp32 matmul rate on CPU, the dense bf16 spec on a GPU
-    (cost.GPUS, with sources). FLOPs per token come from cost.flops_per_token."""
+    (GPUS, with sources). FLOPs per token come from model.flops_per_token."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_BF16.items():
             if key in name:
                 return value, f"{name} dense bf16 spec {value / 1e12:.0f} TFLOP/s"
-        return 0.0, f"{name}: peak unknown (add it to cost.GPUS), MFU not shown"
+        return 0.0, f"{name}: peak unknown (add it to train.GPUS), MFU not shown"
     if device == "cpu":
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
         for _ in range(3):
@@ -350,10 +389,10 @@ def estimate_loss(model, train, val, cfg, device, ctx) -> dict:
 
 
 def heldout_accuracy(model, tok, task, n: int, path: Path) -> float:
-    """Greedy accuracy on n held-out problems (never in the corpus), with grpo.py's evaluation, so the
-    pretraining and RL figures are measured identically; writes one JSON line per problem to path."""
-    records, summary = grpo.evaluate(model, tok, tasks.heldout_problems(task, n, seed=0), max_new_tokens=64)
-    grpo.write_jsonl(path, records)
+    """Greedy accuracy on n held-out problems (never in the corpus), with sample.evaluate, the evaluation
+    grpo.py uses too, so pretraining and RL figures are measured identically; one JSON line per problem."""
+    records, summary = evaluate(model, tok, tasks.heldout_problems(task, n, seed=0), max_new_tokens=64)
+    write_jsonl(path, records)
     return summary["accuracy"]
 
 

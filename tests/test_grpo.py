@@ -24,18 +24,17 @@ from grpo import (
     Group,
     GRPOConfig,
     collate,
-    completion_text,
     group_advantages,
     grpo_loss,
     grpo_step,
     kl_unbiased,
     main,
     make_optimizer,
-    prompt_tokens,
     sample_groups,
     token_logprobs,
 )
 from model import ModelArgs, Transformer
+from sample import completion_text, prompt_tokens
 from tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -262,8 +261,8 @@ def test_adversarial_completions_get_zero_reward(text):
     ids = tok.encode(text)
     for finished in (True, False):                 # with EOS, or truncated at the length limit
         completion = ids + [tok.eos_id] if finished else ids
-        decoded = completion_text(tok, completion, finished)
-        assert decoded == text                     # the EOS is never part of the scored text
+        decoded, ended = completion_text(tok, completion)
+        assert decoded == text and ended == finished                    # the EOS is never part of the scored text
         for problem in (tasks.arithmetic_problem("37+48"), COUNTDOWN):
             t0 = time.perf_counter()
             r = tasks.reward(decoded, problem, 1.0, 0.1)

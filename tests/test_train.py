@@ -292,5 +292,5 @@ def test_sft_example_too_long_is_named(tmp_path):
 
 
 def test_sft_missing_file_says_how_to_make_one(tmp_path):
-    with pytest.raises(SystemExit, match="r1.py"):
+    with pytest.raises(SystemExit, match="extras.r1"):
         run(tmp_path / "out", f"--sft={tmp_path / 'nope.jsonl'}", "--max_iters=2")

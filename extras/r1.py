@@ -1,10 +1,10 @@
 """
-tinyseek/r1.py -- from R1-Zero to R1: cold-start SFT, rejection sampling, and distillation into a smaller model.
+tinyseek/extras/r1.py -- from R1-Zero to R1: cold-start SFT, rejection sampling, and distillation into a smaller model.
 
-    python r1.py coldstart --out=out_r1/cold_start.jsonl      # a few hundred clean worked examples
-    python r1.py reject --init_from=out_grpo/ckpt.pt --out=out_r1/rejection.jsonl --k=4 --n_prompts=1000
-    python r1.py recipe                                       # the whole R1 sequence, stage by stage
-    python r1.py distill --teacher_data=out_r1/rejection.jsonl  # a small student: distillation vs RL
+    python -m extras.r1 coldstart --out=out_r1/cold_start.jsonl      # a few hundred clean worked examples
+    python -m extras.r1 reject --init_from=out_grpo/ckpt.pt --out=out_r1/rejection.jsonl --k=4 --n_prompts=1000
+    python -m extras.r1 recipe                                       # the whole R1 sequence, stage by stage
+    python -m extras.r1 distill --teacher_data=out_r1/rejection.jsonl  # a small student: distillation vs RL
 
 R1-Zero (grpo.py) learns to reason from pure RL, but the DeepSeek-R1 report (arXiv 2501.12948, §2.3) lists
 its problems: poor readability, mixed languages, a slow and unstable start. R1 is trained in four stages:
@@ -30,7 +30,7 @@ the pretraining corpus plants a systematic mistake (a dropped carry) that RL has
   base            pretraining on the flawed corpus                           train.py
   cold start      SFT on `n_cold` clean worked examples (prompt masked)      train.py --sft --init_from
   RL              GRPO, rule-based accuracy + format rewards                 grpo.py
-  rejection SFT   k samples per training prompt from the RL model, keep the  r1.py reject, then
+  rejection SFT   k samples per training prompt from the RL model, keep the  extras.r1 reject, then
                   verified ones; SFT of the BASE model on them               train.py --sft
   RL again        GRPO from the rejection-SFT model (optional)               grpo.py
   R1-Zero         for comparison, not a stage: GRPO straight from the base    grpo.py
@@ -46,7 +46,6 @@ worked solutions. R1's reward models for helpfulness and harmlessness, its non-r
 the language-consistency reward have no counterpart in a one-task toy.
 """
 
-import json
 import random
 import re
 import shlex
@@ -61,10 +60,11 @@ import torch
 import grpo
 import tasks
 import train
-from checkpoint import CheckpointError, load_model
+from checkpoint import CheckpointError, load_model, write_jsonl
 from cli import parse_config, pick_device, print_config
+from sample import evaluate
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("coldstart", "reject", "recipe", "distill")
 
 
@@ -74,7 +74,7 @@ COMMANDS = ("coldstart", "reject", "recipe", "distill")
 
 @dataclass
 class R1Config:
-    """Every setting of r1.py's commands (each is a --flag)."""
+    """Every setting of extras/r1.py's commands (each is a --flag)."""
     out_dir: str = field(default="out_r1", metadata={"help": "recipe/distill: where every stage's folder goes"})
     out: str = field(default="", metadata={"help": "coldstart/reject: the JSONL file to write (default: "
                                                    "out_dir/cold_start.jsonl, out_dir/rejection.jsonl)"})
@@ -142,15 +142,6 @@ def resolve(path: str) -> Path:
 # ----------------------------------------------------------------------------------------------------
 # 2. SFT data: cold-start examples and rejection sampling
 # ----------------------------------------------------------------------------------------------------
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write rows as JSON lines, atomically (a temporary file renamed over the target)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    tmp.replace(path)
-
 
 def training_prompts(task: tasks.Task, n: int, seed: int) -> list:
     """Up to n distinct training-split problems (never a held-out one), fewer only if the task has fewer;
@@ -247,13 +238,13 @@ def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict
 # ----------------------------------------------------------------------------------------------------
 
 def evaluate_stage(ckpt: Path, cfg: R1Config, path: Path) -> dict:
-    """Greedy accuracy of a checkpoint on the cfg.n_eval held-out problems (grpo.evaluate), the records
+    """Greedy accuracy of a checkpoint on the cfg.n_eval held-out problems (sample.evaluate), the records
     written to `path`, and one example: the first held-out question where the planted mistake could occur
     (or the first question, if none of them can)."""
     model, tok, _ = load_model(ckpt, pick_device(cfg.device))
     problems = tasks.heldout_problems(task_of(cfg), cfg.n_eval, seed=0)
-    records, summary = grpo.evaluate(model, tok, problems, cfg.max_new_tokens)
-    grpo.write_jsonl(path, records)
+    records, summary = evaluate(model, tok, problems, cfg.max_new_tokens)
+    write_jsonl(path, records)
     example = next((r for p, r in zip(problems, records) if tasks.in_flaw_situation(p)), records[0])
     return {"accuracy": summary["accuracy"], "format": summary["format"], "n": summary["n"], "example": example}
 
@@ -344,14 +335,14 @@ def recipe(cfg: R1Config) -> list[dict]:
 
     cold = out / "cold_start.jsonl"
     write_jsonl(cold, cold_start_examples(cfg.n_cold, task_of(cfg), cfg.seed))
-    print(f"\nwrote {cfg.n_cold} clean worked examples to {cold} (python r1.py coldstart --n_cold={cfg.n_cold} "
+    print(f"\nwrote {cfg.n_cold} clean worked examples to {cold} (python -m extras.r1 coldstart --n_cold={cfg.n_cold} "
           f"--out={cold})")
     pipe.stage("cold start", "train.py", sft_argv(cfg, cold, base, out / "cold_start", cfg.cold_steps))
     pipe.stage("RL", "grpo.py", rl_argv(cfg, out / "cold_start" / "ckpt.pt", out / "rl"))
 
     print("\n==== rejection sampling from the RL checkpoint ====")
     rs = out / "rejection.jsonl"
-    print(f"$ python r1.py reject --init_from={out / 'rl' / 'ckpt.pt'} --out={rs} --k={cfg.k} "
+    print(f"$ python -m extras.r1 reject --init_from={out / 'rl' / 'ckpt.pt'} --out={rs} --k={cfg.k} "
           f"--n_prompts={cfg.n_prompts}")
     stats = reject_to_file(cfg, out / "rl" / "ckpt.pt", rs, cfg.seed)
     pipe.note("rejection sampling", stats)
@@ -374,7 +365,7 @@ def distill(cfg: R1Config) -> list[dict]:
     out = resolve(cfg.out_dir)
     data = resolve(cfg.teacher_data) if cfg.teacher_data else out / "rejection.jsonl"
     if not data.is_file():
-        raise SystemExit(f"no teacher data at {data}: run `python r1.py recipe` first (it writes "
+        raise SystemExit(f"no teacher data at {data}: run `python -m extras.r1 recipe` first (it writes "
                          "rejection.jsonl) or pass --teacher_data=FILE")
     n_rows = len(train.read_sft_jsonl(data))
     pipe = Pipeline(cfg, out, "distill.jsonl")
@@ -444,15 +435,15 @@ def plot_stages(results: list[dict], path: Path, n_eval: int, title: str = "") -
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv: "list[str] | None" = None):
-    """`python r1.py COMMAND [--flag=value ...]` with COMMAND one of coldstart, reject, recipe, distill."""
+    """`python -m extras.r1 COMMAND [--flag=value ...]` with COMMAND one of coldstart, reject, recipe, distill."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         got = f"got {argv[0]!r}; " if argv else ""
-        raise SystemExit(f"usage: python r1.py {{{','.join(COMMANDS)}}} [--flag=value ...]; {got}"
-                         "see the module docstring, or `python r1.py recipe --help` for the flags")
+        raise SystemExit(f"usage: python -m extras.r1 {{{','.join(COMMANDS)}}} [--flag=value ...]; {got}"
+                         "see the module docstring, or `python -m extras.r1 recipe --help` for the flags")
     command = argv[0]
-    cfg = parse_config(R1Config, argv[1:], description=f"r1.py {command}: " + (__doc__ or "").split("\n")[1])
-    print_config(cfg, f"r1.py {command}")
+    cfg = parse_config(R1Config, argv[1:], description=f"python -m extras.r1 {command}: " + (__doc__ or "").split("\n")[1])
+    print_config(cfg, f"python -m extras.r1 {command}")
     torch.manual_seed(cfg.seed)
     try:
         if command == "coldstart":
