@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import grpo
+import sample
 import tasks
 import train
 from checkpoint import load_model, read_checkpoint
@@ -52,13 +53,6 @@ from model import (
     flops_per_token,
     kv_cache_numbers_per_token,
 )
-from sample import (
-    attention_path,
-    decode_steps,
-    generate_batch,
-    prompt_tokens,
-    speculative_generate,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "docs" / "bench" / "template.md"
@@ -69,21 +63,22 @@ NOISE = 0.05        # ratios within 5% of 1 are read as "no clear difference"
 # ----------------------------------------------------------------------------------------------------
 
 
+def flag(default, help_text: str):
+    """A config field with its --help text."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class BenchConfig:
     """Every flag of `python -m extras.bench`; each field is `--name=value` on the command line."""
-    quick: bool = field(default=False, metadata={"help": "tiny budgets everywhere: a smoke test, not a result"})
-    out_dir: str = field(default=str(ROOT / "docs" / "bench"), metadata={"help": "where results and plots go "
-                                                                "(a relative path counts from the current folder)"})
-    seconds_per_arm: float = field(default=0.0, metadata={"help": "row 2: seconds each arm trains at equal "
-                                                                  "wall-clock; 0 = the mode's default (quick 8, full 90)"})
-    steps_per_arm: int = field(default=0, metadata={"help": "rows 2-5: steps each arm trains at equal steps; 0 = "
-                                                            "the mode's default (quick 24, full 200)"})
-    device: str = field(default="cpu", metadata={"help": "where the comparisons run: cpu, cuda, cuda:N, mps, auto "
-                                                         "(the GPU row runs on CUDA whenever a GPU is visible)"})
-    compile: bool = field(default=True, metadata={"help": "GPU row: torch.compile the model"})
-    seed: int = field(default=1337, metadata={"help": "one seed for every arm (row 5 adds seed+1, seed+2)"})
-    only: str = field(default="", metadata={"help": "comparisons to run, e.g. 1,3 (empty: all eight)"})
+    quick: bool = flag(False, "tiny budgets everywhere: a smoke test, not a result")
+    out_dir: str = flag(str(ROOT / "docs" / "bench"), "where results and plots go (relative: to the current folder)")
+    seconds_per_arm: float = flag(0.0, "row 2: seconds per arm at equal wall-clock; 0 = quick 8, full 90")
+    steps_per_arm: int = flag(0, "rows 2-5: steps per arm at equal steps; 0 = quick 24, full 200")
+    device: str = flag("cpu", "cpu, cuda, cuda:N, mps, auto (row 6b runs on CUDA whenever a GPU is visible)")
+    compile: bool = flag(True, "row 6b: torch.compile the model")
+    seed: int = flag(1337, "one seed for every arm (row 5a adds seed+1, seed+2)")
+    only: str = flag("", "comparisons to run, e.g. 1,3 (empty: all eight)")
 
     def __post_init__(self):
         """Reject flags that make no sense, saying what is allowed."""
@@ -285,7 +280,7 @@ def clock(seconds: float) -> str:
 
 class Bench:
     """What the rows share: flags, budget, device, output folder, the training runs (each arm trains once;
-    'base' serves rows 2-8), the plots, and notes the rows add to results.md."""
+    'base' serves rows 2-8), the plots, and setups that several rows use (memo)."""
 
     def __init__(self, cfg: BenchConfig, device: str, out: Path):
         self.cfg, self.device, self.out, self.budget = cfg, device, out, budget(cfg)
@@ -293,7 +288,6 @@ class Bench:
         self.arms = arm_configs(cfg, str(self.text_file))
         self.runs: dict[str, dict] = {}
         self.plots: list[str] = []
-        self.notes: list[str] = []
         self.memo: dict = {}
 
     def base_arm(self) -> Arm:
@@ -309,8 +303,7 @@ class Bench:
         if arm.train.data and not Path(arm.train.data).exists():
             write_text_corpus(Path(arm.train.data))
         run_dir = self.out / "runs" / arm.name
-        argv = [f"--{f.name}={getattr(arm.train, f.name)}" for f in fields(arm.train) if f.name != "out_dir"]
-        summary, log_rows = run_train(argv, run_dir)
+        summary, log_rows = run_train(arm.train, run_dir)
         steady = [r for r in log_rows if r["step"] > 1] or log_rows      # step 1 includes one-off warm-up
         args = ModelArgs(**read_checkpoint(run_dir / "ckpt.pt")["model_args"])
         res = {"train": arm.train, "args": args, "ckpt": run_dir / "ckpt.pt", "log": log_rows,
@@ -324,30 +317,37 @@ class Bench:
         self.runs[arm.name] = res
         return res
 
-    def run_all(self, arms: list[Arm]) -> dict[str, dict]:
-        """check_arms, then run every arm (with progress lines); {arm name: result}."""
+    def run_all(self, arms: list[Arm], plot: str = "", x: str = "step", y: str = "ce") -> dict[str, dict]:
+        """check_arms, then run every arm (with progress lines); {arm name: result}. With `plot`, save the
+        logged y against x (metrics.jsonl fields) of every arm as out/plot."""
         check_arms(arms)
-        progress, out = Progress(len(arms), "arm", "    "), {}
+        progress, res = Progress(len(arms), "arm", "    "), {}
         for arm in arms:
             progress(f"'{arm.name}' ({arm.label})")
-            out[arm.name] = self.run(arm)
-        return out
+            res[arm.name] = self.run(arm)
+        if plot:
+            self.plot(plot, {a.label: ([r[x] for r in res[a.name]["log"]], [r[y] for r in res[a.name]["log"]])
+                             for a in arms}, LABELS[x], LABELS[y])
+        return res
 
-    def plot(self, name: str, panels: list[tuple[str, str, str, dict]]) -> None:
-        """Save out/name with one line chart per panel (title, x label, y label, {label: (xs, ys)})."""
+    def plot(self, name: str, series: dict, xlabel: str, ylabel: str) -> None:
+        """Save out/name: one line per {label: (xs, ys)}; remember it for results.md."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
-        for ax, (title, xlabel, ylabel, series) in zip(axes[0], panels):
-            for label, (xs, ys) in series.items():
-                ax.plot(xs, ys, "o-" if len(xs) < 6 else "-", label=label)
-            ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-            ax.legend(fontsize=8)
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, "o-" if len(xs) < 6 else "-", label=label)
+        ax.set(title=name[:-4].replace("_", " "), xlabel=xlabel, ylabel=ylabel)
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(self.out / name, dpi=110)
         plt.close(fig)
         self.plots.append(name)
+
+
+LABELS = {"step": "optimizer step", "elapsed": "wall-clock seconds of training", "ce": "train cross-entropy (nats/token)",
+          "max_vio": "MaxVio = max load / mean load - 1 (mean over MoE layers)"}
 
 
 def write_text_corpus(path: Path) -> Path:
@@ -363,9 +363,10 @@ def write_text_corpus(path: Path) -> Path:
     return path
 
 
-def run_train(argv: list[str], run_dir: Path) -> tuple[dict, list[dict]]:
-    """train.main(argv) writing into run_dir, its log into run_dir/train.log; returns (summary, the logged
-    training rows of metrics.jsonl: step, loss, ce, mtp, balance, lr, tok_per_s, mfu, max_vio, elapsed)."""
+def run_train(cfg: train.TrainConfig, run_dir: Path) -> tuple[dict, list[dict]]:
+    """train.main with cfg as flags, writing into run_dir, its log into run_dir/train.log; returns (summary, the
+    logged training rows of metrics.jsonl: step, loss, ce, mtp, balance, lr, tok_per_s, mfu, max_vio, elapsed)."""
+    argv = [f"--{f.name}={getattr(cfg, f.name)}" for f in fields(cfg) if f.name != "out_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     deterministic = torch.are_deterministic_algorithms_enabled()
     with open(run_dir / "train.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
@@ -425,8 +426,8 @@ def cache_bytes(b: Bench) -> dict:
 def decode_rate(model: Transformer, prompts: list[list[int]], n_new: int, impl: str) -> tuple[list, float]:
     """Greedy decoding with sample.decode_steps on attention path `impl`: (new tokens per row, generated
     tokens/s over all rows, prefill excluded: the clock starts when the first token exists)."""
-    with attention_path(model, impl):
-        steps = decode_steps(model, prompts, n_new, temperature=0.0)
+    with sample.attention_path(model, impl):
+        steps = sample.decode_steps(model, prompts, n_new, temperature=0.0)
         first = next(steps)                                                   # (B,) from the prefill
         t0 = time.perf_counter()
         rest = list(steps)
@@ -451,52 +452,35 @@ def absorb_decode(b: Bench) -> dict:
             print(f"    {preset}, context {context}, batch {batch}", flush=True)
             _, runs = interleaved(fns, bu.repeats, warm)
             tok_s = {impl: statistics.median(r[1] for r in runs[impl]) for impl in fns}
-            key = f"{preset}_b{batch}"
-            n |= {f"{key}_context": context, f"{key}_tok_s_absorb": tok_s["absorb"], f"{key}_tok_s_naive": tok_s["naive"],
-                  f"{key}_ratio": tok_s["absorb"] / tok_s["naive"], f"{key}_judge": judge(tok_s["absorb"] / tok_s["naive"]),
-                  f"{key}_read_absorb_kib": read["absorb"] / 2**10, f"{key}_read_naive_kib": read["naive"] / 2**10,
-                  f"{key}_read_ratio": read["naive"] / read["absorb"],
-                  f"{key}_same_tokens": "yes" if runs["absorb"][-1][0] == runs["naive"][-1][0] else "no"}
+            ratio, same = tok_s["absorb"] / tok_s["naive"], runs["absorb"][-1][0] == runs["naive"][-1][0]
+            n |= {f"{preset}_b{batch}_{k}": v for k, v in {
+                "context": context, "tok_s_absorb": tok_s["absorb"], "tok_s_naive": tok_s["naive"], "ratio": ratio,
+                "judge": judge(ratio), "read_absorb_kib": read["absorb"] / 2**10, "read_naive_kib": read["naive"] / 2**10,
+                "read_ratio": read["naive"] / read["absorb"], "same_tokens": "yes" if same else "no"}.items()}
         del model
     return n
 
 
 def moe_dense(b: Bench, text: bool) -> dict:
     """2a/2b. MoE vs dense SwiGLU at equal activated parameters: equal seconds and equal tokens (steps)."""
-    suffix, n = "_text" if text else "", {}
-    panels = []
+    suffix, n = "_text" if text else "", {"seconds": b.budget.seconds_per_arm, "data": "text" if text else "built-in"}
     for kind in ("seconds", "tokens"):
         arms = b.arms[f"moe_vs_dense{suffix}_{kind}"]
-        res = b.run_all(arms)
-        moe, dense = res[arms[0].name], res[arms[1].name]
-        k = kind[0]
-        n |= {f"{k}_loss_moe": moe["val_loss"], f"{k}_loss_dense": dense["val_loss"],
-              f"{k}_steps_moe": moe["steps"], f"{k}_steps_dense": dense["steps"],
-              f"{k}_seconds_moe": moe["seconds"], f"{k}_seconds_dense": dense["seconds"],
-              f"{k}_tok_s_moe": moe["tok_per_s"], f"{k}_tok_s_dense": dense["tok_per_s"],
-              f"{k}_loss_ratio": moe["val_loss"] / dense["val_loss"],
+        res = b.run_all(arms, f"moe_vs_dense{suffix}.png" if kind == "seconds" else "", x="elapsed")
+        moe, dense, k = res[arms[0].name], res[arms[1].name], kind[0]
+        n |= {f"{k}_{key}_{arm}": r[src] for arm, r in (("moe", moe), ("dense", dense))
+              for key, src in (("loss", "val_loss"), ("steps", "steps"), ("tok_s", "tok_per_s"))}
+        n |= {f"{k}_loss_ratio": moe["val_loss"] / dense["val_loss"],
               f"{k}_loss_judge": judge(moe["val_loss"] / dense["val_loss"])}
-        x = "elapsed" if kind == "seconds" else "step"
-        panels.append((f"equal {kind}", "wall-clock seconds" if x == "elapsed" else "optimizer step",
-                       "train cross-entropy (nats/token)",
-                       {a.label: ([r[x] for r in res[a.name]["log"]], [r["ce"] for r in res[a.name]["log"]])
-                        for a in arms}))
-    t = arms[0].train                                                          # the equal-tokens MoE arm
-    n |= {"tokens": t.max_iters * t.batch_size * t.block_size, "seconds": b.budget.seconds_per_arm, "tok_ratio": n["s_tok_s_moe"] / n["s_tok_s_dense"],
-          "activated_moe": moe["params"]["activated"] / 1e6, "activated_dense": dense["params"]["activated"] / 1e6,
-          "total_moe": moe["params"]["total"] / 1e6, "total_dense": dense["params"]["total"] / 1e6,
-          "dense_inter_dim": dense["args"].inter_dim, "data": "text" if text else "built-in"}
-    b.plot(f"moe_vs_dense{suffix}.png", panels)
-    return n
+    t, pm, pd = arms[0].train, moe["params"], dense["params"]                # the equal-tokens arms
+    return n | {"tokens": t.max_iters * t.batch_size * t.block_size, "tok_ratio": n["s_tok_s_moe"] / n["s_tok_s_dense"],
+                "activated_moe": pm["activated"] / 1e6, "activated_dense": pd["activated"] / 1e6,
+                "total_moe": pm["total"] / 1e6, "total_dense": pd["total"] / 1e6, "dense_inter_dim": dense["args"].inter_dim}
 
 
 def balancing(b: Bench) -> dict:
     """3. Aux-loss-free bias vs auxiliary loss vs no balancing, equal steps: MaxVio at the end, val loss."""
-    arms = b.arms["balancing"]
-    res = b.run_all(arms)
-    b.plot("balancing.png", [("expert-load imbalance during training", "optimizer step",
-                              "MaxVio (mean over MoE layers)", {a.label: ([r["step"] for r in res[a.name]["log"]],
-                              [r["max_vio"] for r in res[a.name]["log"]]) for a in arms})])
+    res = b.run_all(b.arms["balancing"], "balancing.png", y="max_vio")
     vio = {k: r["max_vio_end"] for k, r in res.items()}
     loss = {k: r["val_loss"] for k, r in res.items()}
     return {"vio_bias": vio["base"], "vio_aux": vio["aux_loss"], "vio_none": vio["no_balance"],
@@ -509,11 +493,7 @@ def balancing(b: Bench) -> dict:
 
 def mtp_loss(b: Bench) -> dict:
     """4a. Main-head val loss trained with vs without an MTP module, equal steps."""
-    arms = b.arms["mtp"]
-    res = b.run_all(arms)
-    b.plot("mtp.png", [("main next-token head, with and without MTP", "optimizer step", "train CE (nats/token)",
-                        {a.label: ([r["step"] for r in res[a.name]["log"]], [r["ce"] for r in res[a.name]["log"]])
-                         for a in arms})])
+    res = b.run_all(b.arms["mtp"], "mtp.png")
     base, no = res["base"], res["no_mtp"]
     ratio = base["val_loss"] / no["val_loss"]
     return {"loss_mtp": base["val_loss"], "loss_no_mtp": no["val_loss"], "steps": base["steps"], "ratio": ratio,
@@ -525,17 +505,17 @@ def mtp_speculative(b: Bench) -> dict:
     base, bu = b.run(b.base_arm()), b.budget
     model, tok, _ = load_model(base["ckpt"], b.device)
     problems = tasks.heldout_problems(train.corpus_task(base["train"]), bu.spec_prompts, seed=0)
-    prompts = [prompt_tokens(tok, p.question) for p in problems]
+    prompts = [sample.prompt_tokens(tok, p.question) for p in problems]
 
     def plain():
         """Plain greedy decoding of every prompt, batch 1, latent cache."""
-        return [generate_batch(model, [p], bu.new_tokens, 0.0, eos_id=tok.eos_id, attn_impl="absorb")[0][0]
+        return [sample.generate_batch(model, [p], bu.new_tokens, 0.0, eos_id=tok.eos_id, attn_impl="absorb")[0][0]
                 for p in prompts]
 
     def speculative():
         """Speculative greedy decoding of every prompt: (outputs, SpecStats of each)."""
-        with attention_path(model, "absorb"):
-            return [speculative_generate(model, p, bu.new_tokens, 0.0, eos_id=tok.eos_id) for p in prompts]
+        with sample.attention_path(model, "absorb"):
+            return [sample.speculative_generate(model, p, bu.new_tokens, 0.0, eos_id=tok.eos_id) for p in prompts]
 
     t, outs = interleaved({"plain": plain, "speculative": speculative}, bu.repeats)
     stats = [s for _, s in outs["speculative"][-1]]
@@ -590,8 +570,8 @@ def fp8_vs_bf16(b: Bench) -> dict:
             res[arm.name].append(train_autocast(cfg, arm.model_args(tok.n_vocab), (train_data, val_data), b.device))
     bf16, fp8 = ([r["val_loss"] for r in res[k]] for k in ("bf16", "fp8"))
     gaps = [100 * (f - h) / h for f, h in zip(fp8, bf16)]                   # per seed, percent
-    b.plot("fp8.png", [("FP8 vs BF16: final val loss per seed", "seed", "val cross-entropy (nats/token)",
-                        {a.label: (seeds, [r["val_loss"] for r in res[a.name]]) for a in arms})])
+    b.plot("fp8.png", {a.label: (seeds, [r["val_loss"] for r in res[a.name]]) for a in arms}, "seed",
+           "final val cross-entropy (nats/token)")
     mean_bf16 = statistics.mean(bf16)
     return {"seeds": len(seeds), "steps": arms[0].train.max_iters, "loss_bf16": mean_bf16,
             "loss_fp8": statistics.mean(fp8), "gap": statistics.mean(gaps), "gap_min": min(gaps), "gap_max": max(gaps),
@@ -639,14 +619,13 @@ def gpu_efficiency(b: Bench, device: str = "cuda", preset: str = "small", steps:
     the GPU's datasheet peak (train.GPUS) and peak memory. The arguments let a test try it on a CPU."""
     steps = steps or b.budget.gpu_steps
     compile_model = b.cfg.compile if compile_model is None else compile_model
-    argv = [f"--preset={preset}", f"--device={device}", f"--compile={compile_model}", f"--max_iters={steps}",
-            "--max_seconds=0", f"--batch_size={batch_size}", f"--block_size={block_size}", "--n_eval=0",
-            "--eval_interval=1000000000", "--eval_iters=5", f"--log_interval={max(1, steps // 12)}",
-            f"--n_examples={n_examples}", f"--seed={b.cfg.seed}"]
+    cfg = train.TrainConfig(preset=preset, device=device, compile=compile_model, max_iters=steps, batch_size=batch_size,
+                            block_size=block_size, n_eval=0, eval_interval=10**9, eval_iters=5, seed=b.cfg.seed,
+                            log_interval=max(1, steps // 12), n_examples=n_examples)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    summary, log_rows = run_train(argv, b.out / "runs" / f"gpu_{preset}")
+    summary, log_rows = run_train(cfg, b.out / "runs" / f"gpu_{preset}")
     steady = log_rows[len(log_rows) // 4:] or log_rows                  # skip compilation and warm-up
     return {"device": device, "name": torch.cuda.get_device_name(device) if cuda else device,
             "peak_desc": train.peak_flops(device)[1], "steps": summary["step"], "seconds": summary["seconds"],
@@ -685,8 +664,8 @@ def grpo_time(b: Bench) -> dict:
         timed = steps[1:] or steps                                            # the first step warms up
         n |= {f"g{g}_{k}": statistics.median(s[k] for s in timed) for k in ("sample_s", "update_s")}
     gs = list(confs)
-    b.plot("grpo_time.png", [("GRPO seconds per step", "group size G", "seconds (median over steps)",
-                              {part: (gs, [n[f"g{g}_{part}_s"] for g in gs]) for part in ("sample", "update")})])
+    b.plot("grpo_time.png", {part: (gs, [n[f"g{g}_{part}_s"] for g in gs]) for part in ("sample", "update")},
+           "group size G", "seconds per step (median)")
     total = {g: n[f"g{g}_sample_s"] + n[f"g{g}_update_s"] for g in gs}
     return n | {"scale_16_over_4": total[16] / total[4],
                 "sample_share_min": 100 * min(n[f"g{g}_sample_s"] / total[g] for g in gs),
@@ -694,8 +673,8 @@ def grpo_time(b: Bench) -> dict:
 
 
 def hf_pair(b: Bench) -> "dict | str":
-    """Rows 8a/8b's shared setup: the base checkpoint in tinyseek and, exported by extras/hf.py, in
-    transformers' DeepseekV3ForCausalLM; or a string saying why that is not possible here."""
+    """Rows 8a/8b's shared setup (made once): the base checkpoint in tinyseek and, exported by extras/hf.py,
+    in transformers' DeepseekV3ForCausalLM, plus a val batch; or a string saying why that is impossible here."""
     if "hf" in b.memo:
         return b.memo["hf"]
     try:
@@ -703,52 +682,51 @@ def hf_pair(b: Bench) -> "dict | str":
 
         from extras import hf
     except ImportError as e:
-        return b.memo.setdefault("hf", f"{e}: pip install transformers safetensors")
+        return b.memo.setdefault("hf", f"skipped: {e}")
     base = b.run(b.base_arm())
     ours, tok, ckpt = load_model(base["ckpt"], b.device)
-    export_dir = b.out / "runs" / "hf_export"
     try:
-        hf.export_hf(ckpt, export_dir)
+        hf.export_hf(ckpt, b.out / "runs" / "hf_export")
     except hf.HFConversionError as e:
-        return b.memo.setdefault("hf", f"the export to the Hugging Face format failed: {e}")
-    log = transformers.utils.logging
-    level = log.get_verbosity()
-    log.set_verbosity_error()        # the load report lists the MTP layers, which DeepseekV3ForCausalLM skips
-    try:    # from_pretrained's defaults, as a user would call it (it picks the attention and experts kernels)
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32).to(b.device)
-    finally:
-        log.set_verbosity(level)
+        return b.memo.setdefault("hf", f"skipped: the export to the Hugging Face format failed: {e}")
+    transformers.logging.set_verbosity_error()      # its load report lists the MTP layers, which it skips
+    # from_pretrained's defaults, as a user would call it (it picks the attention and experts kernels)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(b.out / "runs" / "hf_export"),
+                                                               dtype=torch.float32).to(b.device)
     _, _, val, _ = train.load_data(base["train"])
-    x, y = train.get_batch(val, base["train"], torch.Generator().manual_seed(0), b.device)
+    x, y = train.get_batch(val, base["train"], torch.Generator().manual_seed(0), b.device)   # (B, T), (B, T)
     kernels = (f"attention '{theirs.config._attn_implementation}', experts "
                f"'{getattr(theirs.config, '_experts_implementation', 'eager')}'")
     return b.memo.setdefault("hf", {"ours": ours, "theirs": theirs, "tok": tok, "x": x, "y": y, "kernels": kernels,
                                     "version": transformers.__version__, "diff": hf.max_logit_diff(ours.eval(), theirs, x)})
 
 
-def profile_ops(fn, path: Path) -> dict[str, float]:
-    """Profile one call of fn with torch.profiler, write its operator table to path: {operator: self CPU ms}."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    avg = prof.key_averages()
-    path.write_text(avg.table(sort_by="self_cpu_time_total", row_limit=30))
-    return {e.key: e.self_cpu_time_total / 1e3 for e in avg}
-
-
-def where_time_goes(b: Bench, what: str, fns: dict, k: int = 4) -> str:
-    """Profile both sides; the k operators with the most extra self time in ours ('op a vs b ms')."""
-    o, t = (profile_ops(fn, b.out / f"profile_{what}_{side}.txt") for side, fn in fns.items())
-    extra = sorted(set(o) | set(t), key=lambda op: t.get(op, 0) - o.get(op, 0))[:k]
-    b.notes.append(f"Row 8 ({what}): tinyseek is slower; torch.profiler tables in profile_{what}_*.txt.")
-    return "; ".join(f"{op} {o.get(op, 0):.1f} vs {t.get(op, 0):.1f} ms" for op in extra if o.get(op, 0) > t.get(op, 0))
+def ours_vs_theirs(b: Bench, what: str, fns: dict, tokens: int, repeats: int) -> dict:
+    """Time fns {'ours', 'theirs'} interleaved: tokens/s of both and the speed ratio. When ours is slower,
+    profile one call of each (tables in profile_<what>_*.txt) and name the operators with most extra time."""
+    t, outs = interleaved(fns, repeats)
+    n = {"tok_s_ours": tokens / t["ours"], "tok_s_theirs": tokens / t["theirs"], "speed": t["theirs"] / t["ours"],
+         "judge": judge(t["theirs"] / t["ours"]), "outs": outs, "profile": "-"}
+    if t["ours"] > t["theirs"] * (1 + NOISE):
+        from torch.profiler import profile
+        ms = {}
+        for side, fn in fns.items():
+            with profile() as prof:
+                fn()
+            avg = prof.key_averages()
+            (b.out / f"profile_{what}_{side}.txt").write_text(avg.table(sort_by="self_cpu_time_total", row_limit=30))
+            ms[side] = {e.key: e.self_cpu_time_total / 1e3 for e in avg}
+        o, th = ms["ours"], ms["theirs"]
+        n["profile"] = "; ".join(f"{op} {o[op]:.1f} vs {th.get(op, 0):.1f} ms" for op in
+                                 sorted(o, key=lambda op: th.get(op, 0) - o[op])[:4] if o[op] > th.get(op, 0))
+    return n
 
 
 def hf_train(b: Bench) -> dict:
     """8a. A training step (forward, cross-entropy, backward; same batch, same weights) vs transformers."""
     p = hf_pair(b)
     if isinstance(p, str):
-        return skipped(f"skipped: {p}", "install the development requirements")
+        return skipped(p, "install the development requirements (transformers, safetensors)")
     x, y = p["x"], p["y"]
 
     def step(model, **kw):
@@ -759,19 +737,16 @@ def hf_train(b: Bench) -> dict:
         logits = out[0] if isinstance(out, tuple) else out.logits              # (B, T, V)
         F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
     fns = {"ours": functools.partial(step, p["ours"]), "theirs": functools.partial(step, p["theirs"], use_cache=False)}
-    t, _ = interleaved(fns, 2 * b.budget.repeats)                            # cheap calls: more repeats
-    slower = t["ours"] > t["theirs"] * (1 + NOISE)
-    return {"tok_s_ours": x.numel() / t["ours"], "tok_s_theirs": x.numel() / t["theirs"],
-            "speed": t["theirs"] / t["ours"], "judge": judge(t["theirs"] / t["ours"]), "batch": x.shape[0],
-            "block": x.shape[1], "diff": p["diff"], "version": p["version"], "kernels": p["kernels"],
-            "profile": where_time_goes(b, "train", fns) if slower else "-"}
+    n = ours_vs_theirs(b, "train", fns, x.numel(), 2 * b.budget.repeats)      # cheap calls: more repeats
+    return {k: v for k, v in n.items() if k != "outs"} | {"batch": x.shape[0], "block": x.shape[1], "diff": p["diff"],
+                                                          "version": p["version"], "kernels": p["kernels"]}
 
 
 def hf_decode(b: Bench) -> dict:
     """8b. Greedy decoding, batch 1, each side with its own KV cache, vs transformers' generate()."""
     p = hf_pair(b)
     if isinstance(p, str):
-        return skipped(f"skipped: {p}", "install the development requirements")
+        return skipped(p, "install the development requirements (transformers, safetensors)")
     ours, theirs, n = p["ours"].eval(), p["theirs"].eval(), b.budget.hf_decode
     prompt = p["x"][0, :32].tolist()
 
@@ -781,13 +756,10 @@ def hf_decode(b: Bench) -> dict:
         out = theirs.generate(torch.tensor([prompt], device=b.device), max_new_tokens=n, min_new_tokens=n,
                               do_sample=False, pad_token_id=p["tok"].eos_id)
         return out[0, len(prompt):].tolist()
-    fns = {"ours": lambda: generate_batch(ours, [prompt], n, 0.0)[0][0], "theirs": decode_theirs}
-    t, outs = interleaved(fns, b.budget.repeats)
-    slower = t["ours"] > t["theirs"] * (1 + NOISE)
-    return {"tok_s_ours": n / t["ours"], "tok_s_theirs": n / t["theirs"], "speed": t["theirs"] / t["ours"],
-            "judge": judge(t["theirs"] / t["ours"]), "new": n, "prompt": len(prompt),
-            "same_tokens": "yes" if outs["ours"][-1] == outs["theirs"][-1] else "no",
-            "profile": where_time_goes(b, "decode", fns) if slower else "-"}
+    fns = {"ours": lambda: sample.generate_batch(ours, [prompt], n, 0.0)[0][0], "theirs": decode_theirs}
+    r = ours_vs_theirs(b, "decode", fns, n, b.budget.repeats)
+    same = r.pop("outs")
+    return r | {"new": n, "prompt": len(prompt), "same_tokens": "yes" if same["ours"][-1] == same["theirs"][-1] else "no"}
 
 
 ROWS = {"1a": cache_bytes, "1b": absorb_decode, "2a": functools.partial(moe_dense, text=False),
@@ -869,7 +841,7 @@ def main(argv: "list[str] | None" = None) -> dict:
             "command": " ".join(["python -m extras.bench", *args]), "mode": "quick" if cfg.quick else "full",
             "seconds": time.perf_counter() - t0, "budget": asdict(budget(cfg))}
     notes = (template["quick"]["items"] if cfg.quick else []) + [
-        n.format(noise=NOISE, alpha=AUX_LOSS_ALPHA) for n in template["notes"]["items"]] + b.notes
+        n.format(noise=NOISE, alpha=AUX_LOSS_ALPHA) for n in template["notes"]["items"]]
     text = markdown(rows, meta, notes, b.plots)
     (out / "results.md").write_text(text, encoding="utf-8")
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "numbers": numbers, "notes": notes,

@@ -118,6 +118,7 @@ def test_cache_bytes_row_reads_the_cache_tensors():
     assert n["small_naive"] == 4 * s.n_heads * (s.qk_head_dim + s.v_head_dim)
 
 
+@pytest.mark.slow                # builds the 266M-parameter `small` preset (1 GiB)
 def test_absorb_decode_row_on_a_short_context(tmp_path):
     b = bench.Bench(bench.BenchConfig(quick=True), "cpu", tmp_path)
     b.budget = replace(b.budget, tiny_context=24, small_context=8, decode_new=3, repeats=1)
