@@ -583,23 +583,26 @@ def fp8_vs_bf16(b: Bench) -> dict:
             "per_seed_bf16": bf16, "per_seed_fp8": fp8}
 
 
-# Row 5b hook: the accumulation-precision experiment of V3 §3.3.2 (issue 16 item 2) lives in model.py. Set
-# ACCUMULATION_EXPERIMENT to a function (K: int, promote_every: int | None) -> relative error of a K-long
-# dot product accumulated in reduced precision (promote_every=None: never promoted to FP32; 128: V3's N_C).
-ACCUMULATION_EXPERIMENT = None
+# Row 5b hook: V3 §3.3.2's accumulation experiment needs a matmul that accumulates like an FP8 tensor core,
+# f(a (M, K), b (K, N), mantissa_bits, n_c) -> (M, N) float32, promoting its partial sum to FP32 every n_c
+# products (n_c=None: never). model.py gets one with the FP8 training work; set ACCUMULATION_MATMUL to it.
+ACCUMULATION_MATMUL = None
 
 
 def accumulation(b: Bench) -> dict:
-    """5b. Relative error of a K = 4096 dot product with limited accumulation precision, with and without
-    promotion to FP32 every N_C = 128 elements, and how it grows with K (V3 reports nearly 2% without)."""
-    if ACCUMULATION_EXPERIMENT is None:
-        return skipped("the accumulation-precision experiment is not wired into bench yet",
-                       "set extras.bench.ACCUMULATION_EXPERIMENT to model.py's experiment function")
-    ks = (512, 1024, 2048, 4096, 8192)
-    plain = {k: ACCUMULATION_EXPERIMENT(k, None) for k in ks}
-    promoted = {k: ACCUMULATION_EXPERIMENT(k, 128) for k in ks}
-    return {"err_4096": 100 * plain[4096], "err_4096_promoted": 100 * promoted[4096],
-            "growth": ", ".join(f"K={k}: {100 * plain[k]:.2f}% vs {100 * promoted[k]:.3f}%" for k in ks)}
+    """5b. Max relative error of K-long dot products of E4M3 values accumulated with 14 mantissa bits, without
+    and with promotion to FP32 every N_C = 128 products, for growing K (V3: nearly 2% at K = 4096 without)."""
+    if ACCUMULATION_MATMUL is None:
+        return skipped("not measured: no limited-precision accumulation matmul is wired into bench yet",
+                       "set extras.bench.ACCUMULATION_MATMUL to model.py's limited-accumulation matmul")
+    gen, n, ks = torch.Generator().manual_seed(b.cfg.seed), {}, (256, 1024, 4096, 8192)
+    for k in ks:
+        x = torch.rand(8, k, generator=gen).to(torch.float8_e4m3fn).float()     # (8, K) on the E4M3 grid
+        w = torch.rand(k, 8, generator=gen).to(torch.float8_e4m3fn).float()     # (K, 8)
+        ref = x.double() @ w.double()                                          # (8, 8) exact
+        for name, n_c in (("plain", None), ("promoted", 128)):
+            n[f"{name}_{k}"] = 100 * ((ACCUMULATION_MATMUL(x, w, 14, n_c).double() - ref).abs() / ref).max().item()
+    return n | {"growth": ", ".join(f"K={k}: {n[f'plain_{k}']:.2f}% vs {n[f'promoted_{k}']:.3f}%" for k in ks)}
 
 
 def efficiency(b: Bench) -> dict:
@@ -832,7 +835,7 @@ def main(argv: "list[str] | None" = None) -> dict:
     picked = [rid for rid in ROWS if int(rid[0]) in cfg.selected()]
     progress, rows, numbers = Progress(len(picked), "row", ""), [], {}
     for rid in picked:
-        progress(f"{rid}: {template[rid]['comparison'].split(' (')[0]}")
+        progress(f"{rid}: {template[rid]['comparison'][:60]}...")
         numbers[rid] = ROWS[rid](b)
         rows.append(fill(template, rid, numbers[rid]))
         print(f"  {rid}: {rows[-1]['measured']}  ->  {rows[-1]['ratio']}", flush=True)

@@ -132,6 +132,24 @@ def test_absorb_decode_row_on_a_short_context(tmp_path):
     assert n["tiny_b1_same_tokens"] == "yes"
 
 
+def test_accumulation_row_is_skipped_until_wired_and_measures_through_the_hook(tmp_path, monkeypatch):
+    b = bench.Bench(bench.BenchConfig(quick=True), "cpu", tmp_path)
+    monkeypatch.setattr(bench, "ACCUMULATION_MATMUL", None)
+    assert "not measured" in bench.accumulation(b)["skipped"]             # no made-up numbers
+    calls = []
+
+    def exact(a, w, bits, n_c):
+        """A float32 matmul: an accumulator with no precision limit."""
+        calls.append((a.shape[1], bits, n_c))
+        return a @ w
+    monkeypatch.setattr(bench, "ACCUMULATION_MATMUL", exact)
+    n = bench.accumulation(b)
+    assert (4096, 14, None) in calls and (4096, 14, 128) in calls
+    assert 0 <= n["plain_4096"] < 1e-4 and 0 <= n["promoted_4096"] < 1e-4   # percent: float32 rounding only
+    row = bench.fill(bench.read_template(), "5b", n)
+    assert "K = 4096" in row["measured"] and "{" not in row["measured"]
+
+
 def test_gpu_row_path_runs_on_a_cpu_with_a_small_preset(tmp_path):
     b = bench.Bench(bench.BenchConfig(quick=True), "cpu", tmp_path)
     g = bench.gpu_efficiency(b, device="cpu", preset="tiny", steps=4, batch_size=2, block_size=32,
