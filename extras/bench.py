@@ -1,7 +1,7 @@
 """
 tinyseek/extras/bench.py -- DeepSeek-V3's claims, measured side by side on your own machine.
 
-    python -m extras.bench                          # full run (~30 min on 2 CPU cores): docs/bench/results.md + plots
+    python -m extras.bench                          # full run (~30 min on 2 quiet CPU cores): docs/bench/results.md
     python -m extras.bench --quick                  # every row with tiny budgets: a smoke test, not a result
     python -m extras.bench --only=1,3               # a subset of the comparisons
     python -m extras.bench --only=6 --device=cuda   # the GPU row: `small`, bf16 autocast, torch.compile
@@ -391,8 +391,15 @@ def interleaved(fns: dict, repeats: int, warmup: "dict | None" = None) -> tuple[
         for name, fn in fns.items():
             t0 = time.perf_counter()
             results[name].append(fn())
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}, results
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that a clock read after it measures the work (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def judge(ratio: float) -> str:
@@ -429,8 +436,10 @@ def decode_rate(model: Transformer, prompts: list[list[int]], n_new: int, impl: 
     with sample.attention_path(model, impl):
         steps = sample.decode_steps(model, prompts, n_new, temperature=0.0)
         first = next(steps)                                                   # (B,) from the prefill
+        sync()
         t0 = time.perf_counter()
         rest = list(steps)
+        sync()
         dt = time.perf_counter() - t0
     return torch.stack([first, *rest], 1).tolist(), len(prompts) * len(rest) / dt
 
@@ -550,6 +559,7 @@ def train_autocast(cfg: train.TrainConfig, args: ModelArgs, data: tuple, device:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.update_bias()
+    sync()
     seconds = time.perf_counter() - t0
     val = train.estimate_loss(model, train_data, val_data, cfg, device, ctx)["val"]
     return {"val_loss": val, "tok_per_s": cfg.max_iters * cfg.batch_size * cfg.block_size / seconds}
@@ -709,7 +719,7 @@ def ours_vs_theirs(b: Bench, what: str, fns: dict, tokens: int, repeats: int) ->
     profile one call of each (tables in profile_<what>_*.txt) and name the operators with most extra time."""
     t, outs = interleaved(fns, repeats)
     n = {"tok_s_ours": tokens / t["ours"], "tok_s_theirs": tokens / t["theirs"], "speed": t["theirs"] / t["ours"],
-         "judge": judge(t["theirs"] / t["ours"]), "outs": outs, "profile": "-"}
+         "judge": judge(t["theirs"] / t["ours"]), "outs": outs, "profile": "not profiled (not slower)"}
     if t["ours"] > t["theirs"] * (1 + NOISE):
         from torch.profiler import profile
         ms = {}
@@ -720,8 +730,8 @@ def ours_vs_theirs(b: Bench, what: str, fns: dict, tokens: int, repeats: int) ->
             (b.out / f"profile_{what}_{side}.txt").write_text(avg.table(sort_by="self_cpu_time_total", row_limit=30))
             ms[side] = {e.key: e.self_cpu_time_total / 1e3 for e in avg}
         o, th = ms["ours"], ms["theirs"]
-        n["profile"] = "; ".join(f"{op} {o[op]:.1f} vs {th.get(op, 0):.1f} ms" for op in
-                                 sorted(o, key=lambda op: th.get(op, 0) - o[op])[:4] if o[op] > th.get(op, 0))
+        n["profile"] = "; ".join(f"{op} {o[op]:.1f} vs {th.get(op, 0):.1f} ms" for op in sorted(
+            o, key=lambda op: th.get(op, 0) - o[op])[:4] if o[op] > th.get(op, 0)) + f" (tables: profile_{what}_*.txt)"
     return n
 
 

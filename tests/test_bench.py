@@ -150,6 +150,25 @@ def test_accumulation_row_is_skipped_until_wired_and_measures_through_the_hook(t
     assert "K = 4096" in row["measured"] and "{" not in row["measured"]
 
 
+def test_bf16_training_loop_of_row_5_runs_and_matches_its_arm(monkeypatch):
+    bf16, fp8 = bench.arm_configs(MODES["quick"])["fp8"]
+    cfg = replace(fp8.train, max_iters=2, batch_size=2, block_size=16, eval_iters=1, warmup_iters=1)
+    data = torch.randint(512, (4000,)), torch.randint(512, (400,))
+    seen = []
+    real_linear = torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        """Record the dtype the autocast region hands to each matmul."""
+        seen.append(x.dtype)
+        return real_linear(x, w, b)
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    args = fp8.model_args(512)
+    assert args.fp8 and not bf16.model_args(512).fp8
+    res = bench.train_autocast(cfg, args, data, "cpu")
+    assert res["val_loss"] > 0 and res["tok_per_s"] > 0 and torch.tensor(res["val_loss"]).isfinite()
+    assert torch.bfloat16 in seen                                          # the forward ran under bf16 autocast
+
+
 def test_gpu_row_path_runs_on_a_cpu_with_a_small_preset(tmp_path):
     b = bench.Bench(bench.BenchConfig(quick=True), "cpu", tmp_path)
     g = bench.gpu_efficiency(b, device="cpu", preset="tiny", steps=4, batch_size=2, block_size=32,
