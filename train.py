@@ -59,6 +59,7 @@ from cli import (
     Dist,
     GracefulStop,
     MetricsLog,
+    autocast_context,
     cleanup_distributed,
     format_seconds,
     parse_config,
@@ -554,15 +555,6 @@ def build_model(cfg: TrainConfig, device: str):
     tok, train_data, val_data, desc = load_data(cfg)
     args = model_args_from(cfg, tok.n_vocab)
     return tok, train_data, val_data, desc, args, Transformer(args).to(device)
-
-
-def autocast_context(dtype: str, device: str):
-    """bf16 autocast (matmuls in bfloat16, master weights and optimizer state in float32) or a disabled one.
-    'auto' picks bf16 on a CUDA GPU that supports it, float32 elsewhere."""
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def resume_state(run: Run, ckpt_path: Path) -> None:

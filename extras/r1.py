@@ -271,7 +271,7 @@ class Pipeline:
             if script == "train.py":
                 train.main(argv)
             else:
-                grpo.train(parse_config(grpo.GRPOConfig, argv))
+                grpo.main(argv)
         seconds = time.perf_counter() - t0
         ckpt = ckpt or Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))) / "ckpt.pt"
         res = {"stage": name, "command": f"python {script} " + " ".join(argv), "checkpoint": str(ckpt),
@@ -306,7 +306,7 @@ def sft_argv(cfg: R1Config, data: Path, init_from: Path, out_dir: Path, steps: i
 
 def rl_argv(cfg: R1Config, init_from: Path, out_dir: Path) -> list[str]:
     """grpo.py flags for one RL stage (grpo.py's defaults otherwise)."""
-    return [f"--init_from={init_from}", f"--out_dir={out_dir}", f"--max_steps={cfg.rl_steps}", "--max_seconds=0",
+    return [f"--init_from={init_from}", f"--out_dir={out_dir}", f"--max_iters={cfg.rl_steps}", "--max_seconds=0",
             f"--lr={cfg.rl_lr}", "--n_eval=0", f"--ops={cfg.ops}", f"--digits_max={cfg.max_digits}",
             f"--max_new_tokens={cfg.max_new_tokens}", f"--seed={cfg.seed}", f"--device={cfg.device}"]
 
