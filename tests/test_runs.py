@@ -80,7 +80,7 @@ def test_grpo_resume_is_exact(tmp_path, monkeypatch, capsys):
     assert straight["accuracy"] == second["accuracy"]
     def untimed(history):
         """The records without their timings (seconds and tokens/s differ from run to run)."""
-        return [{k: v for k, v in h.items() if not (k.endswith("_s") or k.endswith("tok_s"))} for h in history]
+        return [{k: v for k, v in h.items() if not k.endswith("_s")} for h in history]
 
     assert untimed(a["history"]) == untimed(b["history"])  # the same rewards, statistics and evaluations
     assert 0 < a["history"][1]["reward"] < 1             # the groups carried signal: the weights really moved
@@ -135,10 +135,10 @@ def test_relative_paths_count_from_the_current_folder(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ckpt = save_tiny_checkpoint(tmp_path / "base.pt")
     r = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--init_from=base.pt", "--out_dir=rl", "--max_iters=1",
-                        *GRPO_SMALL], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                        *GRPO_SMALL], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "rl" / "ckpt.pt").is_file() and ckpt.is_file()
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), *SMALL, "--out_dir=pre", "--max_iters=2"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "pre" / "ckpt.pt").is_file() and not (ROOT / "pre").exists()
