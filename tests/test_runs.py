@@ -142,3 +142,31 @@ def test_relative_paths_count_from_the_current_folder(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "pre" / "ckpt.pt").is_file() and not (ROOT / "pre").exists()
+
+
+# ---- the R1 recipe continues where it stopped ----------------------------------------------------------------
+
+def test_r1_stage_skips_a_finished_run_and_resumes_an_interrupted_one(tmp_path, monkeypatch):
+    from extras import r1
+
+    cfg = r1.R1Config(n_eval=4, device="cpu")
+    pipe = r1.Pipeline(cfg, tmp_path, "results.jsonl")
+    argv = [*SMALL, f"--out_dir={tmp_path / 'base'}", "--max_iters=6"]
+    calls = []
+    real_main = train.main
+    monkeypatch.setattr(train, "main", lambda a: calls.append(list(a)) or real_main(a))
+    pipe.stage("base", "train.py", argv)
+    pipe.stage("base", "train.py", argv)                              # finished with these flags: skipped
+    assert len(calls) == 1
+    assert r1.stage_state(tmp_path / "base" / "ckpt.pt", "train.py", argv)[0] == "done"
+    other = [*argv[:-1], "--max_iters=8"]                             # other flags: a new run
+    assert r1.stage_state(tmp_path / "base" / "ckpt.pt", "train.py", other) == ("new", None)
+    # a run stopped early (as by Ctrl-C) is continued with --resume, not restarted
+    ck = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)
+    ck["final"]["interrupted"] = True
+    torch.save(ck, tmp_path / "base" / "ckpt.pt")
+    assert r1.stage_state(tmp_path / "base" / "ckpt.pt", "train.py", argv)[0] == "interrupted"
+    pipe.stage("base", "train.py", argv)
+    assert len(calls) == 2 and calls[-1][-1] == "--resume"
+    (tmp_path / "base" / "ckpt.pt").write_bytes(b"garbage")           # unreadable: run afresh
+    assert r1.stage_state(tmp_path / "base" / "ckpt.pt", "train.py", argv) == ("new", None)
