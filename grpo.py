@@ -88,14 +88,16 @@ Map of this file
   3. Rollout .......................... prompts, sampling G completions per question, rewards,
                                         dynamic sampling
   4. Update ........................... collate, policy_update (mu passes of AdamW), grpo_step
-  5. Evaluation ....................... greedy held-out accuracy, JSON lines
-  6. Logging .......................... log line, metrics.jsonl, plots
-  7. main ............................. training loop, --eval_only, errors
+  5. Logging .......................... log line, plots
+  6. The run .......................... setup (load, reference, optimizer, --resume), train_loop, finish,
+                                        eval_only, main
+  (Held-out evaluation is sample.evaluate, shared with train.py, so both report the same measure.)
 
 Outputs in --out_dir: metrics.jsonl (one JSON object per step; held-out results on the steps where
 evaluation ran), eval_step{N}.jsonl (one line per held-out problem after N steps; N=0 is the starting
-checkpoint), grpo_rewards.png, grpo_heldout.png, grpo_length.png, and ckpt.pt (loadable by
-sample.py). `--eval_only` writes eval.jsonl.
+checkpoint), grpo_rewards.png, grpo_heldout.png, grpo_length.png, and ckpt.pt (loadable by sample.py,
+and holding what --resume needs). `--eval_only` writes eval.jsonl. Ctrl-C or SIGTERM finish the current
+step, write the checkpoint and say how to resume.
 """
 
 import copy
@@ -600,7 +602,7 @@ def grpo_step(policy, ref_model, optimizer, tok, draw_problems: Callable[[int], 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Logging: one line per step, metrics.jsonl, plots
+# 5. Logging: one line per step, plots
 # ----------------------------------------------------------------------------------------------------
 
 def format_step(s: dict) -> str:
@@ -661,7 +663,7 @@ def plot_metrics(history: list[dict], out_dir, n_eval: int = 0, temperature: flo
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. main: load, evaluate, train, evaluate, save
+# 6. The run: set up (or resume), evaluate, train, evaluate, save
 # ----------------------------------------------------------------------------------------------------
 
 def check_fits(model, tok, cfg: GRPOConfig, questions: list[str]) -> None:
