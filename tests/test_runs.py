@@ -177,7 +177,7 @@ def test_r1_stage_skips_a_finished_run_and_resumes_an_interrupted_one(tmp_path, 
 def test_same_seed_and_threads_reproduce_a_run_bit_for_bit(tmp_path):
     a = train.main([*SMALL, f"--out_dir={tmp_path / 'a'}", "--max_iters=8", "--seed=5"])
     b = train.main([*SMALL, f"--out_dir={tmp_path / 'b'}", "--max_iters=8", "--seed=5"])
-    c = train.main([*SMALL, f"--out_dir={tmp_path / 'c'}", "--max_iters=8", "--seed=6"])
+    train.main([*SMALL, f"--out_dir={tmp_path / 'c'}", "--max_iters=8", "--seed=6"])
     wa, wb, wc = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True)["model"] for n in "abc")
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["val_loss"] == b["val_loss"]
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)             # and the seed does matter
