@@ -216,8 +216,9 @@ def arm_configs(cfg: BenchConfig, text_file: str = "corpus.txt", vocab_size: int
         Arm("no_balance", "no balancing", with_model(steps, **no_balance), frozenset(no_balance))]
     arms["mtp"] = [Arm("base", "with MTP (D=1)", steps),
                    Arm("no_mtp", "without MTP", with_model(steps, mtp_depth=0), frozenset({"mtp_depth"}))]
-    arms["fp8"] = [Arm("bf16", "BF16 autocast", steps),
-                   Arm("fp8", "FP8 simulation + BF16 autocast", with_model(steps, fp8=True), frozenset({"fp8"}))]
+    bf16 = replace(steps, dtype="bfloat16")                  # V3's baseline: bf16 autocast (train.py --dtype)
+    arms["fp8"] = [Arm("bf16", "BF16 autocast", bf16),
+                   Arm("fp8", "FP8 simulation + BF16 autocast", with_model(bf16, fp8=True), frozenset({"fp8"}))]
     return arms
 
 
@@ -538,58 +539,25 @@ def mtp_speculative(b: Bench) -> dict:
             "plain_s": t["plain"], "spec_s": t["speculative"], "same_tokens": "yes" if same else "NO"}
 
 
-def train_autocast(cfg: train.TrainConfig, args: ModelArgs, data: tuple, device: str) -> dict:
-    """A plain training loop like train.main's (AdamW, warmup + cosine, clipping, bias update) with the
-    forward under bf16 autocast, as V3 trains (train.main uses bf16 only on CUDA). Returns val loss, tok/s."""
-    train_data, val_data = data
-    torch.manual_seed(cfg.seed)
-    model = Transformer(args).to(device)
-    optimizer = train.make_optimizer(model, cfg, device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
-    t0 = time.perf_counter()
-    for step in range(cfg.max_iters):
-        for g in optimizer.param_groups:
-            g["lr"] = train.lr_at(step / cfg.max_iters, step, cfg)
-        x, y = train.get_batch(train_data, cfg, gen, device)                 # (B, T), (B, T)
-        with ctx:
-            _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_bias()
-    sync()
-    seconds = time.perf_counter() - t0
-    val = train.estimate_loss(model, train_data, val_data, cfg, device, ctx)["val"]
-    return {"val_loss": val, "tok_per_s": cfg.max_iters * cfg.batch_size * cfg.block_size / seconds}
-
-
 def fp8_vs_bf16(b: Bench) -> dict:
     """5a. FP8 simulation vs BF16 (V3's baseline) at equal steps, seeds interleaved: relative val-loss gap."""
-    arms = b.arms["fp8"]
-    check_arms(arms)
-    tok, train_data, val_data, _ = train.load_data(arms[0].train)
     seeds = [b.cfg.seed + i for i in range(b.budget.fp8_seeds)]
-    res = {arm.name: [] for arm in arms}
-    progress = Progress(len(seeds) * len(arms), "run", "    ")
+    res = {}
     for seed in seeds:                                                         # bf16, fp8, bf16, fp8, ...
-        for arm in arms:
-            progress(f"'{arm.name}' seed {seed}")
-            cfg = replace(arm.train, seed=seed)
-            res[arm.name].append(train_autocast(cfg, arm.model_args(tok.n_vocab), (train_data, val_data), b.device))
-    bf16, fp8 = ([r["val_loss"] for r in res[k]] for k in ("bf16", "fp8"))
+        pair = [replace(arm, name=f"{arm.name}_s{seed}", train=replace(arm.train, seed=seed)) for arm in b.arms["fp8"]]
+        res |= b.run_all(pair)
+    bf16, fp8 = ([res[f"{k}_s{s}"]["val_loss"] for s in seeds] for k in ("bf16", "fp8"))
     gaps = [100 * (f - h) / h for f, h in zip(fp8, bf16)]                   # per seed, percent
-    b.plot("fp8.png", {a.label: (seeds, [r["val_loss"] for r in res[a.name]]) for a in arms}, "seed",
-           "final val cross-entropy (nats/token)")
+    b.plot("fp8.png", {a.label: (seeds, [res[f"{a.name}_s{s}"]["val_loss"] for s in seeds]) for a in b.arms["fp8"]},
+           "seed", "final val cross-entropy (nats/token)")
     mean_bf16 = statistics.mean(bf16)
-    return {"seeds": len(seeds), "steps": arms[0].train.max_iters, "loss_bf16": mean_bf16,
+    return {"seeds": len(seeds), "steps": b.arms["fp8"][0].train.max_iters, "loss_bf16": mean_bf16,
             "loss_fp8": statistics.mean(fp8), "gap": statistics.mean(gaps), "gap_min": min(gaps), "gap_max": max(gaps),
             "gap_std": statistics.stdev(gaps) if len(gaps) > 1 else float("nan"),
             "bf16_spread": 100 * (max(bf16) - min(bf16)) / mean_bf16,
             "within_v3": "yes" if abs(statistics.mean(gaps)) < 0.25 else "no",
-            "tok_s_bf16": statistics.median(r["tok_per_s"] for r in res["bf16"]),
-            "tok_s_fp8": statistics.median(r["tok_per_s"] for r in res["fp8"]),
+            "tok_s_bf16": statistics.median(res[f"bf16_s{s}"]["tok_per_s"] for s in seeds),
+            "tok_s_fp8": statistics.median(res[f"fp8_s{s}"]["tok_per_s"] for s in seeds),
             "per_seed_bf16": bf16, "per_seed_fp8": fp8}
 
 
@@ -664,7 +632,7 @@ def grpo_time(b: Bench) -> dict:
         progress(f"G={g}")
         model, tok, _ = load_model(gcfg.init_from, b.device)
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-        optimizer = grpo.make_optimizer(model, gcfg)
+        optimizer = grpo.make_rl_optimizer(model, gcfg)
         task, rng = grpo.make_task(gcfg), random.Random(gcfg.seed)
         generator = torch.Generator(device=b.device).manual_seed(gcfg.seed)
         reward_fn = functools.partial(tasks.reward, w_acc=gcfg.w_acc, w_fmt=gcfg.w_fmt)
