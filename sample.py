@@ -213,7 +213,7 @@ def current_attn_impl(model: Transformer) -> str:
 # 4. Decoding: without a cache, and with the (latent or naive) KV cache
 # ----------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_uncached(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                       top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
                       generator: "torch.Generator | None" = None) -> list[int]:
@@ -232,7 +232,7 @@ def generate_uncached(model: Transformer, prompt: list[int], max_new_tokens: int
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
                  generator: "torch.Generator | None" = None) -> Iterator[torch.Tensor]:
@@ -255,7 +255,7 @@ def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     for b, p in enumerate(prompts):
         idx[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
         cache.key_mask[b, :L - len(p)] = False                           # padding is never attended to
-    logits = model(idx, cache=cache)[0][:, -1]                            # (B, V) prefill: whole prompts
+    logits = model.next_logits(idx, cache)                                # (B, V) prefill: whole prompts
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)    # (B,)
@@ -265,10 +265,10 @@ def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: i
         yield nxt
         if (eos_id is not None and bool(done.all())) or step == max_new_tokens - 1:
             return
-        logits = model(nxt[:, None], cache=cache)[0][:, -1]               # (B, V) one new token per row
+        logits = model.next_logits(nxt[:, None], cache)                   # (B, V) one new token per row
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                    top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
                    generator: "torch.Generator | None" = None,
@@ -365,7 +365,7 @@ def verify_draft(p: torch.Tensor, q: torch.Tensor, draft: int,
     return int(torch.multinomial(residual / residual.sum(), 1, generator=generator)), False
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                        top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
                        generator: "torch.Generator | None" = None,
@@ -452,7 +452,7 @@ def cache_sizes(model: Transformer, max_len: int) -> dict:
     a = model.args
     absorb, naive = model.new_cache(1, max_len, "absorb"), model.new_cache(1, max_len, "naive")
     n_cached_layers = a.n_layers + a.mtp_depth
-    elem = absorb.layers[0]["kv"].element_size()
+    elem = absorb.stored(absorb.layers[0])[0].element_size()
     mha = kv_cache_numbers_per_token(a)["mha"] * elem
     return {
         "per_token_per_layer": {"absorb": absorb.bytes_per_token_per_layer(),
