@@ -436,7 +436,9 @@ class MLA(nn.Module):
             # ---- absorb W^UK into the query: q_nope^T W^UK c = (W^UK^T q_nope)^T c ----
             w_uk = wkv_b[:, :self.qk_nope_head_dim]                # (H, nope, kv_lora_rank)
             w_uv = wkv_b[:, self.qk_nope_head_dim:]                # (H, v, kv_lora_rank)
-            q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)    # (B, T, H, kv_lora_rank)
+            # einsum("bthd,hdc->bthc", q_nope, w_uk) as one batched matmul over heads (fewer operations)
+            q_lat = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)   # (H, B*T, kv_lora_rank)
+            q_lat = q_lat.transpose(0, 1).view(B, T, H, self.kv_lora_rank)          # (B, T, H, kv_lora_rank)
             q_abs = torch.cat([q_lat, q_pe], dim=-1)               # (B, T, H, kv_lora_rank + rope)
             # One shared key "head" [c^KV; k^R] (B, S, kv_lora_rank + rope); its first d_c channels are the value.
             if cache is None:
@@ -447,8 +449,11 @@ class MLA(nn.Module):
                 cache["pe"][:B, start_pos:end] = k_pe.squeeze(2)
                 o_lat = latent_attention_folded(q_abs, cache["latent"][:B, :end], self.kv_lora_rank, mask,
                                                 self.softmax_scale)  # (B, T, H, kv_lora_rank)
-            o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)        # (B, T, H, v_head_dim), W^UV applied late
-        return self.wo(o.flatten(2))                               # (B, T, D), eq. 19
+            # W^UV applied late: einsum("bthc,hdc->bthd", o_lat, w_uv), again one batched matmul over heads
+            o = torch.bmm(o_lat.reshape(B * T, H, -1).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, v)
+            o = o.transpose(0, 1).reshape(B, T, H * self.v_head_dim)  # (B, T, H*v_head_dim)
+            o = o.flatten(2)                                       # (B, T, H*v_head_dim)
+        return self.wo(o)                                          # (B, T, D), eq. 19
 
 
 def attention(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:

@@ -390,9 +390,12 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
         """One draw from a probability vector, with this call's generator."""
         return int(torch.multinomial(dist, 1, generator=generator))
 
+    greedy = temperature == 0       # one-hot p and q: the rule below reduces to comparing argmaxes
+
     cache = model.new_cache(1, len(prompt) + max_new_tokens, current_attn_impl(model))
     h = model.trunk(torch.tensor([prompt], device=device), cache)         # (1, P, D) h^0 of every prompt position
-    x = prompt + [sample(probs(model.head(model.norm(h[:, -1])).float())[0])]   # x_P from the prefill
+    last = model.head(model.norm(h[:, -1])).float()                       # (1, V)
+    x = prompt + [int(last.argmax()) if greedy else sample(probs(last)[0])]   # x_P from the prefill
     stats.forwards += 1
     stats.tokens += 1
     yield x[-1]
@@ -401,17 +404,28 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
         m = cache.pos                                                     # position of x_m = x[-1]
         # draft: the MTP block sees the pending positions and, for each, the token one step later
         ahead = torch.tensor([x[cache.mtp_pos + 1:m + 1]], device=device)        # (1, len(pending))
-        q = probs(model.mtp_draft(pending, ahead, cache)[:, -1])[0]        # (V,) for x_{m+1}; mtp_pos = m
-        draft = sample(q)
+        q_logits = model.mtp_draft(pending, ahead, cache)[:, -1]           # (1, V) for x_{m+1}; mtp_pos = m
+        if greedy:
+            draft = int(q_logits.argmax())
+        else:
+            q = probs(q_logits)[0]                                         # (V,)
+            draft = sample(q)
         # verify: x_m and the draft in one main-model call, positions m and m+1
         h2 = model.trunk(torch.tensor([[x[m], draft]], device=device), cache)    # (1, 2, D); pos = m + 2
-        p = probs(model.head(model.norm(h2)).float()[0])                   # (2, V) for x_{m+1}, x_{m+2}
-        token, accepted = verify_draft(p[0], q, draft, generator)
+        p_logits = model.head(model.norm(h2)).float()[0]                   # (2, V) for x_{m+1}, x_{m+2}
+        if greedy:
+            # verify_draft with one-hot p and q keeps d iff p's argmax is d, else returns p's argmax
+            token, bonus = p_logits.argmax(-1).tolist()
+            accepted = token == draft
+        else:
+            p = probs(p_logits)                                            # (2, V)
+            token, accepted = verify_draft(p[0], q, draft, generator)
+            bonus = sample(p[1]) if accepted else None                     # the bonus token x_{m+2}
         stats.forwards += 1
         stats.drafts += 1
         stats.accepted += accepted
         if accepted:
-            new, pending = [draft, sample(p[1])], h2                       # the bonus token x_{m+2}
+            new, pending = [draft, bonus], h2
         else:
             new, pending = [token], h2[:, :1]                              # h_m is still right ...
             cache.pos = m + 1                                              # ... slot m+1 (the draft) is not
