@@ -451,9 +451,8 @@ class MLA(nn.Module):
                                                 self.softmax_scale)  # (B, T, H, kv_lora_rank)
             # W^UV applied late: einsum("bthc,hdc->bthd", o_lat, w_uv), again one batched matmul over heads
             o = torch.bmm(o_lat.reshape(B * T, H, -1).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, v)
-            o = o.transpose(0, 1).reshape(B, T, H * self.v_head_dim)  # (B, T, H*v_head_dim)
-            o = o.flatten(2)                                       # (B, T, H*v_head_dim)
-        return self.wo(o)                                          # (B, T, D), eq. 19
+            o = o.transpose(0, 1)                                  # (B*T, H, v_head_dim)
+        return self.wo(o.reshape(B, T, H * self.v_head_dim))      # (B, T, D), eq. 19
 
 
 def attention(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
