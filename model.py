@@ -521,23 +521,40 @@ class KVCache:
                              "shorten the prompt or max_new_tokens")
         self.attn_impl = attn_impl or args.attn_impl
         self.max_len, self.pos, self.mtp_pos = max_len, 0, 0
+        self.kv_lora_rank = args.kv_lora_rank
         H = args.n_heads
 
         def layer():
             """Zeroed cache tensors for one layer."""
             if self.attn_impl == "absorb":
-                # c^KV and k^R side by side in one tensor: [c^KV; k^R] is the key of absorbed attention, so
-                # it is read in place; "kv" and "pe" are views of it, for writing each part.
-                latent = torch.zeros(batch_size, max_len, args.kv_lora_rank + args.qk_rope_head_dim,
-                                     device=device, dtype=dtype)
-                return {"kv": latent[..., :args.kv_lora_rank], "pe": latent[..., args.kv_lora_rank:],
-                        "latent": latent}
+                return self._latent_layer(torch.zeros(batch_size, max_len, args.kv_lora_rank + args.qk_rope_head_dim,
+                                                      device=device, dtype=dtype))
             return {"k": torch.zeros(batch_size, max_len, H, args.qk_head_dim, device=device, dtype=dtype),
                     "v": torch.zeros(batch_size, max_len, H, args.v_head_dim, device=device, dtype=dtype)}
 
         self.layers = [layer() for _ in range(args.n_layers)]
         self.mtp_layers = [layer() for _ in range(args.mtp_depth)]
         self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+
+    def _latent_layer(self, latent: torch.Tensor) -> dict:
+        """One absorb layer from its (B, L, kv_lora_rank + rope) tensor. c^KV and k^R sit side by side in one
+        tensor because [c^KV; k^R] is the key of absorbed attention, read in place; "kv" and "pe" are views
+        of it, for writing each part."""
+        return {"kv": latent[..., :self.kv_lora_rank], "pe": latent[..., self.kv_lora_rank:], "latent": latent}
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (1-D int64, in the new order) of every layer and of key_mask.
+
+        Batched sampling calls this when sequences finish, so the remaining steps compute only the rows
+        still running (the kept rows' values are copied, nothing is recomputed)."""
+        def pick(layer):
+            """The layer's tensors restricted to `rows`."""
+            if self.attn_impl == "absorb":
+                return self._latent_layer(layer["latent"].index_select(0, rows))
+            return {k: t.index_select(0, rows) for k, t in layer.items()}
+        self.layers = [pick(layer) for layer in self.layers]
+        self.mtp_layers = [pick(layer) for layer in self.mtp_layers]
+        self.key_mask = self.key_mask.index_select(0, rows)
 
     def stored(self, layer: dict) -> list[torch.Tensor]:
         """The tensors that hold one layer's cache: c^KV and k^R (views of one allocation), or k and v."""
@@ -804,13 +821,22 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.args.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.args.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         mask = cache.attn_mask(start, T) if cache is not None else None
-        h = self.embed(idx)                                                # (B, T, D)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache.layers[i] if cache is not None else None, start, mask)
+        h = self.run_blocks(idx, cache.layers if cache is not None else None, start, mask)
         if cache is not None:
             cache.pos += T
+        return h
+
+    def run_blocks(self, idx: torch.Tensor, layer_caches: "list | None", start: int,
+                   mask: "torch.Tensor | None") -> torch.Tensor:
+        """The per-step work of trunk, with its Python-side decisions (position, mask) made by the caller:
+        idx (B, T) at positions start.. -> h (B, T, D). This is what `torch.compile` should capture for
+        decoding (sample.py --compile), so nothing in it reads a tensor's value on the host."""
+        T = idx.shape[1]
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        h = self.embed(idx)                                                # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, layer_caches[i] if layer_caches is not None else None, start, mask)
         return h
 
     def forward(self, idx: torch.Tensor, targets: "torch.Tensor | None" = None,
@@ -882,6 +908,12 @@ class Transformer(nn.Module):
         p = self.embed.weight
         return KVCache(self.args, batch_size, max_len, device=p.device, dtype=p.dtype, attn_impl=attn_impl)
 
+    def decoding_mode(self):
+        """The autograd mode decoding runs in: torch.inference_mode (no autograd bookkeeping at all, faster
+        than no_grad), or no_grad once run_blocks is compiled (sample.compile_decoding), since torch.compile
+        cannot take the inference tensors that inference_mode creates."""
+        return torch.no_grad() if getattr(self, "compiled_decoding", False) else torch.inference_mode()
+
     def next_logits(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Decoding's forward: idx (B, T) new tokens -> (B, V) float32 logits for the token after the last.
 
@@ -896,10 +928,9 @@ class Transformer(nn.Module):
 
         temperature 0 means greedy. Rows that produced eos_id keep emitting eos_id; generation stops early
         when every row has. Raises ValueError if the total length exceeds max_seq_len. The loop runs under
-        torch.inference_mode (no autograd bookkeeping at all, faster than no_grad); the result is copied
-        out of it, so it can be used in training like any other tensor."""
+        decoding_mode() (inference_mode); the result is copied out of it, so it can be used in training."""
         B, T = idx.shape
-        with torch.inference_mode():
+        with self.decoding_mode():
             cache = self.new_cache(B, T + max_new_tokens)
             out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)  # no cat per step
             out[:, :T] = idx
