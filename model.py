@@ -365,7 +365,9 @@ class MLA(nn.Module):
       absorb: q^T k^C = q^T W^UK c = (W^UK^T q)^T c, so fold W^UK into the query and attend over the
               latent c directly; likewise apply W^UV after the attention-weighted sum of latents. The cache
               then holds only c^KV and k^R: kv_lora_rank + qk_rope_head_dim numbers per token and layer.
-              Seen this way, absorbed MLA is multi-query attention whose single key/value head is the latent.
+              Seen this way, absorbed MLA is multi-query attention whose single key/value head is the latent,
+              and decoding computes it that way (latent_attention_folded: the latent is read once per step,
+              not once per head); without a cache the plain version copies it to every head.
     """
 
     def __init__(self, args: ModelArgs):

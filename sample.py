@@ -5,6 +5,7 @@ tinyseek/sample.py -- generate text from a checkpoint: the inference side of Dee
     python sample.py --prompt="FILE:question.txt" --num_samples=4 --temperature=0.8
     python sample.py --speculative                     # MTP drafts, the main model verifies
     python sample.py --benchmark                       # tokens/s and cache bytes, measured
+    python sample.py --compile                         # torch.compile the per-step decoding path
 
 Three ideas are on show here, each a few dozen lines.
 
@@ -34,8 +35,8 @@ Three ideas are on show here, each a few dozen lines.
    speculative-sampling acceptance rule, so the text has exactly the main model's distribution.
 
 Honest notes on what is simplified: speculative decoding runs one sequence at a time and drafts one token
-(depth 1); everything runs in float32; on a CPU and a tiny model, the timings are dominated by Python and
-per-call overhead, not by the arithmetic the caches save. Every text is representable: the tokenizers are
+(depth 1); everything runs in float32 by default (bf16 autocast works too); on a CPU and a tiny model, the
+timings are dominated by Python and per-call overhead, not by the arithmetic the caches save. Every text is representable: the tokenizers are
 byte-level (BPE over UTF-8 bytes), so any character falls back to its bytes; even a lone surrogate, which
 has no UTF-8 form, is encoded as U+FFFD rather than raising.
 """
