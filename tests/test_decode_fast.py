@@ -4,7 +4,8 @@ Complex RoPE vs real RoPE, absorbed attention with the heads folded into the que
 the latent expanded to every head, logits for the last position vs the full forward, dropping finished rows
 from a batch vs computing them to the end, greedy speculative decoding vs plain greedy decoding, and the
 cache bytes read per generated token. Also: generate() returns a tensor usable in training, decoding runs
-under bf16 autocast on CPU, and the per-step path compiles without graph breaks. About half a minute:
+under bf16 autocast on CPU, and the per-step path compiles without graph breaks (the compiled run itself is
+marked slow: about 40 s of compiling). About half a minute without it:
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_decode_fast.py -q
 """
@@ -223,6 +224,7 @@ def test_per_step_decoding_path_has_no_graph_break():
                 for b in ex.break_reasons if b.user_stack)
 
 
+@pytest.mark.slow
 def test_compiled_decoding_gives_the_same_tokens():
     """compile_decoding (sample.py --compile) changes speed, not tokens: greedy, dense FFNs, aot_eager."""
     import torch._dynamo
@@ -233,5 +235,5 @@ def test_compiled_decoding_gives_the_same_tokens():
     compiled = Transformer(args).eval()
     compiled.load_state_dict(eager.state_dict())
     compile_decoding(compiled, backend="aot_eager")
-    ps = prompts(2, seed=4)
-    assert generate_batch(compiled, ps, 8, 0.0)[0] == generate_batch(eager, ps, 8, 0.0)[0]
+    ps = prompts(1, seed=4)
+    assert generate_batch(compiled, ps, 5, 0.0)[0] == generate_batch(eager, ps, 5, 0.0)[0]
