@@ -5,6 +5,7 @@ tinyseek/sample.py -- generate text from a checkpoint: the inference side of Dee
     python sample.py --prompt="FILE:question.txt" --num_samples=4 --temperature=0.8
     python sample.py --speculative                     # MTP drafts, the main model verifies
     python sample.py --benchmark                       # tokens/s and cache bytes, measured
+    python sample.py --compile                         # torch.compile the per-step decoding path
 
 Three ideas are on show here, each a few dozen lines.
 
@@ -34,12 +35,13 @@ Three ideas are on show here, each a few dozen lines.
    speculative-sampling acceptance rule, so the text has exactly the main model's distribution.
 
 Honest notes on what is simplified: speculative decoding runs one sequence at a time and drafts one token
-(depth 1); everything runs in float32; on a CPU and a tiny model, the timings are dominated by Python and
-per-call overhead, not by the arithmetic the caches save. Every text is representable: the tokenizers are
+(depth 1); everything runs in float32 by default (bf16 autocast works too); on a CPU and a tiny model, the
+timings are dominated by Python and per-call overhead, not by the arithmetic the caches save. Every text is representable: the tokenizers are
 byte-level (BPE over UTF-8 bytes), so any character falls back to its bytes; even a lone surrogate, which
 has no UTF-8 form, is encoded as U+FFFD rather than raising.
 """
 
+import functools
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -90,6 +92,7 @@ class SampleConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     attn_impl: str = field(default="absorb", metadata={"help": "absorb (latent cache) or naive (per-head k, v)"})
     speculative: bool = field(default=False, metadata={"help": "MTP drafts, the main model verifies"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the per-step decoding path (run_blocks)"})
     benchmark: bool = field(default=False, metadata={"help": "time four decoding methods, measure cache sizes"})
     bench_tokens: int = field(default=256, metadata={"help": "new tokens per benchmark run (clipped to context)"})
     bench_repeats: int = field(default=2, metadata={"help": "benchmark rounds; the best time of each method counts"})
@@ -204,6 +207,15 @@ def attention_path(model: Transformer, attn_impl: "str | None"):
             m.attn_impl = impl
 
 
+def compile_decoding(model: Transformer, **compile_kwargs) -> Transformer:
+    """torch.compile the per-step path of decoding, in place: Transformer.run_blocks (embedding and blocks),
+    with dynamic shapes since the cache grows by one position per step. The host-side decisions of a step
+    (position, mask, which rows are still running) stay in Python around it. Returns the model."""
+    model.run_blocks = torch.compile(model.run_blocks, dynamic=True, **compile_kwargs)
+    model.compiled_decoding = True                   # decode under no_grad: compile cannot take inference tensors
+    return model
+
+
 def current_attn_impl(model: Transformer) -> str:
     """The attention path the model's MLA layers use now ('naive' or 'absorb')."""
     return next(m.attn_impl for m in model.modules() if isinstance(m, MLA))
@@ -213,7 +225,17 @@ def current_attn_impl(model: Transformer) -> str:
 # 4. Decoding: without a cache, and with the (latent or naive) KV cache
 # ----------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
+def decoding(fn):
+    """Decorator: run fn(model, ...) under model.decoding_mode(), i.e. torch.inference_mode, or no_grad when
+    the model's decoding path is compiled. Generator functions are handled as torch's own decorators do:
+    the mode holds inside each step only, never in the caller's code between steps."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        return model.decoding_mode()(fn)(model, *args, **kwargs)
+    return wrapper
+
+
+@decoding
 def generate_uncached(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                       top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
                       generator: "torch.Generator | None" = None) -> list[int]:
@@ -232,18 +254,21 @@ def generate_uncached(model: Transformer, prompt: list[int], max_new_tokens: int
     return out
 
 
-@torch.no_grad()
+@decoding
 def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
-                 generator: "torch.Generator | None" = None) -> Iterator[torch.Tensor]:
+                 generator: "torch.Generator | None" = None, drop_finished: bool = True) -> Iterator[torch.Tensor]:
     """Decode a batch with the KV cache, yielding the (B,) new tokens of each step as soon as they exist.
 
     Prompts of different lengths are left-padded to the longest, L tokens, and the padding slots are
     removed from attention (cache.key_mask); RoPE only sees relative positions, so a padded prompt computes
     exactly what it would alone. The prompts go through the model once (prefill); after that every step
     feeds one token per row and reads everything earlier from the cache. Rows that produced eos_id keep
-    emitting it; the steps end when every row has, or after max_new_tokens. Uses the model's current
-    attention path (see `attention_path`). Raises ValueError for an empty prompt.
+    emitting it; the steps end when every row has, or after max_new_tokens. With drop_finished (default)
+    a finished row also leaves the batch (cache.keep_rows), so later steps only compute the rows still
+    running; drop_finished=False keeps computing every row, the plain version (same tokens under greedy
+    decoding; a sampled row draws from the same distribution, but the random stream is split differently).
+    Uses the model's current attention path (see `attention_path`). Raises ValueError for an empty prompt.
     """
     if min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token (start empty prompts with BOS)")
@@ -255,20 +280,26 @@ def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     for b, p in enumerate(prompts):
         idx[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
         cache.key_mask[b, :L - len(p)] = False                           # padding is never attended to
-    logits = model(idx, cache=cache)[0][:, -1]                            # (B, V) prefill: whole prompts
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model.next_logits(idx, cache)                                # (B, V) prefill: whole prompts
+    done = torch.zeros(B, dtype=torch.bool, device=device)               # per cache row
+    rows = None                      # which prompt each cache row decodes, once rows have left (None: all)
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)    # (B,)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)    # (b,) one per cache row
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             done = done | (nxt == eos_id)
-        yield nxt
+        yield nxt if rows is None else torch.full((B,), pad, device=device).index_copy_(0, rows, nxt)
         if (eos_id is not None and bool(done.all())) or step == max_new_tokens - 1:
             return
-        logits = model(nxt[:, None], cache=cache)[0][:, -1]               # (B, V) one new token per row
+        if drop_finished and eos_id is not None and bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)                          # cache rows still running
+            cache.keep_rows(keep)
+            rows = keep if rows is None else rows[keep]
+            nxt, done = nxt[keep], done[keep]
+        logits = model.next_logits(nxt[:, None], cache)                   # (b, V) one new token per row
 
 
-@torch.no_grad()
+@decoding
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                    top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
                    generator: "torch.Generator | None" = None,
@@ -365,7 +396,7 @@ def verify_draft(p: torch.Tensor, q: torch.Tensor, draft: int,
     return int(torch.multinomial(residual / residual.sum(), 1, generator=generator)), False
 
 
-@torch.no_grad()
+@decoding
 def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                        top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
                        generator: "torch.Generator | None" = None,
@@ -390,9 +421,12 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
         """One draw from a probability vector, with this call's generator."""
         return int(torch.multinomial(dist, 1, generator=generator))
 
+    greedy = temperature == 0       # one-hot p and q: the rule below reduces to comparing argmaxes
+
     cache = model.new_cache(1, len(prompt) + max_new_tokens, current_attn_impl(model))
     h = model.trunk(torch.tensor([prompt], device=device), cache)         # (1, P, D) h^0 of every prompt position
-    x = prompt + [sample(probs(model.head(model.norm(h[:, -1])).float())[0])]   # x_P from the prefill
+    last = model.head(model.norm(h[:, -1])).float()                       # (1, V)
+    x = prompt + [int(last.argmax()) if greedy else sample(probs(last)[0])]   # x_P from the prefill
     stats.forwards += 1
     stats.tokens += 1
     yield x[-1]
@@ -401,17 +435,28 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
         m = cache.pos                                                     # position of x_m = x[-1]
         # draft: the MTP block sees the pending positions and, for each, the token one step later
         ahead = torch.tensor([x[cache.mtp_pos + 1:m + 1]], device=device)        # (1, len(pending))
-        q = probs(model.mtp_draft(pending, ahead, cache)[:, -1])[0]        # (V,) for x_{m+1}; mtp_pos = m
-        draft = sample(q)
+        q_logits = model.mtp_draft(pending, ahead, cache)[:, -1]           # (1, V) for x_{m+1}; mtp_pos = m
+        if greedy:
+            draft = int(q_logits.argmax())
+        else:
+            q = probs(q_logits)[0]                                         # (V,)
+            draft = sample(q)
         # verify: x_m and the draft in one main-model call, positions m and m+1
         h2 = model.trunk(torch.tensor([[x[m], draft]], device=device), cache)    # (1, 2, D); pos = m + 2
-        p = probs(model.head(model.norm(h2)).float()[0])                   # (2, V) for x_{m+1}, x_{m+2}
-        token, accepted = verify_draft(p[0], q, draft, generator)
+        p_logits = model.head(model.norm(h2)).float()[0]                   # (2, V) for x_{m+1}, x_{m+2}
+        if greedy:
+            # verify_draft with one-hot p and q keeps d iff p's argmax is d, else returns p's argmax
+            token, bonus = p_logits.argmax(-1).tolist()
+            accepted = token == draft
+        else:
+            p = probs(p_logits)                                            # (2, V)
+            token, accepted = verify_draft(p[0], q, draft, generator)
+            bonus = sample(p[1]) if accepted else None                     # the bonus token x_{m+2}
         stats.forwards += 1
         stats.drafts += 1
         stats.accepted += accepted
         if accepted:
-            new, pending = [draft, sample(p[1])], h2                       # the bonus token x_{m+2}
+            new, pending = [draft, bonus], h2
         else:
             new, pending = [token], h2[:, :1]                              # h_m is still right ...
             cache.pos = m + 1                                              # ... slot m+1 (the draft) is not
@@ -487,7 +532,7 @@ def cache_sizes(model: Transformer, max_len: int) -> dict:
     a = model.args
     absorb, naive = model.new_cache(1, max_len, "absorb"), model.new_cache(1, max_len, "naive")
     n_cached_layers = a.n_layers + a.mtp_depth
-    elem = absorb.layers[0]["kv"].element_size()
+    elem = absorb.stored(absorb.layers[0])[0].element_size()
     mha = kv_cache_numbers_per_token(a)["mha"] * elem
     return {
         "per_token_per_layer": {"absorb": absorb.bytes_per_token_per_layer(),
@@ -624,6 +669,8 @@ def main(argv: "list[str] | None" = None) -> int:
         model, tok = random_tiny_model(cfg.seed, device, attn_impl=cfg.attn_impl)
     print(f"model: {model.args.n_layers} layers, dim {model.args.dim}, {cfg.attn_impl} attention, "
           f"context {model.args.max_seq_len}, device {device}")
+    if cfg.compile:
+        compile_decoding(model)
     if cfg.benchmark:
         print_benchmark(benchmark(model, tok, cfg))
         return 0
