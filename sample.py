@@ -4,7 +4,6 @@ tinyseek/sample.py -- generate text from a checkpoint: the inference side of Dee
     python sample.py                                   # out/ckpt.pt, the default arithmetic question
     python sample.py --prompt="FILE:question.txt" --num_samples=4 --temperature=0.8
     python sample.py --speculative                     # MTP drafts, the main model verifies
-    python sample.py --benchmark                       # tokens/s and cache bytes, measured
     python sample.py --compile                         # torch.compile the per-step decoding path
 
 Three ideas are on show here, each a few dozen lines.
@@ -64,8 +63,6 @@ from model import (
 from tasks import eval_record, format_prompt
 from tokenizer import Tokenizer, get_tokenizer
 
-REPO = Path(__file__).resolve().parent
-
 # ----------------------------------------------------------------------------------------------------
 # 1. Settings
 # ----------------------------------------------------------------------------------------------------
@@ -75,7 +72,7 @@ REPO = Path(__file__).resolve().parent
 class SampleConfig:
     """Every flag of `python sample.py`; each field is `--name=value` on the command line."""
     # where the model comes from
-    out_dir: str = field(default="out", metadata={"help": "folder with ckpt.pt (relative: from this file's folder)"})
+    out_dir: str = field(default="out", metadata={"help": "folder with ckpt.pt"})
     init_from: "str | None" = field(default=None, metadata={"help": "checkpoint file; overrides out_dir"})
     # what to generate
     prompt: str = field(default=format_prompt("37+48"), metadata={"help": "prompt text, or FILE:path"})
@@ -93,9 +90,6 @@ class SampleConfig:
     attn_impl: str = field(default="absorb", metadata={"help": "absorb (latent cache) or naive (per-head k, v)"})
     speculative: bool = field(default=False, metadata={"help": "MTP drafts, the main model verifies"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the per-step decoding path (run_blocks)"})
-    benchmark: bool = field(default=False, metadata={"help": "time four decoding methods, measure cache sizes"})
-    bench_tokens: int = field(default=256, metadata={"help": "new tokens per benchmark run (clipped to context)"})
-    bench_repeats: int = field(default=2, metadata={"help": "benchmark rounds; the best time of each method counts"})
 
     def __post_init__(self):
         """Reject values that make no sense, with a message saying what is allowed."""
@@ -105,16 +99,15 @@ class SampleConfig:
             raise ValueError(f"--temperature={self.temperature} must be >= 0 (0 means greedy decoding)")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"--top_k={self.top_k} must be a positive integer or none")
-        for name in ("max_new_tokens", "num_samples", "bench_tokens", "bench_repeats"):
+        for name in ("max_new_tokens", "num_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be at least 1")
         if self.attn_impl not in ("absorb", "naive"):
             raise ValueError(f"--attn_impl={self.attn_impl!r} must be 'absorb' or 'naive'")
 
     def checkpoint_path(self) -> Path:
-        """init_from if given, else out_dir/ckpt.pt; relative paths are taken from the repository folder."""
-        path = Path(str(self.init_from)) if self.init_from is not None else Path(self.out_dir) / "ckpt.pt"
-        return path if path.is_absolute() else REPO / path
+        """init_from if given, else out_dir/ckpt.pt; a relative path counts from the current folder."""
+        return Path(str(self.init_from)) if self.init_from is not None else Path(self.out_dir) / "ckpt.pt"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -515,15 +508,8 @@ def evaluate(model: Transformer, tok: Tokenizer, problems: list, max_new_tokens:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Benchmark
+# 7. Cache sizes (decoding speed is measured side by side by `python -m extras.bench`, rows 1b, 4b, 8b)
 # ----------------------------------------------------------------------------------------------------
-
-def _timed(fn, *args):
-    """(fn(*args), seconds it took)."""
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0
-
 
 def cache_sizes(model: Transformer, max_len: int) -> dict:
     """KV-cache bytes measured from real KVCache tensors (batch 1, max_len tokens) for both MLA paths,
@@ -545,87 +531,6 @@ def cache_sizes(model: Transformer, max_len: int) -> dict:
         "max_len": max_len,
         "layers": n_cached_layers,
     }
-
-
-def benchmark(model: Transformer, tok: Tokenizer, cfg: SampleConfig) -> dict:
-    """Greedy decoding of the same prompt four ways, timed, plus the cache sizes.
-
-    Methods: no cache (recompute the whole sequence each step), naive cache (per-head keys and values),
-    absorbed latent cache, and speculative decoding with the MTP draft (absorbed cache). Each is warmed up
-    on a few tokens first, then timed cfg.bench_repeats times. Returns a dict; `print_benchmark` shows it
-    as tables."""
-    prompt = encode_prompt(tok, read_prompt(cfg.prompt), cfg.bos)
-    L = model.args.max_seq_len
-    n = min(cfg.bench_tokens, max(L - len(prompt), L // 2))      # fewer new tokens rather than no prompt
-    if n < cfg.bench_tokens:
-        print(f"note: --bench_tokens={cfg.bench_tokens} clipped to {n} to fit the context of {L} tokens",
-              file=sys.stderr)
-    prompt = fit_prompt(prompt, L, n)
-    eos = None                           # always generate n tokens, so every method does the same work
-    runs = {
-        "no_cache": lambda k: generate_uncached(model, prompt, k, 0.0, eos_id=eos),
-        "naive": lambda k: generate_batch(model, [prompt], k, 0.0, eos_id=eos, attn_impl="naive")[0][0],
-        "absorb": lambda k: generate_batch(model, [prompt], k, 0.0, eos_id=eos, attn_impl="absorb")[0][0],
-    }
-    spec_stats: list[SpecStats] = []
-    if len(model.mtp):
-        def spec(k):
-            """Speculative greedy decoding of k tokens (absorbed cache), keeping its statistics."""
-            with attention_path(model, "absorb"):
-                out, stats = speculative_generate(model, prompt, k, 0.0, eos_id=eos)
-            spec_stats.append(stats)
-            return out
-        runs["speculative"] = spec
-    for run in runs.values():
-        run(min(n, 8))                                                    # warm-up
-    tokens, seconds = {}, {}
-    for _ in range(cfg.bench_repeats):                                    # interleaved, best time counts:
-        for name, run in runs.items():                                    # other programs only ever slow
-            tokens[name], t = _timed(run, n)                              # a run down
-            seconds[name] = min(t, seconds.get(name, float("inf")))
-    tps = {k: n / s for k, s in seconds.items()}
-    res = {
-        "prompt_tokens": len(prompt), "new_tokens": n,
-        "tokens_per_s": tps,
-        "speedup_vs_no_cache": {k: v / tps["no_cache"] for k, v in tps.items()},
-        "same_tokens_as_no_cache": {k: v == tokens["no_cache"] for k, v in tokens.items()},
-        "cache": cache_sizes(model, model.args.max_seq_len),
-    }
-    if "speculative" in runs:
-        stats = spec_stats[-1]                                            # the timed run
-        res["speculative"] = {"acceptance": stats.acceptance, "tokens_per_forward": stats.tokens_per_forward,
-                              "speedup_vs_absorb": tps["speculative"] / tps["absorb"]}
-    c = res["cache"]["per_token_per_layer"]
-    res["mla_to_mha"] = c["absorb"] / c["mha_computed"]
-    return res
-
-
-def print_benchmark(res: dict) -> None:
-    """The benchmark dict as three small tables."""
-    print(f"\n---- decoding speed: greedy, {res['prompt_tokens']} prompt + {res['new_tokens']} new tokens ----")
-    print(f"  {'method':<12} {'tokens/s':>9} {'vs no cache':>12}  same tokens")
-    for k, v in res["tokens_per_s"].items():
-        same = "yes" if res["same_tokens_as_no_cache"][k] else "no (float rounding flips a near-tie)"
-        print(f"  {k:<12} {v:>9.1f} {res['speedup_vs_no_cache'][k]:>11.2f}x  {same}")
-    if "speculative" in res:
-        s = res["speculative"]
-        print(f"  speculative: acceptance {s['acceptance']:.1%} of MTP drafts, {s['tokens_per_forward']:.2f} "
-              f"tokens per main-model call, {s['speedup_vs_absorb']:.2f}x the absorbed cache's tokens/s")
-    c = res["cache"]
-    per, tot = c["per_token_per_layer"], c["total"]
-    print("\n---- KV cache per token per layer (bytes; measured from the cache tensors) ----")
-    print(f"  MLA latent (absorb)  {per['absorb']:>7}   c^KV + k^R")
-    print(f"  naive MLA            {per['naive']:>7}   per-head keys and values")
-    print(f"  MHA, same heads      {per['mha_computed']:>7}   computed: 2 n_h d_h numbers")
-    print(f"  MLA : MHA = 1 : {1 / res['mla_to_mha']:.1f} ({res['mla_to_mha']:.1%})")
-    print(f"\n---- peak cache memory for a {c['max_len']}-token generation, batch 1, {c['layers']} layers "
-          "(main + MTP) ----")
-    print("  (the cache is allocated once for the whole generation, so its peak is its allocated size)")
-    for k, label in (("absorb", "MLA latent"), ("naive", "naive MLA"), ("mha_computed", "MHA (computed)")):
-        print(f"  {label:<15} {tot[k] / 2**20:>9.3f} MiB")
-    v3 = kv_cache_numbers_per_token(ModelArgs.preset("671B"))
-    print(f"  for V3's own shape: {v3['mla']} vs {v3['mha']} numbers per token per layer "
-          f"({v3['mla'] / v3['mha']:.1%})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -653,7 +558,7 @@ def print_stream(tokens: Iterable[int], tok: Tokenizer, stop: str) -> list[int]:
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    """Parse flags, load the checkpoint, then generate (streaming for one sample) or benchmark."""
+    """Parse flags, load the checkpoint, then generate (streaming for one sample, batched for several)."""
     cfg = parse_config(SampleConfig, argv, description=__doc__.split("\n\n")[0])
     print_config(cfg, "sample")
     device = pick_device(cfg.device)
@@ -661,19 +566,12 @@ def main(argv: "list[str] | None" = None) -> int:
     try:
         model, tok = load(cfg, device)
     except CheckpointError as e:
-        if not cfg.benchmark:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"note: {e}\nnote: benchmarking an untrained `tiny` model instead: its speeds and cache sizes are "
-              "real, its MTP acceptance rate is meaningless", file=sys.stderr)
-        model, tok = random_tiny_model(cfg.seed, device, attn_impl=cfg.attn_impl)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"model: {model.args.n_layers} layers, dim {model.args.dim}, {cfg.attn_impl} attention, "
           f"context {model.args.max_seq_len}, device {device}")
     if cfg.compile:
         compile_decoding(model)
-    if cfg.benchmark:
-        print_benchmark(benchmark(model, tok, cfg))
-        return 0
     try:
         prompt = fit_prompt(encode_prompt(tok, read_prompt(cfg.prompt), cfg.bos), model.args.max_seq_len,
                             cfg.max_new_tokens)
@@ -708,7 +606,8 @@ def main(argv: "list[str] | None" = None) -> int:
         print(f"speculative: {stats.acceptance:.1%} of {stats.drafts} MTP drafts accepted, "
               f"{stats.tokens_per_forward:.2f} tokens per main-model call")
     else:
-        print("next: --speculative drafts with the MTP module; --benchmark measures speed and cache sizes")
+        print("next: --speculative drafts with the MTP module; `python -m extras.bench --only=1,4` measures "
+              "decoding speed")
     return 0
 
 
