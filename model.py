@@ -55,7 +55,7 @@ class ModelArgs:
     n_expert_groups: int = 2          # experts are split into this many groups (node-limited routing)
     n_limited_groups: int = 1         # M: a token may only use experts from this many groups
     score_func: str = "sigmoid"       # "sigmoid" (V3) or "softmax" (V2)
-    route_scale: float = 1.0          # gates are multiplied by this
+    route_scale: float = 1.0          # gates are multiplied by this (V3's 2.5 is from config_671B.json, not the report)
     q_lora_rank: int = 64             # d_c' (0: queries are a plain projection `wq`)
     kv_lora_rank: int = 32            # d_c, the compressed KV latent that is cached
     qk_nope_head_dim: int = 32        # d_h, per-head query/key dims without rotary
@@ -66,7 +66,7 @@ class ModelArgs:
     rope_factor: float = 40.0         # YaRN: context extension factor
     beta_fast: int = 32
     beta_slow: int = 1
-    mscale: float = 1.0               # YaRN softmax-scale correction (NOT the rotary amplitude)
+    mscale: float = 1.0               # YaRN softmax scale (0.1 mscale ln s + 1)^2, NOT the rotary amplitude
     # --- training knobs (ours) ---
     mtp_depth: int = 1                # D, number of Multi-Token Prediction modules (0: none built)
     mtp_lambda: float = 0.3           # lambda, weight of the MTP loss (V3 eq. 25)
@@ -75,7 +75,7 @@ class ModelArgs:
     fp8: bool = False                 # simulate FP8 (E4M3) matmuls in the blocks' Linear layers
     fp8_block: int = 128              # tile/block size of the fine-grained FP8 scales
     fp8_scale_fmt: str = ""           # "" FP32 scales (max|x| / 448) or "ue8m0" (power-of-two scales)
-    attn_impl: str = "absorb"         # "naive" or "absorb" (same weights, same outputs)
+    attn_impl: str = "absorb"         # "naive" or "absorb" (same weights, same outputs; see MLA)
     init_std: float = 0.006           # std of the normal init of every weight matrix (V3 §4.2)
 
     def __post_init__(self):
@@ -113,6 +113,9 @@ class ModelArgs:
             bad("qk_rope_head_dim", "must be even (RoPE rotates pairs of channels)")
         if self.score_func not in ("sigmoid", "softmax"):
             bad("score_func", "must be 'sigmoid' (V3) or 'softmax' (V2)")
+        if self.kv_lora_rank >= self.dim:
+            bad("kv_lora_rank", f"must be smaller than dim={self.dim}: the cached latent c^KV is a compression "
+                "of the hidden state (V2 §2.1.2); at kv_lora_rank >= dim nothing is compressed")
         if self.fp8_scale_fmt not in ("", "ue8m0"):
             bad("fp8_scale_fmt", "must be '' (FP32 scales) or 'ue8m0' (power-of-two scales)")
         if self.attn_impl not in ("naive", "absorb"):
@@ -157,7 +160,8 @@ PRESETS = {
     # dense layer, MTP depth 1) at a size that trains usefully on 2 CPU cores. kv_lora_rank (32) is a
     # quarter of dim (128), so the cache really is compressed. Init std 0.02 instead of V3's 0.006: with
     # dim=128 the fan-in is 56x smaller than V3's 7168, and 0.006 would start the network nearly silent.
-    # The bias update speed is raised 10x because a laptop run has ~1000 steps, not V3's ~500k.
+    # The bias update speed is raised 10x because a laptop run has ~750 steps, not V3's ~235k (14.8T tokens at
+    # its final batch of 15,360 sequences x 4,096 tokens; fewer tokens per step during the batch ramp-up).
     "tiny": ModelArgs(init_std=0.02, bias_update_speed=0.01),
     # A smaller student for distillation experiments (r1.py): half the layers of tiny, half its routed experts
     # and a narrower width, still with every V3 feature on (MLA with q compression, shared + routed experts,
@@ -172,7 +176,9 @@ PRESETS = {
                        n_activated_experts=4, n_expert_groups=4, n_limited_groups=2, q_lora_rank=384,
                        kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                        init_std=0.02, bias_update_speed=0.001, fp8_block=128),
-    # The official configs (config_16B.json is DeepSeek-V2-Lite's shape; config_671B.json is V3).
+    # The official configs (config_16B.json is DeepSeek-V2-Lite's shape; config_671B.json is V3). Two values come
+    # from these files, not from the reports' text: route_scale 2.5 (671B) and mscale 0.707 (16B), which makes
+    # YaRN's sqrt(t) = 0.0707 ln s + 1 of V2 §3.1.4; V3 §4.3 gives sqrt(t) = 0.1 ln s + 1, i.e. mscale 1.0.
     "16B": ModelArgs(max_seq_len=16384, vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408,
                      n_layers=27, n_dense_layers=1, n_heads=16, n_routed_experts=64, n_shared_experts=2,
                      n_activated_experts=6, n_expert_groups=1, n_limited_groups=1, score_func="softmax",
@@ -441,8 +447,8 @@ class RMSNorm(nn.Module):
 def precompute_rope(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for rotary embeddings on the qk_rope_head_dim channels, with YaRN.
 
-    Plain RoPE rotates channel pair j at frequency theta^(-2j/d). YaRN (used by V2/V3 to extend the
-    context, V2 appendix) only changes the frequencies when max_seq_len > original_seq_len: pairs that
+    Plain RoPE rotates channel pair j at frequency theta^(-2j/d). YaRN (Peng et al., arXiv 2309.00071; used
+    to extend the context in V2 §3.1.4 and V3 §4.3, with s = 40, alpha = 1, beta = 32) only changes the frequencies when max_seq_len > original_seq_len: pairs that
     rotate many times within the original context (high frequency, j below `low`) are kept; pairs that
     rotate less than once (low frequency, j above `high`) are slowed down by rope_factor (interpolation);
     a linear ramp blends the two in between. Returns cos, sin of shape (max_seq_len, qk_rope_head_dim // 2).
@@ -485,9 +491,10 @@ class MLA(nn.Module):
     Keys and values are not projected per head from h. Instead h is compressed to a small latent
     c^KV = W^DKV h (d_c = kv_lora_rank numbers, eq. 9), and per-head keys/values are up-projections of it:
     k^C = W^UK c^KV, v^C = W^UV c^KV (eq. 10-11). RoPE cannot pass through that factorisation, so position
-    goes into a separate small key k^R = RoPE(W^KR h) shared by all heads (eq. 14, "decoupled RoPE"), and
-    each query head gets its own rotary part q^R (eq. 13). Queries may be compressed the same way
-    (c^Q = W^DQ h, eq. 12) to save activation memory in training. In the official weight layout
+    goes into a separate small key k^R = RoPE(W^KR h) shared by all heads (eq. 15, "decoupled RoPE"), and
+    each query head gets its own rotary part q^R = RoPE(W^QR c^Q) (eq. 14); q = [q^C; q^R] and
+    k = [k^C; k^R] (eq. 16-17). Queries are compressed the same way (c^Q = W^DQ h, q^C = W^UQ c^Q,
+    eq. 12-13) to save activation memory in training. In the official weight layout
     wkv_a = [W^DKV; W^KR], wkv_b = [W^UK; W^UV] interleaved per head, wq_a = W^DQ, wq_b = [W^UQ; W^QR].
 
     Two implementations, same weights, same outputs:
@@ -496,6 +503,11 @@ class MLA(nn.Module):
               latent c directly; likewise apply W^UV after the attention-weighted sum of latents. The cache
               then holds only c^KV and k^R: kv_lora_rank + qk_rope_head_dim numbers per token and layer.
               Seen this way, absorbed MLA is multi-query attention whose single key/value head is the latent.
+    Training runs the path args.attn_impl names, like decoding, so one setting serves both. V2 presents
+    absorption as an inference trick: per head and key it scores d_c + d_h^R numbers instead of
+    d_h + d_h^R, 3x the attention arithmetic at V3's shape (576 vs 192), so a large model would train
+    naive. At `tiny`'s shape (d_c = d_h = 32) both cost the same, and a measured training step of `tiny`
+    is as fast either way (absorb/naive 1.01, interquartile range 0.96-1.06), so the default stays absorb.
     """
 
     def __init__(self, args: ModelArgs):
@@ -536,12 +548,12 @@ class MLA(nn.Module):
         """
         B, T, _ = x.shape
         H = self.n_heads
-        # ---- queries (eq. 12-13) ----
+        # ---- queries (eq. 12-14) ----
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))  # (B, T, H*qk_head_dim)
         q = q.view(B, T, H, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)                          # (B, T, H, qk_rope_head_dim)
-        # ---- compressed latent and shared rotary key (eq. 9, 14) ----
+        # ---- compressed latent and shared rotary key (eq. 9, 15) ----
         kv = self.wkv_a(x)                                         # (B, T, kv_lora_rank + qk_rope_head_dim)
         kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)                                      # (B, T, kv_lora_rank) = c^KV
@@ -550,7 +562,7 @@ class MLA(nn.Module):
         is_causal = cache is None and mask is None
 
         if self.attn_impl == "naive":
-            # ---- up-project the latent to per-head keys and values (eq. 10-11, 15) ----
+            # ---- up-project the latent to per-head keys and values (eq. 10-11, 16-17) ----
             kv_up = self.wkv_b(kv).view(B, T, H, -1)               # (B, T, H, nope + v), FP8 GEMM if on
             k_nope, v = kv_up.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], dim=-1)  # (B, T, H, qk_head_dim)
@@ -681,7 +693,10 @@ class Gate(nn.Module):
 
     s_i = sigmoid(u . e_i) (V3) or softmax_i(u . e) (V2) are the token-to-expert affinities. Selection
     uses the *biased* scores s_i + b_i: first the n_limited_groups best groups (a group's score is the sum
-    of its two highest biased scores; node-limited routing), then the top K experts inside them. Gates
+    of its two highest biased scores; node-limited routing), then the top K experts inside them. V3
+    §2.1.2 sums the highest K_r/M scores per group (8/4 = 2 for V3, also 2 for tiny, nano and small);
+    the official code hard-codes 2 when a bias exists and uses the group max without one (V2). The 2 here
+    is that hard-coded value: for configs with K_r/M != 2 it differs from the report's rule. Gates
     use the *unbiased* s_i of the chosen experts, normalised to sum to one (sigmoid only) and times
     route_scale. The bias b (`gate.bias`, a buffer, no gradient) only steers selection; it is moved after
     each optimizer step by `update_bias` (aux-loss-free balancing, [ALF] / V3 §2.1.2).
@@ -786,7 +801,9 @@ class MoE(nn.Module):
         """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
 
         f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean over the sequence's tokens of the
-        normalised affinity s_i / sum_j s_j. Minimised when load and affinity mass are spread evenly."""
+        normalised affinity s_i / sum_j s_j. Minimised when load and affinity mass are spread evenly.
+        f_i counts the experts actually selected (biased, group-limited), whereas eq. 18 writes TopK of
+        the unbiased s_{j,t}: the loss balances the load the experts really receive."""
         if self.seq_aux_alpha == 0:
             return torch.zeros((), device=scores.device)
         E, K = self.n_routed_experts, self.n_activated_experts
@@ -820,15 +837,19 @@ class Block(nn.Module):
 class MTPModule(nn.Module):
     """One Multi-Token Prediction module (V3 §2.2, eq. 21-24).
 
-    Module k predicts the token k+1 steps ahead of the main model's next-token prediction, keeping the
-    causal chain: for position i it combines the previous depth's representation h^{k-1}_i with the
-    embedding of token t_{i+k} (which the earlier depths have just "predicted"), eq. 21:
+    At position i the main model predicts t_{i+1}; module k predicts t_{i+k+1}, k tokens further, keeping
+    the causal chain: it combines the previous depth's representation h^{k-1}_i with the embedding of
+    token t_{i+k} (which the earlier depths have just "predicted"), eq. 21:
         h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]      M_k = eh_proj, (D x 2D)
         h^k    = TRM_k(h'^k)                                          eq. 22, one transformer block
-        P^k    = OutHead(RMSNorm(h^k))                                eq. 23, head shared with the model
-    Convention (the one of the public code that loads V3's released MTP weights, so checkpoints convert):
-    h^0 is the main model's last block output *before* the final norm, the embedding comes first in the
-    concatenation (the report writes it second), and the module has its own norm before the shared head.
+        P^k    = OutHead(norm(h^k))                                   eq. 23 (the paper: OutHead(h^k))
+    The head is shared with the main model. Three choices the report leaves open or writes otherwise:
+    the embedding comes first in the concatenation (eq. 21 writes h^{k-1} first); the module applies
+    its own RMSNorm before the shared head (eq. 23 has none; the released checkpoint has one, listed as
+    `shared_head` in the official README_WEIGHTS.md, and vLLM's DeepSeekMultiTokenPredictorLayer.forward
+    in vllm/model_executor/models/deepseek_mtp.py concatenates [enorm(emb); hnorm(h)] and norms before the
+    head); and h^0 is the main model's last block output *before* its final norm (the report does not say
+    which; eq. 21's own RMSNorm makes the choice matter little).
     """
 
     def __init__(self, depth: int, args: ModelArgs):
@@ -1034,8 +1055,12 @@ def count_params(args: ModelArgs) -> dict:
     report does; MTP shares the embedding and head, so `mtp` excludes them too (the released checkpoint
     stores copies of both, which is why it quotes ~14B). `activated` counts everything one token touches:
     embedding, head, attention, norms, dense FFNs, gates, shared experts and K of the N_r routed experts
-    of each MoE layer. For 671B this plain count gives ~37.5B; the report's "37B" and the model card's
-    36.7B round differently.
+    of each MoE layer. For 671B this plain count gives 37.55B: embedding and head 0.93B each, attention
+    61 x 187.1M = 11.41B, FFNs 61 x 396.4M = 24.18B (3 dense of 18,432 = 9 x 2,048 wide; 58 MoE layers with
+    8 routed + 1 shared expert), gates 0.11B. That does not round to the report's "37B", and it is 0.85B
+    above the 36.7B of the official README_WEIGHTS.md ("including 0.9B for Embedding and 0.9B for the
+    output Head"), which gives no breakdown; no single part explains the gap (leaving out the embedding
+    lookup would give 36.63B, but the card says it is included). Total: 671.03B, as reported.
     """
     a = args
     d, H = a.dim, a.n_heads
