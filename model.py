@@ -220,6 +220,23 @@ FP8_E4M3_MAX = 448.0
 FP32_TINY = torch.finfo(torch.float32).tiny        # smallest normal float32, the floor of every scale
 
 
+def _fp8_tiles(x: torch.Tensor, block: tuple[int, int], scale_fmt: "str | None"):
+    """x (R, C) -> E4M3 tiles (R'/br, br, C'/bc, bc) and their scales (R'/br, 1, C'/bc, 1), R' and C' padded
+    up to whole blocks with zeros (zeros never raise a block's max)."""
+    R, C = x.shape
+    br, bc = block
+    pr, pc = (-R) % br, (-C) % bc
+    xf = F.pad(x.float(), (0, pc, 0, pr))
+    tiles = xf.view((R + pr) // br, br, (C + pc) // bc, bc)              # (R'/br, br, C'/bc, bc)
+    amax = tiles.abs().amax(dim=(1, 3), keepdim=True)                     # (R'/br, 1, C'/bc, 1)
+    scale = (amax / FP8_E4M3_MAX).clamp(min=FP32_TINY)                   # zero tile: 0 / tiny = 0
+    if scale_fmt == "ue8m0":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))                # power of two, >= max|x| / 448
+    elif scale_fmt is not None:
+        raise ValueError(f"scale_fmt={scale_fmt!r} is invalid: use None or 'ue8m0'")
+    return (tiles / scale).to(torch.float8_e4m3fn), scale                 # round to the E4M3 grid
+
+
 def fp8_quantize(x: torch.Tensor, block: tuple[int, int], scale_fmt: "str | None" = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise a 2-D tensor to E4M3 with one float32 scale per (br x bc) block, scales computed online.
@@ -234,18 +251,8 @@ def fp8_quantize(x: torch.Tensor, block: tuple[int, int], scale_fmt: "str | None
         scale: (ceil(R/br), ceil(C/bc)) float32, one per block (edge blocks may be partial, zero padded).
     """
     R, C = x.shape
-    br, bc = block
-    pr, pc = (-R) % br, (-C) % bc
-    xf = F.pad(x.float(), (0, pc, 0, pr))                                 # zeros never raise a block's max
-    tiles = xf.view((R + pr) // br, br, (C + pc) // bc, bc)              # (R/br, br, C/bc, bc)
-    amax = tiles.abs().amax(dim=(1, 3), keepdim=True)                     # (R/br, 1, C/bc, 1)
-    scale = (amax / FP8_E4M3_MAX).clamp(min=FP32_TINY)                   # zero tile: 0 / tiny = 0
-    if scale_fmt == "ue8m0":
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))                # power of two, >= max|x| / 448
-    elif scale_fmt is not None:
-        raise ValueError(f"scale_fmt={scale_fmt!r} is invalid: use None or 'ue8m0'")
-    q = (tiles / scale).to(torch.float8_e4m3fn)                           # round to the E4M3 grid
-    return q.view(R + pr, C + pc)[:R, :C], scale[:, 0, :, 0]
+    q, scale = _fp8_tiles(x, block, scale_fmt)
+    return q.view(q.shape[0] * q.shape[1], -1)[:R, :C], scale[:, 0, :, 0]
 
 
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -257,8 +264,10 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int])
 
 def fp8_quant_dequant(x: torch.Tensor, block: tuple[int, int], scale_fmt: "str | None" = None) -> torch.Tensor:
     """Round x (R, C) to scaled E4M3 and back, in x's dtype: what an FP8 GEMM would actually multiply."""
-    q, scale = fp8_quantize(x, block, scale_fmt)
-    return fp8_dequantize(q, scale, block).to(x.dtype)
+    R, C = x.shape
+    q, scale = _fp8_tiles(x, block, scale_fmt)
+    d = q.float() * scale                                                 # (R'/br, br, C'/bc, bc)
+    return d.view(d.shape[0] * d.shape[1], -1)[:R, :C].to(x.dtype)
 
 
 def fp8_quant_error(x: torch.Tensor, block: tuple[int, int] = (1, 128)) -> dict:
