@@ -245,3 +245,9 @@ def test_model_follows_scheduled_lambda_and_bias_speed():
     model(idx, idx)
     model.update_bias()
     assert any(not torch.equal(m.gate.bias, b) for m, b in zip(model.moe_layers(), bias))
+
+
+def test_kv_lora_rank_must_compress_the_hidden_state():
+    with pytest.raises(ValueError, match="kv_lora_rank=32 is invalid: must be smaller than dim=32"):
+        tiny(kv_lora_rank=32)
+    assert tiny(kv_lora_rank=31).kv_lora_rank == 31
