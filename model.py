@@ -900,6 +900,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.loss_parts: dict = {}
         self.mtp_lambda = args.mtp_lambda        # current MTP weight; a schedule may lower it (mtp_lambda_at)
+        self.bias_update_speed = args.bias_update_speed   # current gamma; a schedule may zero it (§10)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -984,10 +985,10 @@ class Transformer(nn.Module):
     def update_bias(self, load: "torch.Tensor | None" = None, speed: "float | None" = None) -> torch.Tensor:
         """Aux-loss-free bias step for every MoE layer from `load` (default: the accumulated counts, which
         train.py all-reduces across ranks first), then reset the counters. Call after each optimizer step.
-        `speed` overrides args.bias_update_speed (a schedule: bias_update_speed_at). Returns the per-layer
-        MaxVio of the load used."""
+        The step is `speed`, default self.bias_update_speed (args.bias_update_speed unless a schedule,
+        bias_update_speed_at, changed it). Returns the per-layer MaxVio of the load used."""
         load = self.expert_load() if load is None else load
-        speed = self.args.bias_update_speed if speed is None else speed
+        speed = self.bias_update_speed if speed is None else speed
         for m, row in zip(self.moe_layers(), load):
             m.gate.update_bias(row, speed)
             m.reset_load()

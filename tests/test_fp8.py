@@ -242,6 +242,11 @@ def test_model_follows_scheduled_lambda_and_bias_speed():
     bias = [m.gate.bias.clone() for m in model.moe_layers()]
     model.update_bias(speed=bias_update_speed_at(0.99))
     assert all(torch.equal(m.gate.bias, b) for m, b in zip(model.moe_layers(), bias))
+    model.bias_update_speed = bias_update_speed_at(0.99, model.args.bias_update_speed)
+    model(idx, idx)
+    model.update_bias()
+    assert all(torch.equal(m.gate.bias, b) for m, b in zip(model.moe_layers(), bias))
+    model.bias_update_speed = bias_update_speed_at(0.5, model.args.bias_update_speed)
     model(idx, idx)
     model.update_bias()
     assert any(not torch.equal(m.gate.bias, b) for m, b in zip(model.moe_layers(), bias))
