@@ -18,7 +18,7 @@ Map of the file (top to bottom):
                             aux-loss-free bias (V3 eq. 16, [ALF]), sequence-wise balance loss (V3 eq. 17-20)
   7. Block, MTP ........... a transformer block; Multi-Token Prediction modules (V3 eq. 21-25)
   8. Transformer .......... embedding -> blocks -> norm -> head; losses; generate(); bias update
-  9. Accounting ........... count_params, kv_cache_numbers_per_token, max_violation
+  9. Accounting ........... count_params, kv_cache_numbers_per_token, max_violation, flops_per_token
  10. Schedules ............ mtp_lambda_at, bias_update_speed_at (V3 §4.2, scaled to the run's budget)
 
 Shapes in comments: B batch, T new tokens in this call, S = tokens visible to attention (cache + new),
@@ -163,7 +163,7 @@ PRESETS = {
     # The bias update speed is raised 10x because a laptop run has ~750 steps, not V3's ~235k (14.8T tokens at
     # its final batch of 15,360 sequences x 4,096 tokens; fewer tokens per step during the batch ramp-up).
     "tiny": ModelArgs(init_std=0.02, bias_update_speed=0.01),
-    # A smaller student for distillation experiments (r1.py): half the layers of tiny, half its routed experts
+    # A smaller student for distillation experiments (extras/r1.py): half the layers of tiny, half its routed experts
     # and a narrower width, still with every V3 feature on (MLA with q compression, shared + routed experts,
     # group-limited routing, one dense layer, MTP).
     "nano": ModelArgs(dim=96, inter_dim=256, moe_inter_dim=48, n_layers=2, n_heads=4, n_routed_experts=4,
@@ -1104,6 +1104,43 @@ def max_violation(load: torch.Tensor) -> torch.Tensor:
     """MaxVio = max load / mean load - 1 per row of (layers, E) counts (0 = perfectly balanced)."""
     load = load.float()
     return load.max(dim=-1).values / load.mean(dim=-1).clamp(min=1e-9) - 1
+
+
+def flops_breakdown(args: ModelArgs, seq_len: int, causal: bool = False) -> dict:
+    """Training FLOPs per token, in parts: {"matmul", "attention", "total"} (FLOPs, forward + backward).
+
+    matmul: 6 x activated parameters, less the embedding lookup (the output head is a matmul and stays in).
+    The MTP modules are in too: each is a full Transformer block whose token runs through all of its
+    attention but only the shared and K_r routed experts, plus its projection of [h; emb], and it calls the
+    shared output head once more (count_params does not count shared weights, a token still multiplies by them).
+    attention: 6 x (n_layers + mtp_depth) x n_heads x (qk_head_dim + v_head_dim) x seq_len, the full score
+    matrix (nanoGPT's and PaLM's convention). With causal=True it is halved: under a causal mask a token only
+    attends to the tokens before it, so only about half the score matrix is needed, and flash-attention
+    kernels skip the masked blocks (FlashAttention's benchmarks count FLOPs this way). MFU figures quoted
+    by different people differ by this convention; the defaults here count the full matrix.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len} must be a positive number of tokens per sequence (V3 used 4096)")
+    c = count_params(args)
+    # Parameters one token multiplies by: activated minus the embedding table (a lookup), plus per MTP module
+    # its weights without the routed experts it skips, plus the shared output head it calls again.
+    skipped = (args.n_routed_experts - args.n_activated_experts) * 3 * args.dim * args.moe_inter_dim
+    mtp = c["mtp"] - args.mtp_depth * skipped + args.mtp_depth * args.vocab_size * args.dim
+    params = c["activated"] - args.vocab_size * args.dim + mtp
+    matmul = 6 * params
+    # Per token, layer and head: Q K^T is 2 x qk_head_dim x seq_len FLOPs forward, weights x V is
+    # 2 x v_head_dim x seq_len; backward doubles each, hence 6 in all.
+    attention = 6 * (args.n_layers + args.mtp_depth) * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
+    if causal:
+        attention /= 2
+    return {"matmul": float(matmul), "attention": float(attention), "total": float(matmul + attention)}
+
+
+def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = False) -> float:
+    """Training FLOPs per token (forward + backward): 6 x activated matmul parameters plus attention scores
+    and weighted values, as nanoGPT counts them (no causal halving unless causal=True). Embedding lookups
+    are not matmuls and are left out; MTP blocks are in. See flops_breakdown for the parts."""
+    return flops_breakdown(args, seq_len, causal)["total"]
 
 
 # ----------------------------------------------------------------------------------------------------

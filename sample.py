@@ -59,7 +59,7 @@ from model import (
     sample_next,
     sampling_probs,
 )
-from tasks import format_prompt
+from tasks import eval_record, format_prompt
 from tokenizer import Tokenizer, get_tokenizer
 
 REPO = Path(__file__).resolve().parent
@@ -435,7 +435,42 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Benchmark
+# 6. Held-out evaluation: greedy answers to questions never seen in training, checked by tasks.py's rules
+# ----------------------------------------------------------------------------------------------------
+# train.py (after pretraining), grpo.py (before, during and after RL) and the R1 recipe all measure with
+# this one function, so their accuracy figures are comparable.
+
+def prompt_tokens(tok: Tokenizer, question: str) -> list[int]:
+    """[BOS] + the R1-Zero prompt, ending right after <think>, exactly as pretraining documents begin."""
+    return [tok.bos_id] + tok.encode(format_prompt(question))
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, tok: Tokenizer, problems: list, max_new_tokens: int, batch_size: int = 250,
+             step: "int | None" = None) -> tuple[list[dict], dict]:
+    """Greedy completions (temperature 0) for held-out problems, verified by tasks.eval_record.
+
+    Returns (records, summary): one JSON-ready dict per problem with question, completion, answer,
+    correct plus predicted, format, finished and step; summary has accuracy, format and
+    length (mean completion tokens) and n.
+    """
+    model.eval()
+    records, lengths = [], []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        comps, fins = generate_batch(model, [prompt_tokens(tok, p.question) for p in chunk], max_new_tokens,
+                                     temperature=0.0, eos_id=tok.eos_id)
+        for p, c, f in zip(chunk, comps, fins):
+            records.append({**eval_record(p, completion_text(tok, c)[0]), "finished": f, "step": step})
+            lengths.append(len(c))
+    n = max(1, len(records))
+    summary = {"accuracy": sum(r["correct"] for r in records) / n, "format": sum(r["format"] for r in records) / n,
+               "length": sum(lengths) / n, "n": len(records)}
+    return records, summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Benchmark
 # ----------------------------------------------------------------------------------------------------
 
 def _timed(fn, *args):
@@ -549,7 +584,7 @@ def print_benchmark(res: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Main
+# 8. Main
 # ----------------------------------------------------------------------------------------------------
 
 def print_stream(tokens: Iterable[int], tok: Tokenizer, stop: str) -> list[int]:

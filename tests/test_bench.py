@@ -1,4 +1,4 @@
-"""Tests for bench.py: every comparison's arms differ only in the thing compared, and --quick produces every row.
+"""Tests for extras/bench.py: every comparison's arms differ only in the thing compared, and --quick produces every row.
 
 Run: python -m pytest tests/test_bench.py -q          (add -m "not slow" to skip the ~3-minute --quick run)
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench
+from extras import bench
 from model import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,16 +123,16 @@ def test_flags_and_table():
     for bad in ("9", "x"):
         with pytest.raises(ValueError, match="1-8"):
             bench.BenchConfig(only=bad)
-    meta = {"date": "d", "machine": bench.machine(), "command": "python bench.py", "mode": "quick", "seconds": 60}
+    meta = {"date": "d", "machine": bench.machine(), "command": "python -m extras.bench", "mode": "quick", "seconds": 60}
     text = bench.markdown([bench.row("1a", "a | b", "m", "1.00x", "r")], meta, ["note"], ["x.png"])
-    assert "| 1a | a \\| b | m | 1.00x | r |" in text and "![x](x.png)" in text and "python bench.py" in text
+    assert "| 1a | a \\| b | m | 1.00x | r |" in text and "![x](x.png)" in text and "python -m extras.bench" in text
 
 
 @pytest.mark.slow
 def test_quick_run_produces_every_row(tmp_path):
     out = tmp_path / "bench"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}          # no thread oversubscription on a shared CI box
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", f"--out_dir={out}"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "extras.bench", "--quick", f"--out_dir={out}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -148,6 +148,6 @@ def test_quick_run_produces_every_row(tmp_path):
     md = (out / "results.md").read_text()
     for i in ids:
         assert f"| {i} |" in md
-    assert "- date:" in md and "- machine:" in md and "- command: `python bench.py --quick" in md
+    assert "- date:" in md and "- machine:" in md and "- command: `python -m extras.bench --quick" in md
     for png in ("moe_vs_dense.png", "balancing.png", "mtp.png", "fp8.png", "grpo_time.png"):
         assert (out / png).stat().st_size > 0 and f"({png})" in md

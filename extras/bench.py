@@ -1,10 +1,10 @@
 """
-tinyseek/bench.py -- DeepSeek-V3's claims, measured side by side on your own machine.
+tinyseek/extras/bench.py -- DeepSeek-V3's claims, measured side by side on your own machine.
 
-    python bench.py                          # full run (~15-20 min on 2 CPU cores): bench_out/results.md + plots
-    python bench.py --quick                  # every row with tiny budgets (~3 min): a smoke test, not a result
-    python bench.py --only=1,3               # a subset of the comparisons
-    python bench.py --only=6 --device=cuda   # the GPU row: `small`, bf16 autocast, torch.compile
+    python -m extras.bench                          # full run (~15-20 min on 2 CPU cores): docs/bench/results.md + plots
+    python -m extras.bench --quick                  # every row with tiny budgets (~3 min): a smoke test, not a result
+    python -m extras.bench --only=1,3               # a subset of the comparisons
+    python -m extras.bench --only=6 --device=cuda   # the GPU row: `small`, bf16 autocast, torch.compile
 
 The DeepSeek reports say each of their ideas pays off at their scale. This script asks whether it does at
 ours. Every comparison runs both sides in this one process, on the same data, with the same seed, and the
@@ -29,7 +29,7 @@ check the same). The rows:
   6. Training efficiency: tokens/s and MFU of `tiny` against a matmul peak measured on this machine; on a
      CUDA GPU, `small` with bf16 autocast and torch.compile against the GPU's spec peak, plus peak memory.
   7. GRPO: seconds per RL step split into sampling and update, for G = 4, 8, 16 (grpo_time.png).
-  8. tinyseek vs transformers' `DeepseekV3ForCausalLM` with the same weights (exported by hf.py, so both
+  8. tinyseek vs transformers' `DeepseekV3ForCausalLM` with the same weights (exported by extras/hf.py, so both
      compute the same function): a training step (forward + backward, same batch) and greedy decoding with
      each one's KV cache. When tinyseek is slower, torch.profiler's top operators of both sides say where
      the time goes. Skipped, with the reason, when transformers is not installed.
@@ -41,7 +41,7 @@ a run down). Still, ratios within 5% of 1 are read as "no clear difference". The
 other: a neighbour's job that starts halfway penalises one arm only, and the equal-wall-clock row 2 carries
 the most of that noise. The `--quick` budgets only prove that every row runs; read the full run's table.
 
-Outputs in --out_dir (default bench_out/): results.md (the table with date, machine and command),
+Outputs in --out_dir (default docs/bench/ in the repository): results.md (the table with date, machine and command),
 results.json (every number), the plots, profile_*.txt (row 8), and runs/ with each training arm's train.py
 outputs (checkpoint, metrics.jsonl, train.log).
 """
@@ -69,9 +69,15 @@ import train
 from checkpoint import load_model, read_checkpoint
 from cli import parse_config, pick_device, print_config
 from model import ModelArgs, Transformer, count_params, kv_cache_numbers_per_token
-from sample import attention_path, decode_steps, generate_batch, speculative_generate
+from sample import (
+    attention_path,
+    decode_steps,
+    generate_batch,
+    prompt_tokens,
+    speculative_generate,
+)
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 NOISE = 0.05        # ratios within 5% of 1 are read as "no clear difference"
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,10 +87,10 @@ NOISE = 0.05        # ratios within 5% of 1 are read as "no clear difference"
 
 @dataclass
 class BenchConfig:
-    """Every flag of `python bench.py`; each field is `--name=value` on the command line."""
+    """Every flag of `python -m extras.bench`; each field is `--name=value` on the command line."""
     quick: bool = field(default=False, metadata={"help": "tiny budgets everywhere (~3 min on 2 cores): a smoke test"})
-    out_dir: str = field(default="bench_out", metadata={"help": "where results and plots go (relative: from "
-                                                                "this file's folder)"})
+    out_dir: str = field(default=str(ROOT / "docs" / "bench"), metadata={"help": "where results and plots go "
+                                                                "(a relative path counts from the current folder)"})
     seconds_per_arm: float = field(default=0.0, metadata={"help": "row 2: seconds each arm trains; 0 = the "
                                                                   "mode's default (quick 8, full 90)"})
     steps_per_arm: int = field(default=0, metadata={"help": "rows 3-5: steps each arm trains; 0 = the mode's "
@@ -266,7 +272,7 @@ def grpo_configs(cfg: BenchConfig, init_from: str = "") -> dict[int, grpo.GRPOCo
     """Row 7's GRPO settings for G = 4, 8, 16, differing only in group_size."""
     b = budget(cfg)
     base = grpo.GRPOConfig(init_from=init_from, out_dir="", prompts_per_step=b.grpo_prompts,
-                           max_new_tokens=b.new_tokens, max_steps=b.grpo_steps, n_eval=0, device=cfg.device,
+                           max_new_tokens=b.new_tokens, max_iters=b.grpo_steps, n_eval=0, device=cfg.device,
                            seed=cfg.seed)
     return {g: replace(base, group_size=g) for g in (4, 8, 16)}
 
@@ -557,7 +563,7 @@ def compare_mtp(bench: Bench) -> list[dict]:
     b = bench.budget
     model, tok, _ = load_model(base["ckpt"], bench.device)
     problems = tasks.heldout_problems(train.corpus_task(base["train"]), b.spec_prompts, seed=0)
-    prompts = [grpo.prompt_tokens(tok, p.question) for p in problems]
+    prompts = [prompt_tokens(tok, p.question) for p in problems]
     stats = []
 
     def plain():
@@ -674,7 +680,7 @@ def compare_efficiency(bench: Bench) -> list[dict]:
         f"training runs at {base['mfu']:.1%} of the rate a 1024x1024 matmul reaches on this machine; tiny's "
         f"matrices are {base['args'].dim} wide",
         tok_s=base["tok_per_s"], mfu=base["mfu"], peak_flops=peak, flops_per_token=fpt)]
-    cmd = "python bench.py --only=6 --device=cuda"
+    cmd = "python -m extras.bench --only=6 --device=cuda"
     if not torch.cuda.is_available():
         rows.append(row("6b", "Training efficiency of small on a CUDA GPU (bf16 autocast, torch.compile)",
                         "not measured yet: no CUDA GPU on this machine", "-",
@@ -702,7 +708,7 @@ def compare_grpo(bench: Bench) -> list[dict]:
     for g, gcfg in confs.items():
         model, tok, _ = load_model(gcfg.init_from, bench.device)               # the same start for every G
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-        optimizer = grpo.make_optimizer(model, gcfg)
+        optimizer = grpo.make_rl_optimizer(model, gcfg)
         task, rng = grpo.make_task(gcfg), random.Random(gcfg.seed)           # the same questions for every G
         generator = torch.Generator(device=bench.device).manual_seed(gcfg.seed)
         reward_fn = functools.partial(tasks.reward, w_acc=gcfg.w_acc, w_fmt=gcfg.w_fmt)
@@ -711,7 +717,7 @@ def compare_grpo(bench: Bench) -> list[dict]:
             """n questions from the task's train split, from this G's own copy of the seeded stream."""
             return [task.sample(rng, split="train") for _ in range(n)]
         steps = [grpo.grpo_step(model, ref, optimizer, tok, draw_problems, reward_fn, gcfg, generator=generator,
-                                lr=grpo.lr_at(s, gcfg)) for s in range(gcfg.max_steps)]
+                                lr=grpo.rl_lr_at(s, gcfg)) for s in range(gcfg.max_iters)]
         timed = steps[1:] or steps                                            # the first step warms up
         per_g[g] = {k: statistics.mean(s[k] for s in timed) for k in ("sample_s", "update_s", "length", "accuracy")}
         print(f"  G={g}: sampling {per_g[g]['sample_s']:.2f} s + update {per_g[g]['update_s']:.2f} s per step",
@@ -788,7 +794,7 @@ def compare_transformers(bench: Bench) -> list[dict]:
     try:
         import transformers
 
-        import hf
+        from extras import hf
     except ImportError as e:
         return [row("8", comparison, f"skipped: {e}", "-", "pip install transformers safetensors to compare")]
     base = bench.run(bench.base_arm())
@@ -954,7 +960,7 @@ def main(argv: "list[str] | None" = None) -> dict:
     cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n\n")[0])
     print_config(cfg, "bench config")
     device = pick_device(cfg.device)
-    out = Path(cfg.out_dir) if Path(cfg.out_dir).is_absolute() else ROOT / cfg.out_dir
+    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bench = Bench(cfg, device, out)
     t0 = time.perf_counter()
@@ -970,7 +976,7 @@ def main(argv: "list[str] | None" = None) -> dict:
         rows += new
     args = sys.argv[1:] if argv is None else argv
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-            "command": " ".join(["python bench.py", *args]), "mode": "quick" if cfg.quick else "full",
+            "command": " ".join(["python -m extras.bench", *args]), "mode": "quick" if cfg.quick else "full",
             "seconds": time.perf_counter() - t0, "budget": budget(cfg).__dict__}
     notes = standard_notes(cfg) + bench.notes
     text = markdown(rows, meta, notes, bench.plots)
