@@ -433,6 +433,14 @@ class AdamWBF16(torch.optim.Optimizer):
                 p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
         return loss
 
+    def load_state_dict(self, state_dict) -> None:
+        """As torch's, then the moments back to moment_dtype (torch casts loaded state to the parameters' dtype)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.moment_dtype)
+
 
 # ----------------------------------------------------------------------------------------------------
 # 3. RMSNorm and rotary embeddings with YaRN

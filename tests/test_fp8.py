@@ -218,6 +218,9 @@ def test_adamw_bf16_matches_torch_adamw_and_stores_bf16_moments():
     state = ours16.state[ps[2]]
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16 and ps[2].dtype == torch.float32
     assert not torch.equal(ps[2], ps[0]) and torch.allclose(ps[2], ps[0], rtol=0, atol=1e-3)
+    again = AdamWBF16([torch.nn.Parameter(ps[2].detach().clone())], lr=1e-2)
+    again.load_state_dict(ours16.state_dict())                      # resume keeps the moments in BF16
+    assert all(again.state[p]["exp_avg"].dtype == torch.bfloat16 for p in again.state)
 
 
 # ------------------------------------------------------------------------------------- V3 §4.2 schedules
@@ -256,3 +259,25 @@ def test_kv_lora_rank_must_compress_the_hidden_state():
     with pytest.raises(ValueError, match="kv_lora_rank=32 is invalid: must be smaller than dim=32"):
         tiny(kv_lora_rank=32)
     assert tiny(kv_lora_rank=31).kv_lora_rank == 31
+
+
+SMALL_RUN = ["--n_examples=2000", "--batch_size=4", "--block_size=32", "--max_seconds=0", "--eval_interval=1000",
+             "--eval_iters=1", "--n_eval=0", "--log_interval=5", "--device=cpu", "--max_iters=8", "--warmup_iters=2",
+             "--model=dim=48,inter_dim=96,moe_inter_dim=24,n_layers=2,kv_lora_rank=16,q_lora_rank=32"]
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_train_follows_the_v3_schedules_unless_switched_off(tmp_path, monkeypatch, on):
+    import train
+    seen = []
+    real = train.mtp_lambda_at
+    monkeypatch.setattr(train, "mtp_lambda_at", lambda p, lam: seen.append(p) or real(p, lam))
+    train.main([*SMALL_RUN, f"--out_dir={tmp_path}", f"--v3_schedules={str(on).lower()}"])
+    assert seen == ([s / 8 for s in range(8)] if on else [])
+
+
+def test_train_with_bf16_moments_keeps_them_in_bf16(tmp_path):
+    import train
+    train.main([*SMALL_RUN, f"--out_dir={tmp_path}", "--bf16_moments=true", "--max_iters=3"])
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+    assert state and all(s["exp_avg"].dtype == torch.bfloat16 for s in state.values())
