@@ -468,7 +468,8 @@ def precompute_rope(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
     to extend the context in V2 §3.1.4 and V3 §4.3, with s = 40, alpha = 1, beta = 32) only changes the
     frequencies when max_seq_len > original_seq_len: pairs that rotate many times within the original
     context (high frequency, j below `low`) are kept; pairs that rotate less than once (low frequency,
-    j above `high`) are slowed down by rope_factor (interpolation); a linear ramp blends the two in between. Returns cos, sin of shape (max_seq_len, qk_rope_head_dim // 2).
+    j above `high`) are slowed down by rope_factor (interpolation); a linear ramp blends the two in between.
+    Returns cos, sin of shape (max_seq_len, qk_rope_head_dim // 2).
     """
     d, theta = args.qk_rope_head_dim, args.rope_theta
     freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)            # (d/2,)
