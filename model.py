@@ -9,7 +9,8 @@ Names follow the official DeepSeek-V3 `inference/model.py`, so the two can be re
 
 Map of the file (top to bottom):
   1. ModelArgs ............ every knob, the presets tiny / nano / small / 16B / 671B, and validation
-  2. FP8 simulation ....... fp8_quant_dequant, fp8_quant_error, Linear (fine-grained E4M3 scaling, V3 §3.3)
+  2. FP8 simulation ....... fp8_quant_dequant, FP8LinearFunction, Linear (Fprop, Dgrad, Wgrad in E4M3 with
+                            fine-grained scales), matmul_limited_acc, AdamWBF16 (V3 §3.3)
   3. RMSNorm, RoPE/YaRN ... precompute_rope, apply_rope (rotary on the decoupled dims only)
   4. MLA .................. Multi-head Latent Attention, `naive` and `absorb` paths (V2 §2.1, eq. 9-19)
   5. KVCache .............. the decoding cache; absorb stores only kv_lora_rank + qk_rope_head_dim per token
@@ -18,6 +19,7 @@ Map of the file (top to bottom):
   7. Block, MTP ........... a transformer block; Multi-Token Prediction modules (V3 eq. 21-25)
   8. Transformer .......... embedding -> blocks -> norm -> head; losses; generate(); bias update
   9. Accounting ........... count_params, kv_cache_numbers_per_token, max_violation, flops_per_token
+ 10. Schedules ............ mtp_lambda_at, bias_update_speed_at (V3 §4.2, scaled to the run's budget)
 
 Shapes in comments: B batch, T new tokens in this call, S = tokens visible to attention (cache + new),
 H = n_heads, D = dim, E = n_routed_experts, K = n_activated_experts, N = B*T flattened tokens.
@@ -53,7 +55,7 @@ class ModelArgs:
     n_expert_groups: int = 2          # experts are split into this many groups (node-limited routing)
     n_limited_groups: int = 1         # M: a token may only use experts from this many groups
     score_func: str = "sigmoid"       # "sigmoid" (V3) or "softmax" (V2)
-    route_scale: float = 1.0          # gates are multiplied by this
+    route_scale: float = 1.0          # gates are multiplied by this (V3's 2.5 is from config_671B.json, not the report)
     q_lora_rank: int = 64             # d_c' (0: queries are a plain projection `wq`)
     kv_lora_rank: int = 32            # d_c, the compressed KV latent that is cached
     qk_nope_head_dim: int = 32        # d_h, per-head query/key dims without rotary
@@ -64,7 +66,7 @@ class ModelArgs:
     rope_factor: float = 40.0         # YaRN: context extension factor
     beta_fast: int = 32
     beta_slow: int = 1
-    mscale: float = 1.0               # YaRN softmax-scale correction (NOT the rotary amplitude)
+    mscale: float = 1.0               # YaRN softmax scale (0.1 mscale ln s + 1)^2, NOT the rotary amplitude
     # --- training knobs (ours) ---
     mtp_depth: int = 1                # D, number of Multi-Token Prediction modules (0: none built)
     mtp_lambda: float = 0.3           # lambda, weight of the MTP loss (V3 eq. 25)
@@ -72,7 +74,8 @@ class ModelArgs:
     seq_aux_alpha: float = 0.0001     # alpha, sequence-wise balance loss weight (V3 eq. 17)
     fp8: bool = False                 # simulate FP8 (E4M3) matmuls in the blocks' Linear layers
     fp8_block: int = 128              # tile/block size of the fine-grained FP8 scales
-    attn_impl: str = "absorb"         # "naive" or "absorb" (same weights, same outputs)
+    fp8_scale_fmt: str = ""           # "" FP32 scales (max|x| / 448) or "ue8m0" (power-of-two scales)
+    attn_impl: str = "absorb"         # "naive" or "absorb" (same weights, same outputs; see MLA)
     init_std: float = 0.006           # std of the normal init of every weight matrix (V3 §4.2)
 
     def __post_init__(self):
@@ -110,6 +113,11 @@ class ModelArgs:
             bad("qk_rope_head_dim", "must be even (RoPE rotates pairs of channels)")
         if self.score_func not in ("sigmoid", "softmax"):
             bad("score_func", "must be 'sigmoid' (V3) or 'softmax' (V2)")
+        if self.kv_lora_rank >= self.dim:
+            bad("kv_lora_rank", f"must be smaller than dim={self.dim}: the cached latent c^KV is a compression "
+                "of the hidden state (V2 §2.1.2); at kv_lora_rank >= dim nothing is compressed")
+        if self.fp8_scale_fmt not in ("", "ue8m0"):
+            bad("fp8_scale_fmt", "must be '' (FP32 scales) or 'ue8m0' (power-of-two scales)")
         if self.attn_impl not in ("naive", "absorb"):
             bad("attn_impl", "must be 'naive' or 'absorb'")
         if self.original_seq_len < self.max_seq_len and self.rope_factor < 1:
@@ -152,7 +160,8 @@ PRESETS = {
     # dense layer, MTP depth 1) at a size that trains usefully on 2 CPU cores. kv_lora_rank (32) is a
     # quarter of dim (128), so the cache really is compressed. Init std 0.02 instead of V3's 0.006: with
     # dim=128 the fan-in is 56x smaller than V3's 7168, and 0.006 would start the network nearly silent.
-    # The bias update speed is raised 10x because a laptop run has ~1000 steps, not V3's ~500k.
+    # The bias update speed is raised 10x because a laptop run has ~750 steps, not V3's ~235k (14.8T tokens at
+    # its final batch of 15,360 sequences x 4,096 tokens; fewer tokens per step during the batch ramp-up).
     "tiny": ModelArgs(init_std=0.02, bias_update_speed=0.01),
     # A smaller student for distillation experiments (extras/r1.py): half the layers of tiny, half its routed experts
     # and a narrower width, still with every V3 feature on (MLA with q compression, shared + routed experts,
@@ -167,7 +176,9 @@ PRESETS = {
                        n_activated_experts=4, n_expert_groups=4, n_limited_groups=2, q_lora_rank=384,
                        kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                        init_std=0.02, bias_update_speed=0.001, fp8_block=128),
-    # The official configs (config_16B.json is DeepSeek-V2-Lite's shape; config_671B.json is V3).
+    # The official configs (config_16B.json is DeepSeek-V2-Lite's shape; config_671B.json is V3). Two values come
+    # from these files, not from the reports' text: route_scale 2.5 (671B) and mscale 0.707 (16B), which makes
+    # YaRN's sqrt(t) = 0.0707 ln s + 1 of V2 §3.1.4; V3 §4.3 gives sqrt(t) = 0.1 ln s + 1, i.e. mscale 1.0.
     "16B": ModelArgs(max_seq_len=16384, vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408,
                      n_layers=27, n_dense_layers=1, n_heads=16, n_routed_experts=64, n_shared_experts=2,
                      n_activated_experts=6, n_expert_groups=1, n_limited_groups=1, score_func="softmax",
@@ -186,40 +197,62 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------------
 # E4M3 has 4 exponent and 3 mantissa bits: 8 values per power of two, largest finite value 448. So few
 # bits only work if every small tile of numbers gets its own scale: one outlier then only coarsens its own
-# tile instead of flushing the whole tensor to zero. V3 scales activations per 1x128 tile (one token,
-# 128 channels) and weights per 128x128 block, from the tile's max |x| computed online, and accumulates
-# the matmul in FP32. We *simulate* this: quantise -> dequantise in float32 (the rounding is exactly the
-# E4M3 grid, via torch.float8_e4m3fn), then an ordinary matmul, so the numerical effect is real while the
-# speed-up of real FP8 tensor cores is not. Gradients pass straight through the rounding (STE); master
-# weights, gradients and optimizer states stay FP32.
+# tile instead of flushing the whole tensor to zero. V3 (§3.3.2) scales activations per 1x128 tile (one
+# token, 128 channels) and weights per 128x128 block, from the tile's max |x| computed online, always along
+# the inner dimension K of the GEMM that consumes them. All three GEMMs of a linear layer take E4M3 inputs
+# (§3.3, Figure 6): Fprop y = x W^T, Dgrad dx = dy W and Wgrad dW = dy^T x. We *simulate* this:
+# quantise -> dequantise (the rounding is exactly the E4M3 grid, via torch.float8_e4m3fn), then an ordinary
+# matmul, so the numerical effect is real while the speed-up of FP8 tensor cores is not. Master weights,
+# weight gradients and optimizer states stay FP32 (AdamW's moments may be BF16: `bf16_adamw_moments`).
+# The GEMM itself accumulates in the matmul's precision (FP32); `matmul_limited_acc` simulates the ~14-bit
+# tensor-core accumulator and V3's promotion to FP32 every N_C = 128 products (§3.3.2).
 #
-# Edge cases (tested): zeros stay zero (the scale is clamped to a tiny positive value); tiles whose max |x|
-# is below 1e-12 flush to zero; huge finite values are fine (the scale absorbs them); a tile that contains
-# inf or nan comes back as all-nan, so the non-finite value is reported by the loss instead of being
-# silently turned into a finite number.
+# Scales: by default max|x| / 448 in FP32. With scale_fmt="ue8m0" (the official inference code's option) the
+# scale is rounded up to a power of two, so scale * E4M3 value has at most 4 significant bits and is exact
+# in BF16 too: under BF16 autocast the dequantised operands are then not rounded a second time.
+# Edge cases (tested): an all-zero tile stays zero; a tile of tiny values keeps E4M3's relative precision
+# (the scale only has to stay a normal float32, i.e. max|x| >= 448 * 1.2e-38 ~ 5e-36; below that values
+# drift into E4M3's subnormals and then to zero); huge finite values are fine (the scale absorbs them); a
+# tile that contains inf or nan comes back as all-nan, so the non-finite value is reported by the loss
+# instead of being silently turned into a finite number.
 
 FP8_E4M3_MAX = 448.0
+FP32_TINY = torch.finfo(torch.float32).tiny        # smallest normal float32, the floor of every scale
 
 
-def fp8_quantize(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _fp8_tiles(x: torch.Tensor, block: tuple[int, int], scale_fmt: "str | None"):
+    """x (R, C) -> E4M3 tiles (R'/br, br, C'/bc, bc) and their scales (R'/br, 1, C'/bc, 1), R' and C' padded
+    up to whole blocks with zeros (zeros never raise a block's max)."""
+    R, C = x.shape
+    br, bc = block
+    pr, pc = (-R) % br, (-C) % bc
+    xf = F.pad(x.float(), (0, pc, 0, pr))
+    tiles = xf.view((R + pr) // br, br, (C + pc) // bc, bc)              # (R'/br, br, C'/bc, bc)
+    amax = tiles.abs().amax(dim=(1, 3), keepdim=True)                     # (R'/br, 1, C'/bc, 1)
+    scale = (amax / FP8_E4M3_MAX).clamp(min=FP32_TINY)                   # zero tile: 0 / tiny = 0
+    if scale_fmt == "ue8m0":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))                # power of two, >= max|x| / 448
+    elif scale_fmt is not None:
+        raise ValueError(f"scale_fmt={scale_fmt!r} is invalid: use None or 'ue8m0'")
+    return (tiles / scale).to(torch.float8_e4m3fn), scale                 # round to the E4M3 grid
+
+
+def fp8_quantize(x: torch.Tensor, block: tuple[int, int], scale_fmt: "str | None" = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise a 2-D tensor to E4M3 with one float32 scale per (br x bc) block, scales computed online.
 
     Args:
         x: (R, C) float tensor.
-        block: (br, bc): (1, 128) for activation tiles, (128, 128) for weight blocks.
+        block: (br, bc): (1, 128) for activation tiles, (128, 128) for weight blocks, (128, 1) for the
+            token-wise tiles of Wgrad.
+        scale_fmt: None (scale = max|x| / 448) or "ue8m0" (that scale rounded up to a power of two).
     Returns:
-        q: (R, C) torch.float8_e4m3fn values x / scale, each block's max |x| mapped onto 448.
+        q: (R, C) torch.float8_e4m3fn values x / scale, each block's max |x| mapped onto (at most) 448.
         scale: (ceil(R/br), ceil(C/bc)) float32, one per block (edge blocks may be partial, zero padded).
     """
     R, C = x.shape
-    br, bc = block
-    pr, pc = (-R) % br, (-C) % bc
-    xf = F.pad(x.float(), (0, pc, 0, pr))                                 # zeros never raise a block's max
-    tiles = xf.view((R + pr) // br, br, (C + pc) // bc, bc)              # (R/br, br, C/bc, bc)
-    amax = tiles.abs().amax(dim=(1, 3), keepdim=True)                     # (R/br, 1, C/bc, 1)
-    scale = amax.clamp(min=1e-12) / FP8_E4M3_MAX
-    q = (tiles / scale).to(torch.float8_e4m3fn)                           # round to the E4M3 grid
-    return q.view(R + pr, C + pc)[:R, :C], scale[:, 0, :, 0]
+    q, scale = _fp8_tiles(x, block, scale_fmt)
+    return q.view(q.shape[0] * q.shape[1], -1)[:R, :C], scale[:, 0, :, 0]
 
 
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -229,10 +262,12 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int])
     return q.float() * s[:q.shape[0], :q.shape[1]]
 
 
-def fp8_quant_dequant(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def fp8_quant_dequant(x: torch.Tensor, block: tuple[int, int], scale_fmt: "str | None" = None) -> torch.Tensor:
     """Round x (R, C) to scaled E4M3 and back, in x's dtype: what an FP8 GEMM would actually multiply."""
-    q, scale = fp8_quantize(x, block)
-    return fp8_dequantize(q, scale, block).to(x.dtype)
+    R, C = x.shape
+    q, scale = _fp8_tiles(x, block, scale_fmt)
+    d = q.float() * scale                                                 # (R'/br, br, C'/bc, bc)
+    return d.view(d.shape[0] * d.shape[1], -1)[:R, :C].to(x.dtype)
 
 
 def fp8_quant_error(x: torch.Tensor, block: tuple[int, int] = (1, 128)) -> dict:
@@ -250,32 +285,161 @@ def fp8_quant_error(x: torch.Tensor, block: tuple[int, int] = (1, 128)) -> dict:
             "zero_frac": ((q == 0) & nonzero).float().sum().item() / max(1, int(nonzero.sum()))}
 
 
-class Linear(nn.Linear):
-    """A bias-free Linear layer that optionally simulates V3's FP8 GEMM.
+class FP8LinearFunction(torch.autograd.Function):
+    """y = x W^T with all three GEMMs on E4M3 operands, each scaled along its own inner dimension (V3 §3.3).
 
-    y = x W^T. With fp8=True: x is quantised per 1 x block tile (per token, per `block` input channels) and
-    W per block x block block, both to E4M3, before the matmul; the backward pass sees the identity
-    (straight-through estimator), so the FP32 master weights are what the optimizer updates.
+        Fprop  y  = x  W^T   inner dim in_features:  x in 1 x b tiles (per token), W in b x b blocks
+        Dgrad  dx = dy W     inner dim out_features: dy in 1 x b tiles (per token), W in b x b blocks (a
+                             square block serves W and W^T alike, so Fprop's quantised W is reused)
+        Wgrad  dW = dy^T x   inner dim tokens:       dy and x in b x 1 tiles (b tokens of one channel)
+    For Wgrad, x is Fprop's quantised x re-quantised into b x 1 tiles: V3 caches the layer input in FP8
+    for the backward pass and must dequantise, transpose and re-quantise it (report §3.5.2). Products
+    accumulate in the matmul's own precision; dW is returned in FP32 for the FP32 master weight.
+    `record`, when a dict, receives the dequantised operands of each GEMM (for tests and notebooks).
     """
 
-    def __init__(self, in_features: int, out_features: int, fp8: bool = False, fp8_block: int = 128):
+    @staticmethod
+    def forward(ctx, x, weight, block, scale_fmt, record):
+        """x (N, in), weight (out, in) -> y (N, out)."""
+        xq = fp8_quant_dequant(x, (1, block), scale_fmt)                 # (N, in) per-token tiles along in
+        wq = fp8_quant_dequant(weight, (block, block), scale_fmt)        # (out, in) square blocks
+        ctx.save_for_backward(xq, wq)
+        ctx.block, ctx.scale_fmt, ctx.record, ctx.x_dtype = block, scale_fmt, record, x.dtype
+        if record is not None:
+            record["fprop"] = (xq, wq)
+        return xq @ wq.to(xq.dtype).T                                    # (N, out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        """dy (N, out) -> dx (N, in), dW (out, in); no gradient for the three settings."""
+        xq, wq = ctx.saved_tensors
+        b, fmt = ctx.block, ctx.scale_fmt
+        dy_d = fp8_quant_dequant(dy, (1, b), fmt)                         # (N, out) tiles along out
+        dx = (dy_d @ wq.to(dy_d.dtype)).to(ctx.x_dtype)                   # (N, in)  Dgrad
+        dy_w = fp8_quant_dequant(dy.T, (1, b), fmt)                       # (out, N) tiles along tokens
+        x_w = fp8_quant_dequant(xq.T, (1, b), fmt)                        # (in, N)  tiles along tokens
+        dw = dy_w.float() @ x_w.float().T                                 # (out, in) Wgrad, FP32
+        if ctx.record is not None:
+            ctx.record["dgrad"] = (dy_d, wq)
+            ctx.record["wgrad"] = (dy_w.T, x_w.T)                         # as (N, out), (N, in)
+        return dx, dw, None, None, None
+
+
+class Linear(nn.Linear):
+    """A bias-free Linear layer that optionally simulates V3's FP8 training GEMMs.
+
+    y = x W^T. With fp8=True the forward and both backward GEMMs run on E4M3 operands with fine-grained
+    scales (FP8LinearFunction); the FP32 weight is the master copy the optimizer updates. Set
+    `layer.record = {}` to capture the dequantised operands of the last forward and backward.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fp8: bool = False, fp8_block: int = 128,
+                 fp8_scale_fmt: "str | None" = None):
         super().__init__(in_features, out_features, bias=False)
-        self.fp8, self.fp8_block = fp8, fp8_block
+        self.fp8, self.fp8_block, self.fp8_scale_fmt = fp8, fp8_block, fp8_scale_fmt
+        self.record: dict | None = None
 
     def effective_weight(self) -> torch.Tensor:
-        """The weight the matmul actually uses: W itself, or its FP8-rounded copy (gradient straight through)."""
+        """The weight as an FP8 GEMM sees it: W itself, or its block-quantised copy. Used where W enters an
+        einsum instead of this layer's forward (MLA's absorbed path); the gradient passes straight
+        through the rounding there, as in the official inference code's weight_dequant + einsum."""
         w = self.weight
         if not self.fp8:
             return w
-        return w + (fp8_quant_dequant(w.detach(), (self.fp8_block, self.fp8_block)) - w).detach()
+        wq = fp8_quant_dequant(w.detach(), (self.fp8_block, self.fp8_block), self.fp8_scale_fmt)
+        return w + (wq - w).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
-        if self.fp8:
-            x2 = x.reshape(-1, x.shape[-1])                                # (N, in) one row per token
-            xq = fp8_quant_dequant(x2.detach(), (1, self.fp8_block)).view_as(x)
-            x = x + (xq - x).detach()                                      # straight-through
-        return F.linear(x, self.effective_weight())
+        if not self.fp8:
+            return F.linear(x, self.weight)
+        x2 = x.reshape(-1, x.shape[-1])                                    # (N, in) one row per token
+        y = FP8LinearFunction.apply(x2, self.weight, self.fp8_block, self.fp8_scale_fmt, self.record)
+        return y.view(*x.shape[:-1], -1)                                   # (..., out)
+
+
+# Accumulation precision (V3 §3.3.2). An FP8 GEMM on H800 tensor cores keeps only about 14 bits of its
+# running sum: each product is aligned to the accumulator's exponent and the bits below its last place are
+# dropped. Over a long inner dimension these small losses add up; the report measured a maximum relative
+# error of nearly 2% at K = 4096. V3's fix: after every N_C = 128 products (4 WGMMAs) copy the partial sum
+# to an FP32 register on the CUDA cores, add it there (and apply the scales), and restart the tensor-core sum.
+
+def round_mantissa(x: torch.Tensor, bits: int, rounding: str = "truncate") -> torch.Tensor:
+    """x rounded to `bits` explicit mantissa bits (float32 has 23, E4M3 3) at its own exponent.
+
+    rounding="truncate" drops the lower bits (round toward zero, what an aligning adder does);
+    "nearest" rounds to the nearest representable value. Computed in float64; returns float64."""
+    m, e = torch.frexp(x.double())                      # x = m * 2^e, 0.5 <= |m| < 1
+    step = 2.0 ** (bits + 1)                            # bits + 1 significant bits including the leading 1
+    m = torch.trunc(m * step) if rounding == "truncate" else torch.round(m * step)
+    return torch.ldexp(m / step, e)
+
+
+def matmul_limited_acc(a: torch.Tensor, b: torch.Tensor, mantissa_bits: int = 14, n_c: "int | None" = 128,
+                       rounding: str = "truncate") -> torch.Tensor:
+    """a (M, K) @ b (K, N) -> (M, N) float32, accumulated the way an FP8 tensor core does.
+
+    Products are exact (two E4M3 mantissas need 8 bits); after each of the K additions the running sum is
+    rounded to `mantissa_bits` (round_mantissa). With n_c, every n_c products the partial sum is promoted:
+    added into an FP32 accumulator, and the reduced-precision sum restarts from zero (V3's fix). n_c=None
+    accumulates all K products in reduced precision (the H800 default the report warns about). Loops over
+    K in Python: for experiments on small matrices, not for training."""
+    if rounding not in ("truncate", "nearest"):
+        raise ValueError(f"rounding={rounding!r} is invalid: use 'truncate' or 'nearest'")
+    a64, b64 = a.double(), b.double()
+    M, K = a64.shape
+    partial = torch.zeros(M, b64.shape[1], dtype=torch.float64)       # (M, N) tensor-core accumulator
+    total = torch.zeros(M, b64.shape[1], dtype=torch.float32)         # (M, N) FP32 registers
+    for k in range(K):
+        partial = round_mantissa(partial + a64[:, k, None] * b64[None, k, :], mantissa_bits, rounding)
+        if n_c is not None and (k + 1) % n_c == 0:
+            total = total + partial.float()                            # promotion: one FP32 add per n_c
+            partial = torch.zeros_like(partial)
+    return total + partial.float()
+
+
+class AdamWBF16(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias-corrected moments, same update as torch.optim.AdamW) that keeps
+    exp_avg and exp_avg_sq in `moment_dtype` (BF16 by default, V3 §3.3.3: no observable degradation, half
+    the optimizer memory). The update is computed in FP32 and applied to the FP32 master weights."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
+                 moment_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.moment_dtype = moment_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step for every parameter that has a gradient."""
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                state["step"] += 1
+                t, g = state["step"], p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - beta1)                 # beta1 m + (1 - beta1) g
+                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                state["exp_avg"].copy_(m)                                        # stored rounded to BF16
+                state["exp_avg_sq"].copy_(v)
+                p.mul_(1 - group["lr"] * group["weight_decay"])                  # decoupled weight decay
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
+        return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        """As torch's, then the moments back to moment_dtype (torch casts loaded state to the parameters' dtype)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.moment_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,11 +464,12 @@ class RMSNorm(nn.Module):
 def precompute_rope(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for rotary embeddings on the qk_rope_head_dim channels, with YaRN.
 
-    Plain RoPE rotates channel pair j at frequency theta^(-2j/d). YaRN (used by V2/V3 to extend the
-    context, V2 appendix) only changes the frequencies when max_seq_len > original_seq_len: pairs that
-    rotate many times within the original context (high frequency, j below `low`) are kept; pairs that
-    rotate less than once (low frequency, j above `high`) are slowed down by rope_factor (interpolation);
-    a linear ramp blends the two in between. Returns cos, sin of shape (max_seq_len, qk_rope_head_dim // 2).
+    Plain RoPE rotates channel pair j at frequency theta^(-2j/d). YaRN (Peng et al., arXiv 2309.00071; used
+    to extend the context in V2 §3.1.4 and V3 §4.3, with s = 40, alpha = 1, beta = 32) only changes the
+    frequencies when max_seq_len > original_seq_len: pairs that rotate many times within the original
+    context (high frequency, j below `low`) are kept; pairs that rotate less than once (low frequency,
+    j above `high`) are slowed down by rope_factor (interpolation); a linear ramp blends the two in between.
+    Returns cos, sin of shape (max_seq_len, qk_rope_head_dim // 2).
     """
     d, theta = args.qk_rope_head_dim, args.rope_theta
     freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)            # (d/2,)
@@ -355,9 +520,10 @@ class MLA(nn.Module):
     Keys and values are not projected per head from h. Instead h is compressed to a small latent
     c^KV = W^DKV h (d_c = kv_lora_rank numbers, eq. 9), and per-head keys/values are up-projections of it:
     k^C = W^UK c^KV, v^C = W^UV c^KV (eq. 10-11). RoPE cannot pass through that factorisation, so position
-    goes into a separate small key k^R = RoPE(W^KR h) shared by all heads (eq. 14, "decoupled RoPE"), and
-    each query head gets its own rotary part q^R (eq. 13). Queries may be compressed the same way
-    (c^Q = W^DQ h, eq. 12) to save activation memory in training. In the official weight layout
+    goes into a separate small key k^R = RoPE(W^KR h) shared by all heads (eq. 15, "decoupled RoPE"), and
+    each query head gets its own rotary part q^R = RoPE(W^QR c^Q) (eq. 14); q = [q^C; q^R] and
+    k = [k^C; k^R] (eq. 16-17). Queries are compressed the same way (c^Q = W^DQ h, q^C = W^UQ c^Q,
+    eq. 12-13) to save activation memory in training. In the official weight layout
     wkv_a = [W^DKV; W^KR], wkv_b = [W^UK; W^UV] interleaved per head, wq_a = W^DQ, wq_b = [W^UQ; W^QR].
 
     Two implementations, same weights, same outputs:
@@ -368,6 +534,12 @@ class MLA(nn.Module):
               Seen this way, absorbed MLA is multi-query attention whose single key/value head is the latent,
               and decoding computes it that way (latent_attention_folded: the latent is read once per step,
               not once per head); without a cache the plain version copies it to every head.
+    Training runs the path args.attn_impl names, like decoding, so one setting serves both. V2 presents
+    absorption as an inference trick: per head and key it scores d_c + d_h^R numbers instead of
+    d_h + d_h^R, 3x the attention arithmetic at V3's shape (576 vs 192), so a large model would train
+    naive. At `tiny`'s shape (d_c = d_h = 32) both cost the same, and a measured training step of `tiny`
+    is as fast either way (absorb/naive step time 1.01 and 1.02 in two runs of 30 interleaved pairs,
+    interquartile ranges within 0.92-1.07), so the default stays absorb.
     """
 
     def __init__(self, args: ModelArgs):
@@ -377,7 +549,7 @@ class MLA(nn.Module):
         self.qk_nope_head_dim, self.qk_rope_head_dim = a.qk_nope_head_dim, a.qk_rope_head_dim
         self.qk_head_dim, self.v_head_dim = a.qk_head_dim, a.v_head_dim
         self.attn_impl = a.attn_impl
-        lin = lambda i, o: Linear(i, o, a.fp8, a.fp8_block)
+        lin = lambda i, o: Linear(i, o, a.fp8, a.fp8_block, a.fp8_scale_fmt or None)
         if a.q_lora_rank == 0:
             self.wq = lin(a.dim, a.n_heads * a.qk_head_dim)
         else:
@@ -408,23 +580,22 @@ class MLA(nn.Module):
         """
         B, T, _ = x.shape
         H = self.n_heads
-        # ---- queries (eq. 12-13) ----
+        # ---- queries (eq. 12-14) ----
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))  # (B, T, H*qk_head_dim)
         q = q.view(B, T, H, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)                          # (B, T, H, qk_rope_head_dim)
-        # ---- compressed latent and shared rotary key (eq. 9, 14) ----
+        # ---- compressed latent and shared rotary key (eq. 9, 15) ----
         kv = self.wkv_a(x)                                         # (B, T, kv_lora_rank + qk_rope_head_dim)
         kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)                                      # (B, T, kv_lora_rank) = c^KV
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)             # (B, T, 1, qk_rope_head_dim) = k^R
         end = start_pos + T
-        wkv_b = self.wkv_b.effective_weight().view(H, -1, self.kv_lora_rank)  # (H, nope + v, kv_lora_rank)
         is_causal = cache is None and mask is None
 
         if self.attn_impl == "naive":
-            # ---- up-project the latent to per-head keys and values (eq. 10-11, 15) ----
-            kv_up = torch.einsum("btc,hdc->bthd", kv, wkv_b)       # (B, T, H, nope + v)
+            # ---- up-project the latent to per-head keys and values (eq. 10-11, 16-17) ----
+            kv_up = self.wkv_b(kv).view(B, T, H, -1)               # (B, T, H, nope + v), FP8 GEMM if on
             k_nope, v = kv_up.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], dim=-1)  # (B, T, H, qk_head_dim)
             if cache is not None:
@@ -436,6 +607,11 @@ class MLA(nn.Module):
                           self.softmax_scale).transpose(1, 2)      # (B, T, H, v_head_dim)
         else:
             # ---- absorb W^UK into the query: q_nope^T W^UK c = (W^UK^T q_nope)^T c ----
+            # wkv_b's weight enters two einsums here, never a GEMM with c^KV as input: c^KV becomes the
+            # key/value of the attention operator itself, which V3 keeps in high precision. With fp8 the
+            # weight is its block-quantised copy (as the official code's weight_dequant + einsum), q_nope
+            # and o_lat are not quantised, and W's gradient passes straight through the rounding.
+            wkv_b = self.wkv_b.effective_weight().view(H, -1, self.kv_lora_rank)  # (H, nope + v, kv_lora_rank)
             w_uk = wkv_b[:, :self.qk_nope_head_dim]                # (H, nope, kv_lora_rank)
             w_uv = wkv_b[:, self.qk_nope_head_dim:]                # (H, v, kv_lora_rank)
             # einsum("bthd,hdc->bthc", q_nope, w_uk) as one batched matmul over heads (fewer operations)
@@ -602,9 +778,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int, args: ModelArgs):
         super().__init__()
-        self.w1 = Linear(dim, inter_dim, args.fp8, args.fp8_block)   # gate projection
-        self.w2 = Linear(inter_dim, dim, args.fp8, args.fp8_block)   # down projection
-        self.w3 = Linear(dim, inter_dim, args.fp8, args.fp8_block)   # up projection
+        self.w1 = Linear(dim, inter_dim, args.fp8, args.fp8_block, args.fp8_scale_fmt or None)   # gate projection
+        self.w2 = Linear(inter_dim, dim, args.fp8, args.fp8_block, args.fp8_scale_fmt or None)   # down projection
+        self.w3 = Linear(dim, inter_dim, args.fp8, args.fp8_block, args.fp8_scale_fmt or None)   # up projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> (..., dim)."""
@@ -616,7 +792,10 @@ class Gate(nn.Module):
 
     s_i = sigmoid(u . e_i) (V3) or softmax_i(u . e) (V2) are the token-to-expert affinities. Selection
     uses the *biased* scores s_i + b_i: first the n_limited_groups best groups (a group's score is the sum
-    of its two highest biased scores; node-limited routing), then the top K experts inside them. Gates
+    of its two highest biased scores; node-limited routing), then the top K experts inside them. V3
+    §2.1.2 sums the highest K_r/M scores per group (8/4 = 2 for V3, also 2 for tiny, nano and small);
+    the official code hard-codes 2 when a bias exists and uses the group max without one (V2). The 2 here
+    is that hard-coded value: for configs with K_r/M != 2 it differs from the report's rule. Gates
     use the *unbiased* s_i of the chosen experts, normalised to sum to one (sigmoid only) and times
     route_scale. The bias b (`gate.bias`, a buffer, no gradient) only steers selection; it is moved after
     each optimizer step by `update_bias` (aux-loss-free balancing, [ALF] / V3 §2.1.2).
@@ -721,7 +900,9 @@ class MoE(nn.Module):
         """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
 
         f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean over the sequence's tokens of the
-        normalised affinity s_i / sum_j s_j. Minimised when load and affinity mass are spread evenly."""
+        normalised affinity s_i / sum_j s_j. Minimised when load and affinity mass are spread evenly.
+        f_i counts the experts actually selected (biased, group-limited), whereas eq. 18 writes TopK of
+        the unbiased s_{j,t}: the loss balances the load the experts really receive."""
         if self.seq_aux_alpha == 0:
             return torch.zeros((), device=scores.device)
         E, K = self.n_routed_experts, self.n_activated_experts
@@ -755,22 +936,26 @@ class Block(nn.Module):
 class MTPModule(nn.Module):
     """One Multi-Token Prediction module (V3 §2.2, eq. 21-24).
 
-    Module k predicts the token k+1 steps ahead of the main model's next-token prediction, keeping the
-    causal chain: for position i it combines the previous depth's representation h^{k-1}_i with the
-    embedding of token t_{i+k} (which the earlier depths have just "predicted"), eq. 21:
+    At position i the main model predicts t_{i+1}; module k predicts t_{i+k+1}, k tokens further, keeping
+    the causal chain: it combines the previous depth's representation h^{k-1}_i with the embedding of
+    token t_{i+k} (which the earlier depths have just "predicted"), eq. 21:
         h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]      M_k = eh_proj, (D x 2D)
         h^k    = TRM_k(h'^k)                                          eq. 22, one transformer block
-        P^k    = OutHead(RMSNorm(h^k))                                eq. 23, head shared with the model
-    Convention (the one of the public code that loads V3's released MTP weights, so checkpoints convert):
-    h^0 is the main model's last block output *before* the final norm, the embedding comes first in the
-    concatenation (the report writes it second), and the module has its own norm before the shared head.
+        P^k    = OutHead(norm(h^k))                                   eq. 23 (the paper: OutHead(h^k))
+    The head is shared with the main model. Three choices the report leaves open or writes otherwise:
+    the embedding comes first in the concatenation (eq. 21 writes h^{k-1} first); the module applies
+    its own RMSNorm before the shared head (eq. 23 has none; the released checkpoint has one, listed as
+    `shared_head` in the official README_WEIGHTS.md, and vLLM's DeepSeekMultiTokenPredictorLayer.forward
+    in vllm/model_executor/models/deepseek_mtp.py concatenates [enorm(emb); hnorm(h)] and norms before the
+    head); and h^0 is the main model's last block output *before* its final norm (the report does not say
+    which; eq. 21's own RMSNorm makes the choice matter little).
     """
 
     def __init__(self, depth: int, args: ModelArgs):
         super().__init__()
         self.enorm = RMSNorm(args.dim)
         self.hnorm = RMSNorm(args.dim)
-        self.eh_proj = Linear(2 * args.dim, args.dim, args.fp8, args.fp8_block)
+        self.eh_proj = Linear(2 * args.dim, args.dim, args.fp8, args.fp8_block, args.fp8_scale_fmt or None)
         self.block = Block(args.n_layers + depth, args)
         self.norm = RMSNorm(args.dim)
 
@@ -804,6 +989,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)          # (max_seq_len, rope_dim/2)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.loss_parts: dict = {}
+        self.mtp_lambda = args.mtp_lambda        # current MTP weight; a schedule may lower it (mtp_lambda_at)
+        self.bias_update_speed = args.bias_update_speed   # current gamma; a schedule may zero it (§10)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -872,7 +1059,7 @@ class Transformer(nn.Module):
             h = module(h_prev, emb, self.rope_cos[:T - k], self.rope_sin[:T - k])  # (B, T-k, D) h^k
             logits = self.head(module.norm(h)).float()                         # (B, T-k, V) shared head
             total = total + F.cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1)
-        return total * self.args.mtp_lambda / len(self.mtp)
+        return total * self.mtp_lambda / len(self.mtp)
 
     def mtp_draft(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the first MTP module incrementally to draft one token ahead (self-speculative decoding).
@@ -894,13 +1081,15 @@ class Transformer(nn.Module):
         return torch.stack([m.load.clone() for m in self.moe_layers()])
 
     @torch.no_grad()
-    def update_bias(self, load: "torch.Tensor | None" = None) -> torch.Tensor:
+    def update_bias(self, load: "torch.Tensor | None" = None, speed: "float | None" = None) -> torch.Tensor:
         """Aux-loss-free bias step for every MoE layer from `load` (default: the accumulated counts, which
         train.py all-reduces across ranks first), then reset the counters. Call after each optimizer step.
-        Returns the per-layer MaxVio of the load used."""
+        The step is `speed`, default self.bias_update_speed (args.bias_update_speed unless a schedule,
+        bias_update_speed_at, changed it). Returns the per-layer MaxVio of the load used."""
         load = self.expert_load() if load is None else load
+        speed = self.bias_update_speed if speed is None else speed
         for m, row in zip(self.moe_layers(), load):
-            m.gate.update_bias(row, self.args.bias_update_speed)
+            m.gate.update_bias(row, speed)
             m.reset_load()
         return max_violation(load)
 
@@ -993,8 +1182,12 @@ def count_params(args: ModelArgs) -> dict:
     report does; MTP shares the embedding and head, so `mtp` excludes them too (the released checkpoint
     stores copies of both, which is why it quotes ~14B). `activated` counts everything one token touches:
     embedding, head, attention, norms, dense FFNs, gates, shared experts and K of the N_r routed experts
-    of each MoE layer. For 671B this plain count gives ~37.5B; the report's "37B" and the model card's
-    36.7B round differently.
+    of each MoE layer. For 671B this plain count gives 37.55B: embedding and head 0.93B each, attention
+    61 x 187.1M = 11.41B, FFNs 61 x 396.4M = 24.18B (3 dense of 18,432 = 9 x 2,048 wide; 58 MoE layers with
+    8 routed + 1 shared expert), gates 0.11B. That does not round to the report's "37B", and it is 0.85B
+    above the 36.7B of the official README_WEIGHTS.md ("including 0.9B for Embedding and 0.9B for the
+    output Head"), which gives no breakdown; no single part explains the gap (leaving out the embedding
+    lookup would give 36.63B, but the card says it is included). Total: 671.03B, as reported.
     """
     a = args
     d, H = a.dim, a.n_heads
@@ -1065,3 +1258,29 @@ def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = False) -> floa
     and weighted values, as nanoGPT counts them (no causal halving unless causal=True). Embedding lookups
     are not matmuls and are left out; MTP blocks are in. See flops_breakdown for the parts."""
     return flops_breakdown(args, seq_len, causal)["total"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Training schedules (V3 §4.2), scaled to the run's budget
+# ----------------------------------------------------------------------------------------------------
+# V3 trains on 14.8T tokens. It weights the MTP loss with lambda = 0.3 for the first 10T tokens and 0.1 for
+# the remaining 4.8T, and moves the balancing bias with gamma = 0.001 for the first 14.3T tokens and 0 for
+# the last 500B. A run of any length follows the same proportions of its own budget. (V3 raises its batch
+# size over the first 469B tokens, so its token fraction and step fraction differ slightly; with a
+# constant batch the two are the same.)
+
+V3_TRAIN_TOKENS = 14.8e12
+MTP_LAMBDA_SWITCH = 10.0e12 / V3_TRAIN_TOKENS         # 0.676: lambda drops from 0.3 to 0.1 here
+BIAS_FREEZE_SWITCH = 14.3e12 / V3_TRAIN_TOKENS        # 0.966: gamma drops to 0 here
+
+
+def mtp_lambda_at(progress: float, mtp_lambda: float = 0.3) -> float:
+    """MTP loss weight at `progress` (fraction of the training budget done, 0..1): mtp_lambda before
+    MTP_LAMBDA_SWITCH, then a third of it (V3: 0.3, then 0.1)."""
+    return mtp_lambda if progress < MTP_LAMBDA_SWITCH else mtp_lambda * (0.1 / 0.3)
+
+
+def bias_update_speed_at(progress: float, bias_update_speed: float = 0.001) -> float:
+    """Aux-loss-free bias update speed gamma at `progress` (0..1): bias_update_speed before
+    BIAS_FREEZE_SWITCH, then 0, so routing settles for the end of training (V3: 0.001, then 0)."""
+    return bias_update_speed if progress < BIAS_FREEZE_SWITCH else 0.0

@@ -71,7 +71,16 @@ from cli import (
     progress,
     setup_distributed,
 )
-from model import ModelArgs, Transformer, count_params, flops_per_token, max_violation
+from model import (
+    AdamWBF16,
+    ModelArgs,
+    Transformer,
+    bias_update_speed_at,
+    count_params,
+    flops_per_token,
+    max_violation,
+    mtp_lambda_at,
+)
 from sample import evaluate
 from tokenizer import get_tokenizer
 
@@ -125,6 +134,9 @@ class TrainConfig:
     beta1: float = _flag(0.9, "AdamW beta1")
     beta2: float = _flag(0.95, "AdamW beta2")
     grad_clip: float = _flag(1.0, "clip the gradient norm to this (0: off)")
+    bf16_moments: bool = _flag(False, "keep AdamW's moments in BF16 (V3 §3.3.3); weights stay FP32")
+    v3_schedules: bool = _flag(True, "V3 §4.2 schedules over the budget: MTP lambda to a third after 67.6%, "
+                                     "bias update speed to 0 after 96.6%")
     # ---- evaluation and logging ----
     eval_interval: int = _flag(200, "estimate train/val loss and write a checkpoint every this many steps")
     eval_iters: int = _flag(20, "batches per loss estimate")
@@ -357,6 +369,8 @@ def make_optimizer(model: Transformer, cfg: TrainConfig, device: str) -> torch.o
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.bf16_moments:
+        return AdamWBF16(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.startswith("cuda"))
 
 
@@ -702,6 +716,9 @@ def train_loop(run: Run, stop: GracefulStop) -> None:
         if budget_used >= 1.0 or stop.requested:
             break
         lr = lr_at(budget_used, run.step, cfg)
+        if cfg.v3_schedules:                 # V3 §4.2 proportions of this run's budget
+            run.raw.mtp_lambda = mtp_lambda_at(budget_used, run.args.mtp_lambda)
+            run.raw.bias_update_speed = bias_update_speed_at(budget_used, run.args.bias_update_speed)
         loss, grad_norm = train_step(run, lr)
         run.step += 1
         if run.ddp.master and (run.step % cfg.log_interval == 0 or run.step == 1):

@@ -52,6 +52,7 @@ from model import (
     count_params,
     flops_per_token,
     kv_cache_numbers_per_token,
+    matmul_limited_acc,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -561,10 +562,10 @@ def fp8_vs_bf16(b: Bench) -> dict:
             "per_seed_bf16": bf16, "per_seed_fp8": fp8}
 
 
-# Row 5b hook: V3 §3.3.2's accumulation experiment needs a matmul that accumulates like an FP8 tensor core,
+# Row 5b: V3 §3.3.2's accumulation experiment with a matmul that accumulates like an FP8 tensor core,
 # f(a (M, K), b (K, N), mantissa_bits, n_c) -> (M, N) float32, promoting its partial sum to FP32 every n_c
-# products (n_c=None: never). model.py gets one with the FP8 training work; set ACCUMULATION_MATMUL to it.
-ACCUMULATION_MATMUL = None
+# products (n_c=None: never): model.matmul_limited_acc (a test swaps in a stand-in).
+ACCUMULATION_MATMUL = matmul_limited_acc
 
 
 def accumulation(b: Bench) -> dict:
