@@ -144,8 +144,8 @@ def resolve(path: str) -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 def training_prompts(task: tasks.Task, n: int, seed: int) -> list:
-    """Up to n distinct training-split problems (never a held-out one), fewer only if the task has fewer;
-    the questions of the cold-start set and of rejection sampling."""
+    """Up to n distinct training-split problems (never a held-out one), fewer only if the task has fewer,
+    in the order one seeded stream draws them."""
     rng, seen, out = random.Random(seed), set(), []
     for _ in range(100 * n):
         p = task.sample(rng, split="train")
@@ -157,10 +157,21 @@ def training_prompts(task: tasks.Task, n: int, seed: int) -> list:
     return out
 
 
+def prompt_sets(task: tasks.Task, n_cold: int, n_prompts: int, seed: int) -> tuple[list, list]:
+    """The cold-start questions and the rejection-sampling prompts, disjoint: the first n_cold and the next
+    (up to) n_prompts distinct questions of one stream. Drawing both with the same seed from two streams
+    would make the cold-start set the first n_cold rejection prompts, so rejection SFT would partly
+    re-teach questions the cold start already gave clean solutions for. The cold-start set depends on
+    n_cold and the seed only, so `coldstart` and `reject` run separately agree with `recipe`."""
+    problems = training_prompts(task, n_cold + n_prompts, seed)
+    return problems[:n_cold], problems[n_cold:]
+
+
 def cold_start_examples(n: int, task: tasks.Task, seed: int = 0) -> list[dict]:
     """n clean worked examples (no planted mistake) of distinct training-split questions, as SFT pairs
-    {"prompt", "completion", "question", "answer"}: R1's cold-start data, scaled down (§2.3.1)."""
-    problems = training_prompts(task, n, seed)
+    {"prompt", "completion", "question", "answer"}: R1's cold-start data, scaled down (§2.3.1). Their
+    questions are prompt_sets' cold-start set, never a rejection-sampling prompt."""
+    problems = prompt_sets(task, n, 0, seed)[0]
     if len(problems) < n:
         raise SystemExit(f"--n_cold={n}: the task has only {len(problems)} distinct training questions")
     rows = []
@@ -218,9 +229,10 @@ def rejection_sample(model, tok, problems: list, k: int, max_new_tokens: int = 6
 
 
 def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict:
-    """Load a checkpoint, rejection-sample cfg.n_prompts x cfg.k, write the kept rows to `out`."""
+    """Load a checkpoint, rejection-sample cfg.n_prompts x cfg.k, write the kept rows to `out`. The prompts
+    are prompt_sets' second set: none is a question of the cold-start set (cfg.n_cold, same seed)."""
     model, tok, _ = load_model(init_from, pick_device(cfg.device), hint="python grpo.py")
-    problems = training_prompts(task_of(cfg), cfg.n_prompts, seed)
+    problems = prompt_sets(task_of(cfg), cfg.n_cold, cfg.n_prompts, seed)[1]
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     t0 = time.perf_counter()
     rows, stats = rejection_sample(model, tok, problems, cfg.k, cfg.max_new_tokens, cfg.temperature, generator=gen)
