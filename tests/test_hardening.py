@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -362,3 +363,134 @@ def test_save_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "ckpt.pt", {"model": {}, "model_args": {}, "tokenizer": {}})
     assert events[:2] == ["fsync", "replace"]
 
+
+
+# ---- 12. every script rejects bad flags right after parsing ------------------------------------------
+
+# (command line after `python`, what the last line of stderr must contain: the flag and its value)
+BAD_FLAGS = [
+    (["train.py", "--max_iters=-1"], ["--max_iters", "-1"]),
+    (["train.py", "--max_iters=0"], ["--max_iters", "0"]),
+    (["train.py", "--batch_size=0"], ["--batch_size", "0"]),
+    (["train.py", "--preset=huge"], ["--preset", "huge"]),
+    (["grpo.py", "--group_size=1"], ["--group_size", "1"]),
+    (["grpo.py", "--max_iters=0"], ["--max_iters", "0"]),
+    (["grpo.py", "--temperature=0"], ["--temperature", "0"]),
+    (["grpo.py", "--loss_type=ppo"], ["--loss_type", "ppo"]),
+    (["grpo.py", "--ops=x"], ["--ops", "x"]),
+    (["grpo.py", "--digits_min=3", "--digits_max=2"], ["--digits_m", "3"]),
+    (["sample.py", "--top_p=2"], ["--top_p", "2"]),
+    (["sample.py", "--top_k=0"], ["--top_k", "0"]),
+    (["sample.py", "--device=gpu"], ["--device", "gpu"]),
+    (["sample.py", "--prompt=FILE:/no/such/prompt.txt"], ["--prompt", "/no/such/prompt.txt"]),
+    (["-m", "extras.bench", "--only=9"], ["--only", "9"]),
+    (["-m", "extras.bench", "--device=tpu"], ["--device", "tpu"]),
+    (["-m", "extras.cost", "--mfu=2"], ["--mfu", "2"]),
+    (["-m", "extras.cost", "--gpu=A100", "--precision=fp8"], ["--precision", "fp8"]),
+    (["-m", "extras.cost", "--tokens=0"], ["--tokens", "0"]),
+    (["-m", "extras.hf", "export", "--dtype=int8"], ["--dtype", "int8"]),
+    (["-m", "extras.hf", "import", "--hf_dir=/no/such/folder"], ["--hf_dir", "/no/such/folder", "no such folder"]),
+    (["-m", "extras.hf", "import", "--hf_dir=.", "--tokenizer=bert"], ["--tokenizer", "bert"]),
+    (["-m", "extras.r1", "recipe", "--k=0"], ["--k", "0"]),
+    (["-m", "extras.r1", "coldstart", "--n_cold=0"], ["--n_cold", "0"]),
+    (["-m", "extras.r1", "reject", "--init_from=x.pt", "--temperature=0"], ["--temperature", "0"]),
+    (["-m", "extras.r1", "distill", "--student_preset=huge"], ["--student_preset", "huge"]),
+]
+
+
+def run_rejected(argv: list, cwd: Path) -> dict:
+    """Run `python *argv` from `cwd` (an empty folder: a script that wrongly starts work writes nothing into
+    the repository) and return its exit status, output and CPU seconds (user + system, which a loaded
+    machine does not inflate the way it does wall-clock time). Killed after 120 s."""
+    out, err = cwd / "stdout.txt", cwd / "stderr.txt"
+    script = [str(REPO / argv[0]), *argv[1:]] if argv[0].endswith(".py") else argv
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen([sys.executable, *script], cwd=cwd, env=env, stdout=fo, stderr=fe)
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        watchdog.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"rc": proc.returncode, "stdout": out.read_text(), "stderr": err.read_text(),
+            "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+@pytest.fixture(scope="module")
+def rejections(tmp_path_factory):
+    """Every BAD_FLAGS command line run once, four at a time (each costs a Python start and a torch import)."""
+    from concurrent.futures import ThreadPoolExecutor
+    folders = [tmp_path_factory.mktemp("bad_flags") for _ in BAD_FLAGS]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = pool.map(run_rejected, [argv for argv, _ in BAD_FLAGS], folders)
+        return dict(zip((" ".join(argv) for argv, _ in BAD_FLAGS), results))
+
+
+@pytest.mark.parametrize("argv, expected", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flag_is_rejected_before_any_work(rejections, argv, expected):
+    r = rejections[" ".join(argv)]
+    assert r["rc"] != 0, r
+    assert "Traceback" not in r["stderr"], r["stderr"]
+    assert r["stdout"] == "", "the script printed (and so started work) before rejecting the flag"
+    last = r["stderr"].strip().splitlines()[-1]
+    for part in expected:
+        assert part in last, last
+    assert r["cpu_s"] < 5, f"{r['cpu_s']:.1f} CPU seconds: the check should come right after parsing"
+
+
+# ---- 13. extras/hf.py and extras/r1.py command lines ---------------------------------------------------
+
+def test_hf_import_of_a_missing_folder_says_so(tmp_path):
+    from extras import hf
+    with pytest.raises(hf.HFConversionError, match="no such folder"):
+        hf.import_hf(tmp_path / "missing")
+
+
+def test_hf_uses_the_key_value_parser_of_every_script(tmp_path, capsys):
+    """--verify=false and --no_mtp=true are --key=value booleans, as in every other script (argparse's
+    store_true flags refused a value); parsing succeeds and the run stops at the missing checkpoint."""
+    from extras import hf
+    assert hf.main(["export", f"--ckpt={tmp_path / 'none.pt'}", f"--out={tmp_path / 'hf'}", "--verify=false"]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        hf.main(["import", f"--hf_dir={tmp_path / 'missing'}", "--no_mtp=true"])
+    assert e.value.code == 2 and "no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, commands", [
+    ("r1", {"coldstart": ("--n_cold", "--k"), "reject": ("--init_from", "--rl_steps"),
+            "recipe": ("--rl_steps", "--teacher_data"), "distill": ("--student_preset", "--init_from")}),
+    ("hf", {"export": ("--dtype", "--hf_dir"), "import": ("--hf_dir", "--dtype")}),
+])
+def test_help_lists_each_commands_own_flags(module, commands, capsys):
+    """`python -m extras.<module> --help` exits 0 and shows, per command, the flags it uses (and not
+    another command's); `COMMAND --help` shows that command's flags."""
+    main = __import__(f"extras.{module}", fromlist=["main"]).main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    sections = dict(re.findall(r"\n  (\w+): .*\n((?:    --.*\n?)+)", text))
+    assert set(sections) == set(commands), text
+    for command, (own, other) in commands.items():
+        assert f"--{own.lstrip('-')}=" in sections[command] and f"{other}=" not in sections[command], command
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        help_text = capsys.readouterr().out
+        assert own in help_text and other not in help_text
+
+
+def test_r1_help_from_the_command_line():
+    for argv in (["--help"], ["recipe", "--help"]):
+        r = subprocess.run([sys.executable, "-m", "extras.r1", *argv], cwd=REPO, capture_output=True, text=True,
+                           timeout=300, check=False)
+        assert r.returncode == 0 and "--rl_steps" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_r1_rejects_a_flag_its_command_does_not_use(capsys):
+    with pytest.raises(SystemExit) as e:
+        r1.main(["coldstart", "--k=4"])
+    assert e.value.code == 2 and "--k=4" in capsys.readouterr().err
