@@ -70,15 +70,15 @@ def write_jsonl(path, rows: list[dict]) -> None:
 
 
 def _unreadable(path: Path, error: Exception) -> str:
-    """Why torch.load failed on `path`, in one line. torch's own messages run over several lines and
-    suggest retrying with weights_only=False, i.e. running whatever code the file holds: never pass that on."""
+    """Why torch.load failed on `path`, in a few words on one line. torch's own messages run over several
+    lines and suggest retrying with weights_only=False, i.e. running whatever code the file holds: never
+    pass that on."""
     refused = re.search(r"GLOBAL (\S+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
     if refused:
-        return (f"{path} holds a Python object of type {refused.group(1)}, not only tensors and plain values; "
-                "it is refused because loading it could run code hidden in the file")
-    size = path.stat().st_size
-    return (f"{path} is truncated or corrupt ({size} bytes that torch.load cannot read: an interrupted copy "
-            "or a full disk?)")
+        return (f"it holds a {refused.group(1)} object, which a safe load refuses (unpickling it could run "
+                "code hidden in the file)")
+    return (f"it is truncated or corrupt ({path.stat().st_size} bytes that torch.load cannot read: an "
+            "interrupted copy or a full disk?)")
 
 
 def read_checkpoint(path, hint: str = "python train.py") -> dict:
@@ -91,7 +91,8 @@ def read_checkpoint(path, hint: str = "python train.py") -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure means the same thing to the user
-        raise CheckpointError(f"{_unreadable(path, e)}; recreate it with `{hint}`") from e
+        raise CheckpointError(f"{path} is not a readable tinyseek checkpoint: {_unreadable(path, e)}; "
+                              f"recreate it with `{hint}`") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dict; recreate it with `{hint}`")
     for key in ("model", "model_args", "tokenizer"):

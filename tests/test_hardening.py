@@ -302,7 +302,7 @@ def assert_one_clear_line(message: str, path: Path) -> None:
     """A single line that names the file and passes on none of torch's advice to disable weights_only."""
     assert "\n" not in message and str(path) in message
     assert "weights_only" not in message.lower() and "weights only" not in message.lower()
-    assert len(message) < 300, message
+    assert len(message) < 250 + len(str(path)), message
 
 
 def damaged_checkpoints(tmp_path: Path) -> dict:
@@ -326,7 +326,7 @@ def test_damaged_checkpoint_is_one_clear_line(tmp_path):
         with pytest.raises(CheckpointError) as err:
             read_checkpoint(path)
         assert_one_clear_line(str(err.value), path)
-        assert ("could run code" if name == "code inside" else "truncated or corrupt") in str(err.value), name
+        assert ("refuses" if name == "code inside" else "truncated or corrupt") in str(err.value), name
 
 
 def test_damaged_checkpoint_on_the_command_line(tmp_path):
