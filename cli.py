@@ -126,6 +126,15 @@ def parse_command(commands: dict, argv=None, prog: str = "", description: str = 
     return argv[0], parse_config(cls, argv[1:], description=f"{prog} {argv[0]}: {summary}")
 
 
+def autocast_context(dtype: str, device: str):
+    """bf16 autocast (matmuls in bfloat16, master weights and optimizer state in float32) or a disabled one.
+    'auto' picks bf16 on a CUDA GPU that supports it, float32 elsewhere."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
 @dataclasses.dataclass
 class Dist:
     """Where this process sits in a torchrun job (rank 0 of 1 when run as a plain script)."""

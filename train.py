@@ -13,10 +13,13 @@ What happens, top to bottom:
   2. Data: the built-in corpus (worked arithmetic in the R1-Zero format, see tasks.py) or any UTF-8 text
      file; a byte-level BPE trained on it (cached); one long token stream split 90/10 into train/val.
   3. Model and optimizer: AdamW (beta 0.9/0.95, weight decay 0.1 on matrices only), warmup + cosine.
-  4. The loop: forward (CE + MTP + balance loss), backward, clip, step, then the auxiliary-loss-free
-     router-bias update from the step's expert loads (V3 §2.1.2). Log lines show loss parts, lr, tokens/s,
-     MFU and the expert-load imbalance MaxVio.
-  5. Checkpoints (atomic), metrics.jsonl, plots, and for the built-in task a greedy held-out accuracy.
+  4. Evaluation (loss estimates, held-out accuracy) and plots.
+  5. Setting up a run (`setup`): fresh, from --init_from, or continued with --resume.
+  6. The loop (`train_loop`, one screen): each `train_step` is forward (CE + MTP + balance loss), backward,
+     clip, AdamW step, then the auxiliary-loss-free router-bias update from the step's expert loads
+     (V3 §2.1.2). Log lines show progress and ETA, loss parts, lr, tokens/s, MFU and the expert-load
+     imbalance MaxVio. `finish` writes the checkpoint (atomically), metrics.jsonl and the plots; Ctrl-C or
+     SIGTERM end the current step, checkpoint, and say how to --resume.
 
 The learning-rate schedule is fitted to whichever budget ends first, --max_iters or --max_seconds, so
 "train for three minutes" (--max_seconds=180) gives a complete warmup-and-decay run. The default is a step
@@ -59,6 +62,7 @@ from cli import (
     Dist,
     GracefulStop,
     MetricsLog,
+    autocast_context,
     cleanup_distributed,
     format_seconds,
     parse_config,
@@ -506,7 +510,7 @@ def plot_run(metrics: list[dict], load_history: list, out_dir: Path) -> list[Pat
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Setting up a run: data, model (fresh, --init_from or --resume), optimizer
+# 5. Setting up a run: data, model (fresh, --init_from or --resume), optimizer
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -554,15 +558,6 @@ def build_model(cfg: TrainConfig, device: str):
     tok, train_data, val_data, desc = load_data(cfg)
     args = model_args_from(cfg, tok.n_vocab)
     return tok, train_data, val_data, desc, args, Transformer(args).to(device)
-
-
-def autocast_context(dtype: str, device: str):
-    """bf16 autocast (matmuls in bfloat16, master weights and optimizer state in float32) or a disabled one.
-    'auto' picks bf16 on a CUDA GPU that supports it, float32 elsewhere."""
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def resume_state(run: Run, ckpt_path: Path) -> None:
@@ -629,7 +624,7 @@ def save(run: Run, final: "dict | None" = None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. The training loop
+# 6. The training loop
 # ----------------------------------------------------------------------------------------------------
 
 def train_step(run: Run, lr: float) -> tuple[torch.Tensor, float]:

@@ -46,6 +46,7 @@ worked solutions. R1's reward models for helpfulness and harmlessness, its non-r
 the language-consistency reward have no counterpart in a one-task toy.
 """
 
+import json
 import random
 import re
 import shlex
@@ -59,13 +60,14 @@ import torch
 import grpo
 import tasks
 import train
-from checkpoint import CheckpointError, load_model, write_jsonl
+from checkpoint import CheckpointError, load_model, read_checkpoint, write_jsonl
 from cli import (
     DEVICE_CHOICES,
     parse_command,
     parse_config,
     pick_device,
     print_config,
+    progress,
     valid_device_name,
 )
 from model import PRESETS
@@ -282,8 +284,21 @@ def rejection_sample(model, tok, problems: list, k: int, max_new_tokens: int = 6
 
 
 def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict:
-    """Load a checkpoint, rejection-sample cfg.n_prompts x cfg.k, write the kept rows to `out`. The prompts
-    are prompt_sets' second set: none is a question of the cold-start set (cfg.n_cold, same seed)."""
+    """Load a checkpoint, rejection-sample cfg.n_prompts x cfg.k, write the kept rows to `out` and the stats
+    (with the settings and the checkpoint's identity) to out.stats.json. When that stats file already matches
+    (same settings, same checkpoint file, data present) the sampling is not repeated: an interrupted recipe
+    continues after it. The prompts are prompt_sets' second set: none is a question of the cold-start set
+    (cfg.n_cold, same seed)."""
+    settings = {"init_from": str(init_from), "ckpt_mtime_ns": init_from.stat().st_mtime_ns if init_from.exists()
+                else None, "k": cfg.k, "n_prompts": cfg.n_prompts, "n_cold": cfg.n_cold,
+                "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": seed, "ops": cfg.ops,
+                "max_digits": cfg.max_digits}
+    stats_path = out.with_name(out.name + ".stats.json")
+    if out.is_file() and stats_path.is_file():
+        done = json.loads(stats_path.read_text())
+        if done.get("settings") == settings:
+            print(f"skipped: {out} already holds this rejection sampling ({done['stats']['kept']} rows)")
+            return done["stats"]
     model, tok, _ = load_model(init_from, pick_device(cfg.device), hint="python grpo.py")
     problems = prompt_sets(task_of(cfg), cfg.n_cold, cfg.n_prompts, seed)[1]
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -291,6 +306,7 @@ def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict
     rows, stats = rejection_sample(model, tok, problems, cfg.k, cfg.max_new_tokens, cfg.temperature, generator=gen)
     stats["seconds"] = time.perf_counter() - t0
     write_jsonl(out, rows)
+    write_jsonl(stats_path, [{"settings": settings, "stats": stats}])     # one JSON object, written atomically
     print(f"rejection sampling from {init_from}: {stats['samples']} samples ({stats['prompts']} prompts x {cfg.k}, "
           f"temperature {cfg.temperature:g}), kept {stats['kept']} = yield {100 * stats['yield']:.1f}%; "
           f"{stats['covered']} prompts ({100 * stats['covered'] / stats['prompts']:.1f}%) have at least one; "
@@ -319,36 +335,69 @@ def slug(name: str) -> str:
     return "_".join(re.findall(r"[a-z0-9]+", name.lower()))
 
 
+def stage_state(ckpt: Path, script: str, argv: list[str]) -> tuple[str, "float | None"]:
+    """What an earlier run left at `ckpt` for this stage: ("done", seconds) when it holds the finished run of
+    `script` with exactly these flags, ("interrupted", seconds so far) when it holds the same run stopped early
+    (continue with --resume), ("new", None) otherwise (missing, unreadable, or other flags: run it afresh)."""
+    if not ckpt.is_file():
+        return "new", None
+    try:
+        ck = read_checkpoint(ckpt)
+    except CheckpointError:
+        return "new", None
+    if script == "train.py":
+        want, got = asdict(parse_config(train.TrainConfig, argv)), ck.get("config", {})
+        finished = "final" in ck and not ck["final"].get("interrupted")
+    else:
+        want, got = asdict(parse_config(grpo.GRPOConfig, argv)), ck.get("grpo_config", {})
+        finished = ck.get("step") == want["max_iters"]
+    if {k: v for k, v in got.items() if k != "resume"} != {k: v for k, v in want.items() if k != "resume"}:
+        return "new", None
+    return ("done" if finished else "interrupted"), ck.get("elapsed")
+
+
 class Pipeline:
     """Runs stages in order, prints each one's command, accuracy and example, and keeps a results list."""
 
-    def __init__(self, cfg: R1Config, out_dir: Path, results_name: str):
+    def __init__(self, cfg: R1Config, out_dir: Path, results_name: str, n_stages: int = 0):
         self.cfg, self.out_dir, self.results = cfg, out_dir, []
         self.results_path = out_dir / results_name
+        self.n_stages, self.done, self.t_start = n_stages, 0, time.perf_counter()
+
+    def header(self, name: str) -> None:
+        """'==== stage 3/7: RL | 2 done, ETA 6m10s ====': where the pipeline stands (ETA at its pace so far)."""
+        where = ""
+        if self.n_stages:
+            eta = progress(self.done, self.n_stages, time.perf_counter() - self.t_start).split("| ")[1]
+            where = f" ({self.done + 1}/{self.n_stages}, {eta})"
+        print(f"\n==== stage: {name}{where} ====")
 
     def stage(self, name: str, script: str, argv: list[str], ckpt: "Path | None" = None, run: bool = True) -> dict:
         """Run `script` (train.py / grpo.py) with argv unless run=False (an existing checkpoint), evaluate
-        the checkpoint it wrote, print and record the result."""
-        print(f"\n==== stage: {name} ====")
-        print("$ python " + " ".join(shlex.quote(a) for a in [script, *argv]))
-        t0 = time.perf_counter()
-        if run:
-            if script == "train.py":
-                train.main(argv)
-            else:
-                grpo.train(parse_config(grpo.GRPOConfig, argv))
-        seconds = time.perf_counter() - t0
+        the checkpoint it wrote, print and record the result. A stage whose checkpoint already holds this
+        finished run is skipped; one that was interrupted continues with --resume (stage_state)."""
+        self.header(name)
         ckpt = ckpt or Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))) / "ckpt.pt"
+        state, seconds = stage_state(ckpt, script, argv) if run else ("given", None)
+        if state == "done":
+            print(f"skipped: {ckpt} already holds this finished stage (delete it to run the stage again)")
+        elif state != "given":
+            argv = [*argv, "--resume"] if state == "interrupted" else argv
+            print("$ python " + " ".join(shlex.quote(a) for a in [script, *argv]))
+            t0 = time.perf_counter()
+            (train.main if script == "train.py" else grpo.main)(argv)
+            seconds = (seconds or 0.0) + time.perf_counter() - t0
         res = {"stage": name, "command": f"python {script} " + " ".join(argv), "checkpoint": str(ckpt),
-               "seconds": round(seconds, 1) if run else None,
+               "seconds": None if seconds is None else round(seconds, 1),
                **evaluate_stage(ckpt, self.cfg, self.out_dir / f"eval_{slug(name)}.jsonl")}
         ex = res["example"]
         print(f"---- {name}: held-out accuracy {100 * res['accuracy']:.1f}% (format {100 * res['format']:.1f}%, "
-              f"{res['n']} problems, greedy)" + (f"; stage took {seconds:.0f}s" if run else ""))
+              f"{res['n']} problems, greedy)" + (f"; stage took {seconds:.0f}s" if seconds else ""))
         print(f"     example: {ex['question']} -> {ex['completion']!r} "
               f"({'right' if ex['correct'] else 'wrong, expected ' + ex['answer']})")
         self.results.append(res)
         self.save()
+        self.done += 1
         return res
 
     def note(self, name: str, info: dict) -> None:
@@ -371,7 +420,7 @@ def sft_argv(cfg: R1Config, data: Path, init_from: Path, out_dir: Path, steps: i
 
 def rl_argv(cfg: R1Config, init_from: Path, out_dir: Path) -> list[str]:
     """grpo.py flags for one RL stage (grpo.py's defaults otherwise)."""
-    return [f"--init_from={init_from}", f"--out_dir={out_dir}", f"--max_steps={cfg.rl_steps}", "--max_seconds=0",
+    return [f"--init_from={init_from}", f"--out_dir={out_dir}", f"--max_iters={cfg.rl_steps}", "--max_seconds=0",
             f"--lr={cfg.rl_lr}", "--n_eval=0", f"--ops={cfg.ops}", f"--digits_max={cfg.max_digits}",
             f"--max_new_tokens={cfg.max_new_tokens}", f"--seed={cfg.seed}", f"--device={cfg.device}"]
 
@@ -389,7 +438,7 @@ def recipe(cfg: R1Config) -> list[dict]:
     out_dir/results.jsonl (one JSON line per stage) and r1_stages.png."""
     out = resolve(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline(cfg, out, "results.jsonl")
+    pipe = Pipeline(cfg, out, "results.jsonl", n_stages=4 + cfg.final_rl + cfg.zero_baseline)
     t_start = time.perf_counter()
     if cfg.base:
         base = resolve(cfg.base)
@@ -409,7 +458,7 @@ def recipe(cfg: R1Config) -> list[dict]:
     rs = out / "rejection.jsonl"
     print(f"$ python -m extras.r1 reject --init_from={out / 'rl' / 'ckpt.pt'} --out={rs} --k={cfg.k} "
           f"--n_prompts={cfg.n_prompts} --n_cold={cfg.n_cold} --seed={cfg.seed}")
-    stats = reject_to_file(cfg, out / "rl" / "ckpt.pt", rs, cfg.seed)
+    stats = reject_to_file(cfg, out / "rl" / "ckpt.pt", rs, cfg.seed)   # skipped when already done (stats file)
     pipe.note("rejection sampling", stats)
     pipe.stage("rejection SFT", "train.py", sft_argv(cfg, rs, base, out / "rejection_sft", cfg.sft_steps))
     if cfg.final_rl:
@@ -433,7 +482,7 @@ def distill(cfg: R1Config) -> list[dict]:
         raise SystemExit(f"no teacher data at {data}: run `python -m extras.r1 recipe` first (it writes "
                          "rejection.jsonl) or pass --teacher_data=FILE")
     n_rows = len(train.read_sft_jsonl(data))
-    pipe = Pipeline(cfg, out, "distill.jsonl")
+    pipe = Pipeline(cfg, out, "distill.jsonl", n_stages=3)
     student = out / "student_base"
     pipe.stage(f"student ({cfg.student_preset}) pretrained", "train.py",
                pretrain_argv(cfg, student, cfg.student_preset))
