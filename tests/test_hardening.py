@@ -90,7 +90,7 @@ def test_policy_update_keeps_truncated_rows_in_the_grpo_denominator(monkeypatch)
                          [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]),
               grpo.Group(problem, [tok.bos_id], [[54, tok.eos_id], [55, tok.eos_id]], [True, True], ["", ""],
                          [0.0, 1.0], [0.0, 1.0], [0.0, 0.0])]
-    opt = grpo.make_optimizer(model, cfg)
+    opt = grpo.make_rl_optimizer(model, cfg)
     stats = grpo.policy_update(model, None, opt, groups, cfg, tok.eos_id)
     assert seen["rows"] == 4 and seen["mask"].any(dim=1).tolist() == [True, False, True, True]
     assert stats["trained_seqs"] == 3
