@@ -6,12 +6,17 @@ A checkpoint is a plain dict:
     {"model": state_dict, "model_args": dict, "tokenizer": dict, "config": dict, "kind": str, ...}
 plus whatever a script needs to resume (optimizer state, step, RNG states, data position). Only tensors
 and plain Python values are stored, so it loads with `torch.load(..., weights_only=True)`, which cannot
-run code hidden in a malicious file. Writes go to a temporary file in the same folder that is then
-renamed over the target: an interrupted save never leaves a half-written checkpoint behind.
+run code hidden in a malicious file. Writes go to a temporary file in the same folder that is flushed to
+the disk (fsync) and then renamed over the target: a process killed in the middle of a save leaves the
+previous file as it was (the rename is atomic), and so does a power cut (without the fsync the rename
+could reach the disk before the data, leaving an empty or partial file under the old name). A file that
+cannot be read anyway (truncated by a full disk, damaged in a copy) gives one line naming it.
 """
 
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -24,24 +29,56 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model it is loaded into."""
 
 
-def save_checkpoint(path, payload: dict) -> None:
-    """Atomically write `payload` (a dict of tensors and plain values) to `path` with torch.save."""
+def _atomic_write(path, write) -> None:
+    """Call `write(f)` on a binary file `path`.tmp, fsync it, rename it over `path`, fsync the folder.
+
+    os.replace is atomic (POSIX and Windows): a reader, or the next run after a kill, sees the old file or
+    the new one, never a mixture. The fsync before the rename makes the data durable before the name
+    points at it, which is what survives a power cut; the folder's fsync makes the rename itself durable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)                     # atomic on POSIX and Windows
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)           # e.g. a full disk: leave no half-written .tmp behind
+        raise
+    if os.name == "posix":                    # a folder cannot be opened for fsync on Windows
+        try:
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:                       # some file systems refuse fsync on a folder; the data is safe
+            pass
+
+
+def save_checkpoint(path, payload: dict) -> None:
+    """Atomically and durably write `payload` (a dict of tensors and plain values) to `path` with torch.save."""
+    _atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def write_jsonl(path, rows: list[dict]) -> None:
     """Atomically write one JSON object per line (evaluation records, SFT data, results): a reader never
     sees half a file, and an interrupted write leaves the previous file as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")))
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load failed on `path`, in a few words on one line. torch's own messages run over several
+    lines and suggest retrying with weights_only=False, i.e. running whatever code the file holds: never
+    pass that on."""
+    refused = re.search(r"GLOBAL (\S+)", str(error)) if isinstance(error, pickle.UnpicklingError) else None
+    if refused:
+        return (f"it holds a {refused.group(1)} object, which a safe load refuses (unpickling it could run "
+                "code hidden in the file)")
+    return (f"it is truncated or corrupt ({path.stat().st_size} bytes that torch.load cannot read: an "
+            "interrupted copy or a full disk?)")
 
 
 def read_checkpoint(path, hint: str = "python train.py") -> dict:
@@ -54,7 +91,7 @@ def read_checkpoint(path, hint: str = "python train.py") -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure means the same thing to the user
-        raise CheckpointError(f"{path} is not a readable tinyseek checkpoint ({type(e).__name__}: {e}); "
+        raise CheckpointError(f"{path} is not a readable tinyseek checkpoint: {_unreadable(path, e)}; "
                               f"recreate it with `{hint}`") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dict; recreate it with `{hint}`")

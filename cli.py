@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -89,6 +90,40 @@ def pick_device(name: str) -> str:
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise SystemExit(f"unknown --device={name}; choose auto, cpu, cuda, cuda:N or mps")
     return name
+
+
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def valid_device_name(name: str) -> bool:
+    """True for a --device value pick_device understands; configs check this right after parsing (whether
+    that device is present is pick_device's check, when the device is picked)."""
+    return re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name) is not None
+
+
+def parse_command(commands: dict, argv=None, prog: str = "", description: str = ""):
+    """`prog COMMAND [--flag=value ...]` for scripts with subcommands: returns (COMMAND, its config).
+
+    `commands` maps each command to (one-line summary, dataclass); the flags after the command are parsed
+    by parse_config with that command's own dataclass, so `prog COMMAND --help` lists exactly its flags
+    and its __post_init__ checks them. `prog --help` prints every command with its flags and exits 0; a
+    missing or unknown command exits with the usage line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    usage = f"usage: {prog} {{{','.join(commands)}}} [--flag=value ...]"
+    if argv and argv[0] in ("-h", "--help"):
+        lines = [usage, "", description, "", f"commands (`{prog} COMMAND --help` for one of them):"]
+        for name, (summary, cls) in commands.items():
+            lines.append(f"\n  {name}: {summary}")
+            for f in dataclasses.fields(cls):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                lines.append(f"    --{f.name}={default!r}".ljust(36) + f" {f.metadata.get('help', '')}".rstrip())
+        print("\n".join(lines))
+        raise SystemExit(0)
+    if not argv or argv[0] not in commands:
+        got = f"got {argv[0]!r}; " if argv else ""
+        raise SystemExit(f"{usage}; {got}`{prog} --help` lists the commands and their flags")
+    summary, cls = commands[argv[0]]
+    return argv[0], parse_config(cls, argv[1:], description=f"{prog} {argv[0]}: {summary}")
 
 
 def autocast_context(dtype: str, device: str):

@@ -41,8 +41,10 @@ verifiers and the template live in tasks.py; here they are only called.
 
 Where GRPO gets its signal -- and where tiny models fail
 --------------------------------------------------------
-If all G outputs of a question get the same reward (all right or all wrong), every advantage is zero
-and the question teaches nothing. The fraction of such "zero-variance" groups is logged every step:
+If all G outputs of a question are equally right (all right or all wrong), the question says nothing
+about correctness: without the format bonus every advantage is zero, and with it the advantages only
+rank the formats (the std division even blows a small format difference up to full-size advantages).
+The fraction of such "zero-variance" groups, judged on accuracy as DAPO does, is logged every step:
 when the pretrained model almost never (or always) solves a question, most groups are flat and
 learning stalls. tasks.py plants a systematic mistake in the pretraining corpus (a dropped carry) so
 that samples of the pretrained model are right often enough to give signal (see its docstring).
@@ -51,13 +53,16 @@ Variants implemented (flags)
 ----------------------------
   --scale_rewards=group|none   divide by the group std [DSM] or not [DR]: the std division gives
                                questions that are almost always solved (tiny std) huge advantages.
-  --loss_type=grpo             mean over sequences of each sequence's token mean (DSM eq. 3).
+  --loss_type=grpo             1/G sum over the group of each sequence's token mean (DSM eq. 3), over
+                               ALL completions: a masked (truncated) one adds 0 but still counts in G.
               dr_grpo          sum of token terms / (N * max_new_tokens): a constant normaliser, so a
                                long wrong answer is not penalised less per token than a short one [DR].
               dapo             sum of token terms / number of completion tokens in the batch: every
                                token weighs the same [DAPO "token-level policy gradient loss"].
   --eps_high > --eps           clip-higher [DAPO]: a larger upper clip lets unlikely good tokens grow.
-  --dynamic_sampling           replace zero-variance groups with fresh questions [DAPO].
+  --dynamic_sampling           replace groups whose G answers are all right or all wrong with fresh
+                               questions [DAPO §3.2: keep 0 < #correct < G]; decided on accuracy, not
+                               on the total reward, which the format bonus would keep varying.
   --mask_truncated             completions cut off at max_new_tokens get no loss [DAPO "overlong
                                filtering"]: their reward reflects the cut, not the reasoning.
   --beta=0                     no KL term; the reference model is then not even built (saves memory).
@@ -66,8 +71,12 @@ What is simplified, honestly
 ----------------------------
 - One update per batch by default (mu=1), as DeepSeekMath did ("a single update following each
   exploration stage"). Then pi_old is the current policy, rho = 1 exactly, nothing is clipped, and
-  the loss value is ~0 by construction while its *gradient* is not: watch reward and held-out
-  accuracy, never the loss. Clipping only acts with --mu > 1.
+  each token's term is -A_i + beta KL_it. The advantages of a group sum to zero, so the loss value is
+  0 (up to rounding) exactly when loss_type=grpo (every sequence weighs 1/G), no row is masked
+  (--mask_truncated drops rows, and the rest no longer sum to zero) and beta=0 (else it is beta times
+  the mean KL). With dapo or dr_grpo a sequence weighs by its length, so the value is -sum_i w_i A_i,
+  not 0. In every case the *gradient* is the policy gradient and the value says nothing about progress:
+  watch reward and held-out accuracy, never the loss. Clipping only acts with --mu > 1.
 - The old log-probs are recomputed by the training forward pass, not stored by the sampler; with the
   same fp32 weights both are the same numbers up to rounding (inference engines in bf16 are not, which
   is why large systems need importance corrections we do not).
@@ -141,8 +150,9 @@ from cli import (
 )
 from sample import completion_text, evaluate, generate_batch, prompt_tokens
 
-LOSS_NOTE = ("note: with mu=1 the loss is ~0 by construction (ratio=1 at the sampling policy); "
-             "watch reward and held-out accuracy instead")
+LOSS_NOTE = ("note: with mu=1 the ratio is 1, so the loss value is 0 (up to rounding) only for loss_type=grpo "
+             "with no masked rows and beta=0, and otherwise a weighted sum of advantages plus beta*KL; "
+             "its gradient is what trains: watch reward and held-out accuracy, not the loss")
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -276,8 +286,19 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1
 def kl_unbiased(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi_theta || pi_ref) estimate of DSM eq. 4 (Schulman's "k3"), same shape as inputs.
 
-    With x = pi_ref / pi_theta = exp(ref_logp - logp): KL = x - log x - 1. Its expectation under
-    pi_theta is the true KL (unbiased), and x - log x - 1 >= 0 for every x > 0 (equality iff x = 1).
+    Value: with x = pi_ref / pi_theta = exp(ref_logp - logp), k3 = x - log x - 1. Its expectation over
+    tokens y ~ pi_theta is the true KL(pi_theta || pi_ref) (unbiased), and x - log x - 1 >= 0 for every
+    x > 0 (equality iff x = 1).
+
+    Gradient (what the loss actually uses): d k3 / d logp = 1 - x, so
+        grad_theta k3(y) = (1 - pi_ref(y) / pi_theta(y)) grad_theta log pi_theta(y).
+    The tokens are sampled, not differentiated through, so its expectation under pi_theta is
+        sum_y pi_theta grad log pi_theta - sum_y pi_ref grad log pi_theta = 0 - E_{y~pi_ref}[grad log pi_theta(y)]
+        = grad_theta KL(pi_ref || pi_theta),
+    the gradient of the *reverse* KL, not of the KL(pi_theta || pi_ref) whose value k3 estimates. Both
+    vanish at pi_theta = pi_ref and agree to first order near it, so as a penalty that keeps the policy
+    close it works; it is just not the gradient of the divergence it reports. (With mu > 1 the tokens
+    come from pi_old, and the statement holds only while pi_theta is still pi_old.)
     """
     d = ref_logp - logp                                                # log(pi_ref / pi_theta)
     return torch.exp(d) - d - 1
@@ -298,7 +319,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: "torch.Tenso
         eps_low, eps_high: rho is clipped to [1 - eps_low, 1 + eps_high].
         beta: KL coefficient.
         loss_type: how the per-token terms l_it are reduced to one number:
-            grpo:    (1/N') sum_i (1/|o_i|) sum_t l_it, N' = sequences with at least one token (DSM eq. 3)
+            grpo:    (1/N) sum_i (1/|o_i|) sum_t l_it over ALL N rows (DSM eq. 3: 1/G per group, and the
+                     batch mean over groups): a fully masked row (a truncated completion) adds 0 but still
+                     counts in N, as in TRL, so its siblings do not weigh more as truncation rises
             dr_grpo: sum_it l_it / (N * max_new_tokens), a constant [DR]
             dapo:    sum_it l_it / sum_i |o_i|, the token mean over the batch [DAPO]
         max_new_tokens: the constant of dr_grpo (the generation limit).
@@ -325,8 +348,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: "torch.Tenso
     per_token = torch.where(m, per_token, 0.0)
     n_tokens = m.sum(dim=1)                                            # (N,) |o_i| that count
     if loss_type == "grpo":
-        seq_mean = per_token.sum(dim=1) / n_tokens.clamp(min=1)        # (N,) per-sequence token mean
-        loss = seq_mean.sum() / (n_tokens > 0).sum().clamp(min=1)
+        seq_mean = per_token.sum(dim=1) / n_tokens.clamp(min=1)        # (N,) per-sequence token mean, 0 if masked
+        loss = seq_mean.sum() / logp.shape[0]                          # 1/G per group, mean over the P groups
     elif loss_type == "dr_grpo":
         if max_new_tokens is None:
             raise ValueError("loss_type='dr_grpo' needs max_new_tokens")
@@ -400,8 +423,11 @@ class Group:
 
     @property
     def zero_variance(self) -> bool:
-        """All G rewards equal: every advantage is 0, the group teaches nothing."""
-        return max(self.rewards) == min(self.rewards)
+        """All G completions equally right (all correct or all wrong): no accuracy signal. DAPO's filter
+        (§3.2) keeps a group only if 0 < #correct < G. Decided on accuracy, not on the total reward:
+        with the format bonus the totals of an all-wrong group still differ, and its advantages would
+        then only teach the format."""
+        return max(self.accuracy) == min(self.accuracy)
 
 
 def sample_groups(model, tok, problems: list, group_size: int, max_new_tokens: int, temperature: float,
@@ -427,9 +453,10 @@ def collect_rollouts(model, tok, draw_problems: Callable[[int], list], n_prompts
                      reward_fn: RewardFn, generator: "torch.Generator | None" = None) -> tuple[list[Group], dict]:
     """`n_prompts` scored groups for one step, with optional dynamic sampling [DAPO].
 
-    Returns (groups, info); info["zero_var_frac"] is measured on the first draw, before any
-    replacement, because that is the diagnostic (how often the current model gives no signal).
-    With dynamic sampling, zero-variance groups are replaced by groups of fresh questions for at most
+    Returns (groups, info); info["zero_var_frac"] is the share of groups whose G answers are all right
+    or all wrong (Group.zero_variance: accuracy, not total reward), measured on the first draw, before
+    any replacement, because that is the diagnostic (how often the current model gives no signal).
+    With dynamic sampling, those groups are replaced by groups of fresh questions for at most
     `dynamic_max_tries` extra rounds; if still short, some zero-variance groups stay in the batch.
     """
     def draw(n):

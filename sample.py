@@ -51,7 +51,13 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError, load_model
-from cli import parse_config, pick_device, print_config
+from cli import (
+    DEVICE_CHOICES,
+    parse_config,
+    pick_device,
+    print_config,
+    valid_device_name,
+)
 from model import (
     MLA,
     ModelArgs,
@@ -104,6 +110,14 @@ class SampleConfig:
                 raise ValueError(f"--{name}={getattr(self, name)} must be at least 1")
         if self.attn_impl not in ("absorb", "naive"):
             raise ValueError(f"--attn_impl={self.attn_impl!r} must be 'absorb' or 'naive'")
+        if not valid_device_name(self.device):
+            raise ValueError(f"--device={self.device!r} is invalid: choose {DEVICE_CHOICES}")
+        if self.prompt.startswith("FILE:") and not Path(self.prompt[len("FILE:"):]).expanduser().is_file():
+            raise ValueError(f"--prompt={self.prompt!r} is invalid: that file does not exist (FILE:path reads the "
+                             "prompt from a file)")
+        if self.benchmark and self.speculative:
+            raise ValueError("--speculative=True with --benchmark=True: the benchmark times speculative decoding "
+                             "itself, beside the plain methods; drop --speculative")
 
     def checkpoint_path(self) -> Path:
         """init_from if given, else out_dir/ckpt.pt; a relative path counts from the current folder."""

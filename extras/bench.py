@@ -44,7 +44,13 @@ import sample
 import tasks
 import train
 from checkpoint import load_model, read_checkpoint
-from cli import parse_config, pick_device, print_config
+from cli import (
+    DEVICE_CHOICES,
+    parse_config,
+    pick_device,
+    print_config,
+    valid_device_name,
+)
 from model import (
     KVCache,
     ModelArgs,
@@ -83,8 +89,11 @@ class BenchConfig:
 
     def __post_init__(self):
         """Reject flags that make no sense, saying what is allowed."""
-        if self.seconds_per_arm < 0 or self.steps_per_arm < 0:
-            raise ValueError("--seconds_per_arm and --steps_per_arm must be >= 0 (0 = the mode's default)")
+        for name in ("seconds_per_arm", "steps_per_arm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: must be >= 0 (0 = the mode's default)")
+        if not valid_device_name(self.device):
+            raise ValueError(f"--device={self.device!r} is invalid: choose {DEVICE_CHOICES}")
         self.selected()
 
     def selected(self) -> list[int]:

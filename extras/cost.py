@@ -39,10 +39,11 @@ ablation experiments on architectures, algorithms, or data". Not in it:
 So $5.576M is the price of the final training run at rental rates, not the cost of building DeepSeek-V3.
 """
 
+import math
 from dataclasses import dataclass, field
 
 from cli import parse_config, print_config
-from model import ModelArgs, count_params, flops_breakdown, flops_per_token
+from model import PRESETS, ModelArgs, count_params, flops_breakdown, flops_per_token
 from train import GPU_PEAK_BF16, GPUS  # noqa: F401  (GPU_PEAK_BF16: re-exported for readers of this file)
 
 PRECISIONS = ("bf16", "fp8")
@@ -123,6 +124,32 @@ class CostConfig:
     precision: str = field(default="bf16", metadata={"help": "peak to divide by: bf16 | fp8"})
     causal: bool = field(default=False, metadata={"help": "count half the attention score matrix"})
     gpu_hours: float = field(default=0.0, metadata={"help": "if > 0: print the MFU this budget implies"})
+
+    def __post_init__(self):
+        """Check every input right after parsing, before anything is computed (argparse turns the ValueError
+        into one line naming the flag, its value and the rule)."""
+        def bad(name, rule):
+            """Raise the ValueError for --name breaking `rule`."""
+            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {rule}")
+
+        if self.preset not in PRESETS:
+            bad("preset", "choose one of " + ", ".join(PRESETS))
+        if self.gpu not in GPUS:
+            bad("gpu", "choose one of " + ", ".join(GPUS))
+        if self.precision not in PRECISIONS:
+            bad("precision", "choose one of " + ", ".join(PRECISIONS))
+        if not (math.isfinite(self.tokens) and self.tokens > 0):
+            bad("tokens", "must be a positive number of training tokens (V3: 14.8e12)")
+        if not 0 < self.mfu <= 1:
+            bad("mfu", "must be in (0, 1]: the achieved share of the peak, e.g. 0.4 for 40%")
+        if not (math.isfinite(self.price) and self.price >= 0):
+            bad("price", "must be >= 0 dollars per GPU-hour (V3 assumed 2.0)")
+        if self.seq_len < 1:
+            bad("seq_len", "must be >= 1 token")
+        if not (math.isfinite(self.gpu_hours) and self.gpu_hours >= 0):
+            bad("gpu_hours", "must be >= 0 (0: do not compute an implied MFU)")
+        if GPUS[self.gpu][self.precision] is None:
+            bad("precision", f"the {self.gpu} has no FP8 tensor cores; use --precision=bf16 or another --gpu")
 
 
 def _human(x: float) -> str:

@@ -84,8 +84,9 @@ transformers and safetensors are development dependencies: model.py, train.py an
 them, and this file imports them only inside the functions that need them.
 """
 
-import argparse
+import dataclasses
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -102,6 +103,7 @@ from checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from cli import parse_command, print_config
 from model import ModelArgs, RMSNorm, Transformer, precompute_rope
 from tokenizer import Tokenizer, get_tokenizer
 
@@ -614,6 +616,8 @@ def import_hf(hf_dir, mtp: bool = True) -> tuple[ModelArgs, Transformer]:
     field or tensor for: missing files, unsupported config fields, missing, unexpected or mis-shaped
     tensors."""
     folder = Path(hf_dir)
+    if not folder.is_dir():
+        raise HFConversionError(f"{folder}: no such folder")
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise HFConversionError(f"no config.json in {folder}; is this a Hugging Face model folder?")
@@ -717,27 +721,61 @@ def max_logit_diff(model: Transformer, hf_model, idx: torch.Tensor) -> float:
 # 7. Command line
 # ----------------------------------------------------------------------------------------------------
 
+DTYPES = ("float32", "bfloat16", "float16")
+TOKENIZER_NAMES = ("auto", "char", "gpt2", "cl100k_base", "o200k_base")
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """The flags of `python -m extras.hf export`."""
+    ckpt: str = dataclasses.field(default="out/ckpt.pt", metadata={"help": "tinyseek checkpoint file"})
+    out: str = dataclasses.field(default="hf_out", metadata={"help": "folder to write"})
+    dtype: str = dataclasses.field(default="float32", metadata={"help": "float32 (exact), bfloat16 or float16"})
+    verify: bool = dataclasses.field(default=False, metadata={"help": "load the folder with transformers, compare logits"})
+
+    def __post_init__(self):
+        """Check the flags before anything is read (argparse turns the ValueError into one line)."""
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype={self.dtype!r} is invalid: choose one of {', '.join(DTYPES)}")
+        for name in ("ckpt", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name}='' is invalid: give a path")
+        if self.verify and importlib.util.find_spec("transformers") is None:
+            raise ValueError("--verify=True needs the transformers package: pip install transformers "
+                             "(a development dependency, in requirements-dev.txt)")
+
+
+@dataclasses.dataclass
+class ImportConfig:
+    """The flags of `python -m extras.hf import`."""
+    hf_dir: str = dataclasses.field(default="", metadata={"help": "folder with config.json and model.safetensors (required)"})
+    out: str = dataclasses.field(default="out_hf/ckpt.pt", metadata={"help": "tinyseek checkpoint file to write"})
+    tokenizer: str = dataclasses.field(default="auto", metadata={"help": "auto (the folder's tokenizer_tinyseek.json) or one "
+                                                             "of ours by name: char, gpt2, cl100k_base, o200k_base"})
+    no_mtp: bool = dataclasses.field(default=False, metadata={"help": "drop the MTP layers"})
+
+    def __post_init__(self):
+        """Check the flags before anything is read: above all, that the folder exists."""
+        if not self.hf_dir:
+            raise ValueError("--hf_dir is required: the Hugging Face folder to import")
+        if not Path(self.hf_dir).is_dir():
+            raise ValueError(f"--hf_dir={self.hf_dir!r} is invalid: no such folder")
+        if self.tokenizer not in TOKENIZER_NAMES:
+            raise ValueError(f"--tokenizer={self.tokenizer!r} is invalid: choose one of {', '.join(TOKENIZER_NAMES)}")
+        if not self.out:
+            raise ValueError("--out='' is invalid: give the checkpoint file to write")
+
+
+COMMANDS = {"export": ("tinyseek checkpoint -> Hugging Face folder", ExportConfig),
+            "import": ("Hugging Face folder -> tinyseek checkpoint", ImportConfig)}
+
+
 def main(argv: "list[str] | None" = None) -> int:
     """`python -m extras.hf export ...` or `python -m extras.hf import ...`; see the module docstring."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="tinyseek checkpoint -> Hugging Face folder")
-    ex.add_argument("--ckpt", default="out/ckpt.pt", help="tinyseek checkpoint file")
-    ex.add_argument("--out", default="hf_out", help="folder to write")
-    ex.add_argument("--dtype", default="float32", help="float32 (exact), bfloat16 or float16")
-    ex.add_argument("--verify", action="store_true", help="load the folder with transformers, compare logits")
-    im = sub.add_parser("import", help="Hugging Face folder -> tinyseek checkpoint")
-    im.add_argument("--hf_dir", required=True, help="folder with config.json and model.safetensors")
-    im.add_argument("--out", default="out_hf/ckpt.pt", help="tinyseek checkpoint file to write")
-    im.add_argument("--tokenizer", default="auto", help="auto (the folder's tokenizer_tinyseek.json) or one of "
-                    "ours by name: char, gpt2, cl100k_base, o200k_base")
-    im.add_argument("--no_mtp", action="store_true", help="drop the MTP layers")
-    cfg = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    print(f"---- hf {cfg.command} ----")
-    for k, v in vars(cfg).items():
-        print(f"  {k} = {v!r}")
+    command, cfg = parse_command(COMMANDS, argv, "python -m extras.hf", __doc__.split("\n\n")[0].strip())
+    print_config(cfg, f"hf {command}")
     try:
-        return _export_cli(cfg) if cfg.command == "export" else _import_cli(cfg)
+        return _export_cli(cfg) if command == "export" else _import_cli(cfg)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

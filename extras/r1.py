@@ -50,10 +50,9 @@ import json
 import random
 import re
 import shlex
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 import torch
@@ -62,11 +61,19 @@ import grpo
 import tasks
 import train
 from checkpoint import CheckpointError, load_model, read_checkpoint, write_jsonl
-from cli import parse_config, pick_device, print_config, progress
+from cli import (
+    DEVICE_CHOICES,
+    parse_command,
+    parse_config,
+    pick_device,
+    print_config,
+    progress,
+    valid_device_name,
+)
+from model import PRESETS
 from sample import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("coldstart", "reject", "recipe", "distill")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,13 +83,14 @@ COMMANDS = ("coldstart", "reject", "recipe", "distill")
 @dataclass
 class R1Config:
     """Every setting of extras/r1.py's commands (each is a --flag)."""
-    out_dir: str = field(default="out_r1", metadata={"help": "recipe/distill: where every stage's folder goes"})
+    out_dir: str = field(default="out_r1", metadata={"help": "where outputs go: every stage's folder (recipe, distill), "
+                                                     "the default --out file (coldstart, reject)"})
     out: str = field(default="", metadata={"help": "coldstart/reject: the JSONL file to write (default: "
                                                    "out_dir/cold_start.jsonl, out_dir/rejection.jsonl)"})
     init_from: str = field(default="", metadata={"help": "reject: checkpoint to sample from"})
     # ---- the task (the same knobs as train.py's built-in corpus) ----
-    ops: str = "+-"
-    max_digits: int = 2
+    ops: str = field(default="+-", metadata={"help": "operators of the arithmetic task, a subset of '+-*'"})
+    max_digits: int = field(default=2, metadata={"help": "most digits per operand (train.py --max_digits)"})
     # ---- base model (recipe) ----
     base: str = field(default="", metadata={"help": "recipe: pretrained checkpoint to start from; empty = "
                                                     "pretrain one now with train.py's defaults"})
@@ -94,39 +102,85 @@ class R1Config:
     n_cold: int = field(default=300, metadata={"help": "clean worked examples in the cold-start set"})
     cold_steps: int = field(default=150, metadata={"help": "SFT steps on the cold-start set"})
     # ---- SFT (cold start, rejection SFT, distillation) ----
-    sft_lr: float = 1e-3
+    sft_lr: float = field(default=1e-3, metadata={"help": "learning rate of every SFT stage"})
     sft_steps: int = field(default=300, metadata={"help": "SFT steps on rejection-sampled data"})
-    sft_batch_size: int = 16
+    sft_batch_size: int = field(default=16, metadata={"help": "sequences per SFT step"})
     # ---- RL (grpo.py) ----
     rl_steps: int = field(default=60, metadata={"help": "GRPO steps per RL stage"})
-    rl_lr: float = 1e-4
+    rl_lr: float = field(default=1e-4, metadata={"help": "learning rate of every RL stage (grpo.py --lr)"})
     final_rl: bool = field(default=True, metadata={"help": "recipe: run the second RL stage"})
     zero_baseline: bool = field(default=True, metadata={"help": "recipe: also run R1-Zero (RL straight from the "
                                                                 "base, no cold start) for comparison"})
     # ---- rejection sampling ----
     k: int = field(default=4, metadata={"help": "samples per prompt"})
     n_prompts: int = field(default=1000, metadata={"help": "training prompts to sample for"})
-    temperature: float = 1.0
-    max_new_tokens: int = 64
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rejection sampling (> 0)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "completion length limit (sampling, RL, evaluation)"})
     # ---- distillation ----
     student_preset: str = field(default="nano", metadata={"help": "distill: the student's preset (model.py)"})
     teacher_data: str = field(default="", metadata={"help": "distill: teacher's verified samples (JSONL); "
                                                             "empty = out_dir/rejection.jsonl from `recipe`"})
     # ---- evaluation and system ----
     n_eval: int = field(default=500, metadata={"help": "held-out problems evaluated after every stage"})
-    seed: int = 1337
-    device: str = "auto"
+    seed: int = field(default=1337, metadata={"help": "one seed for the questions, sampling and every stage"})
+    device: str = field(default="auto", metadata={"help": DEVICE_CHOICES})
 
     def __post_init__(self):
-        """Reject impossible settings before anything runs."""
+        """Reject impossible settings before anything runs (argparse turns the ValueError into one line
+        naming the flag, its value and the rule)."""
+        def bad(name, rule):
+            """Raise the ValueError for --name breaking `rule`."""
+            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {rule}")
+
         for name in ("pretrain_iters", "pretrain_examples", "n_cold", "cold_steps", "sft_steps", "sft_batch_size",
                      "rl_steps", "k", "n_prompts", "max_new_tokens", "max_digits"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+                bad(name, "must be >= 1")
         if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0: rejection sampling needs varied samples")
+            bad("temperature", "must be > 0: rejection sampling needs varied samples")
         if self.n_eval < 1:
-            raise ValueError(f"n_eval={self.n_eval} must be >= 1: every stage is scored on held-out problems")
+            bad("n_eval", "must be >= 1: every stage is scored on held-out problems")
+        for name in ("sft_lr", "rl_lr"):
+            if not getattr(self, name) > 0:
+                bad(name, "must be > 0")
+        if not self.ops or set(self.ops) - set("+-*"):
+            bad("ops", "must be a non-empty subset of '+-*'")
+        if self.student_preset not in PRESETS:
+            bad("student_preset", "choose one of " + ", ".join(PRESETS))
+        if not valid_device_name(self.device):
+            bad("device", "choose " + DEVICE_CHOICES)
+
+
+# Each command, what it does, and the R1Config fields it reads (its flags; any other flag is an error).
+COMMANDS = {
+    "coldstart": ("write the cold-start SFT set: n_cold clean worked examples",
+                  ("out", "out_dir", "n_cold", "ops", "max_digits", "sft_lr", "seed")),
+    "reject": ("rejection-sample a checkpoint into an SFT set of verified samples",
+               ("init_from", "out", "out_dir", "k", "n_prompts", "n_cold", "temperature", "max_new_tokens", "ops",
+                "max_digits", "seed", "device")),
+    "recipe": ("the R1 sequence: base, cold start, RL, rejection sampling, SFT of the base, RL again, and R1-Zero",
+               ("out_dir", "base", "pretrain_iters", "pretrain_examples", "n_cold", "cold_steps", "sft_lr", "sft_steps",
+                "sft_batch_size", "rl_steps", "rl_lr", "final_rl", "zero_baseline", "k", "n_prompts", "temperature",
+                "max_new_tokens", "n_eval", "ops", "max_digits", "seed", "device")),
+    "distill": ("a smaller student: SFT on the teacher's verified samples vs its own GRPO",
+                ("out_dir", "teacher_data", "student_preset", "pretrain_iters", "pretrain_examples", "sft_lr",
+                 "sft_steps", "sft_batch_size", "rl_steps", "rl_lr", "max_new_tokens", "n_eval", "ops", "max_digits",
+                 "seed", "device")),
+}
+
+
+def command_config(command: str) -> type:
+    """The dataclass of one command: only the R1Config fields it reads (COMMANDS), so `--help` lists exactly
+    those and a flag it would ignore is an unknown-flag error; creating one validates it as an R1Config."""
+    used = COMMANDS[command][1]
+    specs = [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in fields(R1Config)
+             if f.name in used]
+
+    def __post_init__(self):
+        """Check the flags with R1Config's rules."""
+        R1Config(**asdict(self))
+
+    return make_dataclass(f"R1{command.capitalize()}Config", specs, namespace={"__post_init__": __post_init__})
 
 
 def task_of(cfg: R1Config) -> tasks.ArithmeticTask:
@@ -145,8 +199,8 @@ def resolve(path: str) -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 def training_prompts(task: tasks.Task, n: int, seed: int) -> list:
-    """Up to n distinct training-split problems (never a held-out one), fewer only if the task has fewer;
-    the questions of the cold-start set and of rejection sampling."""
+    """Up to n distinct training-split problems (never a held-out one), fewer only if the task has fewer,
+    in the order one seeded stream draws them."""
     rng, seen, out = random.Random(seed), set(), []
     for _ in range(100 * n):
         p = task.sample(rng, split="train")
@@ -158,10 +212,21 @@ def training_prompts(task: tasks.Task, n: int, seed: int) -> list:
     return out
 
 
+def prompt_sets(task: tasks.Task, n_cold: int, n_prompts: int, seed: int) -> tuple[list, list]:
+    """The cold-start questions and the rejection-sampling prompts, disjoint: the first n_cold and the next
+    (up to) n_prompts distinct questions of one stream. Drawing both with the same seed from two streams
+    would make the cold-start set the first n_cold rejection prompts, so rejection SFT would partly
+    re-teach questions the cold start already gave clean solutions for. The cold-start set depends on
+    n_cold and the seed only, so `coldstart` and `reject` run separately agree with `recipe`."""
+    problems = training_prompts(task, n_cold + n_prompts, seed)
+    return problems[:n_cold], problems[n_cold:]
+
+
 def cold_start_examples(n: int, task: tasks.Task, seed: int = 0) -> list[dict]:
     """n clean worked examples (no planted mistake) of distinct training-split questions, as SFT pairs
-    {"prompt", "completion", "question", "answer"}: R1's cold-start data, scaled down (§2.3.1)."""
-    problems = training_prompts(task, n, seed)
+    {"prompt", "completion", "question", "answer"}: R1's cold-start data, scaled down (§2.3.1). Their
+    questions are prompt_sets' cold-start set, never a rejection-sampling prompt."""
+    problems = prompt_sets(task, n, 0, seed)[0]
     if len(problems) < n:
         raise SystemExit(f"--n_cold={n}: the task has only {len(problems)} distinct training questions")
     rows = []
@@ -222,10 +287,12 @@ def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict
     """Load a checkpoint, rejection-sample cfg.n_prompts x cfg.k, write the kept rows to `out` and the stats
     (with the settings and the checkpoint's identity) to out.stats.json. When that stats file already matches
     (same settings, same checkpoint file, data present) the sampling is not repeated: an interrupted recipe
-    continues after it."""
+    continues after it. The prompts are prompt_sets' second set: none is a question of the cold-start set
+    (cfg.n_cold, same seed)."""
     settings = {"init_from": str(init_from), "ckpt_mtime_ns": init_from.stat().st_mtime_ns if init_from.exists()
-                else None, "k": cfg.k, "n_prompts": cfg.n_prompts, "max_new_tokens": cfg.max_new_tokens,
-                "temperature": cfg.temperature, "seed": seed, "ops": cfg.ops, "max_digits": cfg.max_digits}
+                else None, "k": cfg.k, "n_prompts": cfg.n_prompts, "n_cold": cfg.n_cold,
+                "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": seed, "ops": cfg.ops,
+                "max_digits": cfg.max_digits}
     stats_path = out.with_name(out.name + ".stats.json")
     if out.is_file() and stats_path.is_file():
         done = json.loads(stats_path.read_text())
@@ -233,7 +300,7 @@ def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict
             print(f"skipped: {out} already holds this rejection sampling ({done['stats']['kept']} rows)")
             return done["stats"]
     model, tok, _ = load_model(init_from, pick_device(cfg.device), hint="python grpo.py")
-    problems = training_prompts(task_of(cfg), cfg.n_prompts, seed)
+    problems = prompt_sets(task_of(cfg), cfg.n_cold, cfg.n_prompts, seed)[1]
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     t0 = time.perf_counter()
     rows, stats = rejection_sample(model, tok, problems, cfg.k, cfg.max_new_tokens, cfg.temperature, generator=gen)
@@ -390,7 +457,7 @@ def recipe(cfg: R1Config) -> list[dict]:
     print("\n==== rejection sampling from the RL checkpoint ====")
     rs = out / "rejection.jsonl"
     print(f"$ python -m extras.r1 reject --init_from={out / 'rl' / 'ckpt.pt'} --out={rs} --k={cfg.k} "
-          f"--n_prompts={cfg.n_prompts}")
+          f"--n_prompts={cfg.n_prompts} --n_cold={cfg.n_cold} --seed={cfg.seed}")
     stats = reject_to_file(cfg, out / "rl" / "ckpt.pt", rs, cfg.seed)   # skipped when already done (stats file)
     pipe.note("rejection sampling", stats)
     pipe.stage("rejection SFT", "train.py", sft_argv(cfg, rs, base, out / "rejection_sft", cfg.sft_steps))
@@ -482,15 +549,14 @@ def plot_stages(results: list[dict], path: Path, n_eval: int, title: str = "") -
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv: "list[str] | None" = None):
-    """`python -m extras.r1 COMMAND [--flag=value ...]` with COMMAND one of coldstart, reject, recipe, distill."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in COMMANDS:
-        got = f"got {argv[0]!r}; " if argv else ""
-        raise SystemExit(f"usage: python -m extras.r1 {{{','.join(COMMANDS)}}} [--flag=value ...]; {got}"
-                         "see the module docstring, or `python -m extras.r1 recipe --help` for the flags")
-    command = argv[0]
-    cfg = parse_config(R1Config, argv[1:], description=f"python -m extras.r1 {command}: " + (__doc__ or "").split("\n")[1])
-    print_config(cfg, f"python -m extras.r1 {command}")
+    """`python -m extras.r1 COMMAND [--flag=value ...]` with COMMAND one of coldstart, reject, recipe, distill;
+    `python -m extras.r1 --help` lists each command's flags."""
+    command, flags = parse_command({name: (summary, command_config(name)) for name, (summary, _) in COMMANDS.items()},
+                                   argv, "python -m extras.r1", (__doc__ or "").split("\n")[1])
+    cfg = R1Config(**asdict(flags))
+    if command == "reject" and not cfg.init_from:
+        raise SystemExit("reject: say which checkpoint to sample from, e.g. --init_from=out_grpo/ckpt.pt")
+    print_config(flags, f"python -m extras.r1 {command}")
     torch.manual_seed(cfg.seed)
     try:
         if command == "coldstart":
@@ -501,8 +567,6 @@ def main(argv: "list[str] | None" = None):
                   f"next: python train.py --sft={out} --init_from=out/ckpt.pt --out_dir=out_cold --lr={cfg.sft_lr}")
             return rows
         if command == "reject":
-            if not cfg.init_from:
-                raise SystemExit("reject: say which checkpoint to sample from, e.g. --init_from=out_grpo/ckpt.pt")
             out = resolve(cfg.out or f"{cfg.out_dir}/rejection.jsonl")
             return reject_to_file(cfg, resolve(cfg.init_from), out, cfg.seed)
         return recipe(cfg) if command == "recipe" else distill(cfg)

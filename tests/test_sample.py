@@ -233,8 +233,9 @@ def test_missing_checkpoint_names_the_command_that_makes_one(tmp_path, capsys):
 def test_prompt_file(tmp_path, ckpt_path, capsys):
     with pytest.raises(ValueError, match="does not exist"):
         read_prompt(f"FILE:{tmp_path / 'missing.txt'}")
-    assert sample.main([f"--init_from={ckpt_path}", f"--prompt=FILE:{tmp_path / 'missing.txt'}"]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:                  # checked with the other flags, before loading
+        sample.main([f"--init_from={ckpt_path}", f"--prompt=FILE:{tmp_path / 'missing.txt'}"])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
     f = tmp_path / "q.txt"
     f.write_text("User: 1+2\n", encoding="utf-8")
     assert read_prompt(f"FILE:{f}") == "User: 1+2\n"
