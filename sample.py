@@ -115,9 +115,6 @@ class SampleConfig:
         if self.prompt.startswith("FILE:") and not Path(self.prompt[len("FILE:"):]).expanduser().is_file():
             raise ValueError(f"--prompt={self.prompt!r} is invalid: that file does not exist (FILE:path reads the "
                              "prompt from a file)")
-        if self.benchmark and self.speculative:
-            raise ValueError("--speculative=True with --benchmark=True: the benchmark times speculative decoding "
-                             "itself, beside the plain methods; drop --speculative")
 
     def checkpoint_path(self) -> Path:
         """init_from if given, else out_dir/ckpt.pt; a relative path counts from the current folder."""
@@ -187,7 +184,7 @@ def load(cfg: SampleConfig, device: str) -> tuple[Transformer, Tokenizer]:
 
 def random_tiny_model(seed: int, device: str, max_seq_len: int = 512,
                       attn_impl: str = "absorb") -> tuple[Transformer, Tokenizer]:
-    """An untrained `tiny` preset model with the byte tokenizer, for benchmarks without a checkpoint.
+    """An untrained `tiny` preset model with the byte tokenizer, for notebooks and measurements without a checkpoint.
 
     The context is widened to max_seq_len (default 512) so that 256+ new tokens fit after a prompt; that
     only changes the rotary tables, not a single weight."""
