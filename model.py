@@ -559,11 +559,19 @@ class MLP(nn.Module):
 # an operator of our own whose output shape and gradient are written out; torch.compile then keeps it as one
 # opaque call in the graph (no graph break), in any dtype.
 
+def _fused_grouped_mm_ok(*tensors: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these operands: any dtype on CPU (bf16 elsewhere), and every stride
+    but the unit one a multiple of 16 bytes (so a width like 33 takes the per-group fallback)."""
+    t0 = tensors[0]
+    return ((t0.device.type == "cpu" or t0.dtype == torch.bfloat16)
+            and all(s == 1 or s * t.element_size() % 16 == 0 for t in tensors for s in t.stride()))
+
+
 @torch.library.custom_op("tinyseek::grouped_mm", mutates_args=())
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e] for x (M, K), w (E, K, N) and offs (E,) int32,
     the cumulative row counts (offs[-1] = M) -> out (M, N). Empty groups are allowed."""
-    if x.device.type == "cpu" or x.dtype == torch.bfloat16:      # the fused kernel's dtypes
+    if _fused_grouped_mm_ok(x, w):
         return torch._grouped_mm(x, w, offs=offs)
     ends = offs.tolist()                                          # elsewhere: one matmul per group
     return torch.cat([x[a:b] @ w[e] for e, (a, b) in enumerate(zip([0] + ends[:-1], ends))])
@@ -573,7 +581,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
 def grouped_mm_wgrad(x: torch.Tensor, g: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """The weight gradient of grouped_mm: out[e] = x[offs[e-1]:offs[e]]^T g[offs[e-1]:offs[e]] for x (M, K),
     g (M, N) -> (E, K, N); a group with no rows gets zeros."""
-    if x.device.type == "cpu" or x.dtype == torch.bfloat16:
+    if _fused_grouped_mm_ok(x.t(), g):
         return torch._grouped_mm(x.t(), g, offs=offs)
     ends = offs.tolist()
     return torch.stack([x[a:b].t() @ g[a:b] for a, b in zip([0] + ends[:-1], ends)])
