@@ -715,7 +715,11 @@ class MoE(Float32Buffers):
             self.load += counted.sum(0).detach()
             self.balance_loss = self._sequence_balance_loss(counted, scores, real, B, T)
         order = indices.flatten().argsort(stable=True)                 # (N*K,) assignments sorted by expert
-        routed = self._grouped if self.impl == "grouped" else self._loop
+        # With fewer assignments than experts (decoding a token or two), stacking every expert's weights
+        # costs more than the few per-expert calls (measured: 1 token 0.36 vs 0.22 ms, 8 tokens 0.42 vs
+        # 0.50 ms on tiny); a compiled graph always takes the grouped path, whose shapes are fixed.
+        few = indices.numel() < self.n_routed_experts and not torch.compiler.is_compiling()
+        routed = self._grouped if self.impl == "grouped" and not few else self._loop
         y = routed(flat, gates, indices, order)                        # (N, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)                          # shared experts see every token
