@@ -674,8 +674,9 @@ class MoE(Float32Buffers):
                reference; also the FP8 path, whose per-expert Linear layers simulate FP8 matmuls).
       grouped: the same sorted slices, but all experts in one grouped matmul per projection
                (torch._grouped_mm over the experts' weights stacked to (E, ...)), gate and up projection
-               fused into one. No Python loop over experts, no host sync: per-expert launch overhead, not
-               FLOPs, dominates at this size, and a fixed-shape graph is what torch.compile needs.
+               fused into one. No Python loop over experts and no host sync, so the graph has fixed
+               shapes (what torch.compile needs) and a GPU gets two launches instead of 3E. On a CPU both
+               paths take about the same time at the tiny preset's sizes (measured), the matmuls dominate.
     The weights are the per-expert MLPs either way (`experts.{i}.w1.weight`, the official names); the
     grouped path stacks them on the fly, a copy of ~E*3*D*I numbers that is cheap next to the matmuls.
     The layer keeps two statistics for training: `load` (E,), tokens per expert accumulated across
@@ -747,22 +748,21 @@ class MoE(Float32Buffers):
 
         offs[e] is where expert e's slice ends in the sorted order; grouped_mm multiplies rows
         offs[e-1]:offs[e] by expert e's matrix, all experts in one call."""
-        N, K, E = flat.shape[0], self.n_activated_experts, self.n_routed_experts
+        K, E = self.n_activated_experts, self.n_routed_experts
         dtype = torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type) else flat.dtype
         counts = torch.zeros(E, dtype=torch.int32, device=flat.device).index_add_(
             0, indices.flatten(), torch.ones_like(indices.flatten(), dtype=torch.int32))  # (E,) fixed shape
         offs = counts.cumsum(0, dtype=torch.int32)                     # (E,) slice ends
-        w13 = torch.cat([torch.stack([e.w1.weight for e in self.experts]),
-                         torch.stack([e.w3.weight for e in self.experts])], dim=1)   # (E, 2I, D) [w1; w3]
+        # One stack of [w1_0, w3_0, w1_1, w3_1, ...] viewed as (E, 2I, D): each expert's [w1; w3], fused.
+        w13 = torch.stack([w for e in self.experts for w in (e.w1.weight, e.w3.weight)]).view(E, -1, flat.shape[1])
         w2 = torch.stack([e.w2.weight for e in self.experts])                        # (E, D, I)
-        xs = flat[order // K].to(dtype)                                # (N*K, D) token of each sorted slot
+        token_of = order // K                                          # (N*K,) token of each sorted slot
+        xs = flat[token_of].to(dtype)                                  # (N*K, D)
         h = grouped_mm(xs, w13.to(dtype).transpose(1, 2), offs)       # (N*K, 2I)
         h1, h3 = h.chunk(2, dim=-1)                                    # (N*K, I) each
         out = grouped_mm(F.silu(h1) * h3, w2.to(dtype).transpose(1, 2), offs)  # (N*K, D)
-        # Un-sort (slot order -> (token, k) order) and sum each token's K outputs weighted by its gates.
-        unsorted = torch.empty_like(out).index_copy_(0, order, out).view(N, K, -1)   # (N, K, D)
-        y = torch.bmm(gates.unsqueeze(1), unsorted.float()).squeeze(1)  # (N, D) accumulated in fp32
-        return y.to(flat.dtype)
+        out = out.float() * gates.flatten()[order, None]               # (N*K, D) weighted by the gates
+        return torch.zeros_like(flat, dtype=torch.float32).index_add_(0, token_of, out).to(flat.dtype)  # (N, D)
 
     def _sequence_balance_loss(self, chosen, scores, real, B, T) -> torch.Tensor:
         """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
