@@ -1,5 +1,6 @@
 """
-tinyseek/checkpoint.py -- saving and loading checkpoints safely, shared by train.py, grpo.py and sample.py.
+tinyseek/checkpoint.py -- saving and loading checkpoints safely (and any other file a run writes, atomically),
+shared by train.py, grpo.py and sample.py.
 
 A checkpoint is a plain dict:
     {"model": state_dict, "model_args": dict, "tokenizer": dict, "config": dict, "kind": str, ...}
@@ -9,6 +10,7 @@ run code hidden in a malicious file. Writes go to a temporary file in the same f
 renamed over the target: an interrupted save never leaves a half-written checkpoint behind.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -29,6 +31,17 @@ def save_checkpoint(path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)                     # atomic on POSIX and Windows
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    """Atomically write one JSON object per line (evaluation records, SFT data, results): a reader never
+    sees half a file, and an interrupted write leaves the previous file as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)
 
 
 def read_checkpoint(path, hint: str = "python train.py") -> dict:

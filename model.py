@@ -17,7 +17,7 @@ Map of the file (top to bottom):
                             aux-loss-free bias (V3 eq. 16, [ALF]), sequence-wise balance loss (V3 eq. 17-20)
   7. Block, MTP ........... a transformer block; Multi-Token Prediction modules (V3 eq. 21-25)
   8. Transformer .......... embedding -> blocks -> norm -> head; losses; generate(); bias update
-  9. Accounting ........... count_params, kv_cache_numbers_per_token, max_violation
+  9. Accounting ........... count_params, kv_cache_numbers_per_token, max_violation, flops_per_token
 
 Shapes in comments: B batch, T new tokens in this call, S = tokens visible to attention (cache + new),
 H = n_heads, D = dim, E = n_routed_experts, K = n_activated_experts, N = B*T flattened tokens.
@@ -154,7 +154,7 @@ PRESETS = {
     # dim=128 the fan-in is 56x smaller than V3's 7168, and 0.006 would start the network nearly silent.
     # The bias update speed is raised 10x because a laptop run has ~1000 steps, not V3's ~500k.
     "tiny": ModelArgs(init_std=0.02, bias_update_speed=0.01),
-    # A smaller student for distillation experiments (r1.py): half the layers of tiny, half its routed experts
+    # A smaller student for distillation experiments (extras/r1.py): half the layers of tiny, half its routed experts
     # and a narrower width, still with every V3 feature on (MLA with q compression, shared + routed experts,
     # group-limited routing, one dense layer, MTP).
     "nano": ModelArgs(dim=96, inter_dim=256, moe_inter_dim=48, n_layers=2, n_heads=4, n_routed_experts=4,
@@ -324,9 +324,20 @@ def precompute_rope(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs (2j, 2j+1) of x by position-dependent angles.
 
-    Same as the official code's complex multiplication x_complex * e^{i*angle}, written with real numbers.
+    The official code's complex multiplication: each pair is the complex number x_2j + i x_2j+1, and
+    rotating it by angle a is multiplying by e^{ia} = cos a + i sin a. Written with real numbers it is
+    (x0 cos - x1 sin, x0 sin + x1 cos) (see apply_rope_real); the complex form is the same arithmetic in
+    fewer tensor operations, which is what decoding one token at a time pays for.
     Args: x (B, T, n, d_rope) with n heads (1 for the shared key); cos, sin (T, d_rope/2).
     """
+    xf = x.float().contiguous().unflatten(-1, (-1, 2))               # (B, T, n, d/2, 2) (complex views need
+    z = torch.view_as_complex(xf)                                    # even strides) -> (B, T, n, d/2) pairs
+    rot = torch.complex(cos, sin)[None, :, None, :]                  # (1, T, 1, d/2) e^{i angle}
+    return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)       # (B, T, n, d_rope)
+
+
+def apply_rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope written out with real numbers: the plain version the complex form is tested against."""
     xf = x.float().unflatten(-1, (-1, 2))                    # (B, T, n, d/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]                          # (B, T, n, d/2) each
     c, s = cos[None, :, None, :], sin[None, :, None, :]      # (1, T, 1, d/2)
@@ -354,7 +365,9 @@ class MLA(nn.Module):
       absorb: q^T k^C = q^T W^UK c = (W^UK^T q)^T c, so fold W^UK into the query and attend over the
               latent c directly; likewise apply W^UV after the attention-weighted sum of latents. The cache
               then holds only c^KV and k^R: kv_lora_rank + qk_rope_head_dim numbers per token and layer.
-              Seen this way, absorbed MLA is multi-query attention whose single key/value head is the latent.
+              Seen this way, absorbed MLA is multi-query attention whose single key/value head is the latent,
+              and decoding computes it that way (latent_attention_folded: the latent is read once per step,
+              not once per head); without a cache the plain version copies it to every head.
     """
 
     def __init__(self, args: ModelArgs):
@@ -425,19 +438,23 @@ class MLA(nn.Module):
             # ---- absorb W^UK into the query: q_nope^T W^UK c = (W^UK^T q_nope)^T c ----
             w_uk = wkv_b[:, :self.qk_nope_head_dim]                # (H, nope, kv_lora_rank)
             w_uv = wkv_b[:, self.qk_nope_head_dim:]                # (H, v, kv_lora_rank)
-            q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)    # (B, T, H, kv_lora_rank)
-            if cache is not None:
-                cache["kv"][:B, start_pos:end] = kv
+            # einsum("bthd,hdc->bthc", q_nope, w_uk) as one batched matmul over heads (fewer operations)
+            q_lat = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)   # (H, B*T, kv_lora_rank)
+            q_lat = q_lat.transpose(0, 1).view(B, T, H, self.kv_lora_rank)          # (B, T, H, kv_lora_rank)
+            q_abs = torch.cat([q_lat, q_pe], dim=-1)               # (B, T, H, kv_lora_rank + rope)
+            # One shared key "head" [c^KV; k^R] (B, S, kv_lora_rank + rope); its first d_c channels are the value.
+            if cache is None:
+                latent = torch.cat([kv, k_pe.squeeze(2)], dim=-1)  # (B, T, kv_lora_rank + rope)
+                o_lat = latent_attention_expanded(q_abs, latent, self.kv_lora_rank, mask, self.softmax_scale)
+            else:
+                cache["kv"][:B, start_pos:end] = kv                # both are views of cache["latent"]
                 cache["pe"][:B, start_pos:end] = k_pe.squeeze(2)
-                kv, k_pe = cache["kv"][:B, :end], cache["pe"][:B, :end].unsqueeze(2)  # (B, S, ...)
-            # One shared key/value "head": key = [c^KV; k^R] (B, 1, S, d_c + d_h^R), value = c^KV.
-            qh = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)   # (B, H, T, kv_lora_rank + rope)
-            kh = torch.cat([kv, k_pe.squeeze(2)], dim=-1).unsqueeze(1)  # (B, 1, S, kv_lora_rank + rope)
-            vh = kv.unsqueeze(1)                                   # (B, 1, S, kv_lora_rank)
-            o_lat = attention(qh, kh.expand(-1, H, -1, -1), vh.expand(-1, H, -1, -1), mask,
-                              is_causal and T > 1, self.softmax_scale)  # (B, H, T, kv_lora_rank)
-            o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)        # (B, T, H, v_head_dim), W^UV applied late
-        return self.wo(o.flatten(2))                               # (B, T, D), eq. 19
+                o_lat = latent_attention_folded(q_abs, cache["latent"][:B, :end], self.kv_lora_rank, mask,
+                                                self.softmax_scale)  # (B, T, H, kv_lora_rank)
+            # W^UV applied late: einsum("bthc,hdc->bthd", o_lat, w_uv), again one batched matmul over heads
+            o = torch.bmm(o_lat.reshape(B * T, H, -1).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, v)
+            o = o.transpose(0, 1)                                  # (B*T, H, v_head_dim)
+        return self.wo(o.reshape(B, T, H * self.v_head_dim))      # (B, T, D), eq. 19
 
 
 def attention(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
@@ -452,6 +469,37 @@ def attention(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
         v = F.pad(v, (0, dq - dv))
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)[..., :dv]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def latent_attention_expanded(q, latent, r: int, mask, scale: float) -> torch.Tensor:
+    """Absorbed MLA attention, the plain way: copy the one latent key/value head to every query head.
+
+    q (B, T, H, r + rope) absorbed queries [W^UK^T q^C; q^R]; latent (B, S, r + rope) = [c^KV; k^R] of every
+    visible position, whose first r channels are the value c^KV. mask as in `attention` (None: causal).
+    Returns the attention-weighted latents (B, T, H, r)."""
+    H, T = q.shape[2], q.shape[1]
+    kh = latent.unsqueeze(1).expand(-1, H, -1, -1)                 # (B, H, S, r + rope) one head, H times
+    o = attention(q.transpose(1, 2), kh, kh[..., :r], mask, mask is None and T > 1, scale)  # (B, H, T, r)
+    return o.transpose(1, 2)                                        # (B, T, H, r)
+
+
+def latent_attention_folded(q, latent, r: int, mask, scale: float) -> torch.Tensor:
+    """Absorbed MLA attention as multi-query attention: the heads are folded into the query length.
+
+    Every head attends to the same single key/value head, so the H heads of T queries are just H*T queries
+    of one head: q (B, 1, T*H, r + rope) against k (B, 1, S, r + rope). The latent is then read once per
+    step instead of once per head (the expanded version copies it H times). The key doubles as the value:
+    the output's last rope channels are attention-weighted k^R, which are dropped, so no value copy or pad
+    is needed. Same arguments and result as latent_attention_expanded (mask None: causal)."""
+    B, T, H, c = q.shape
+    S = latent.shape[1]
+    if mask is None and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)   # (T, S) causal
+    if mask is not None and T > 1:
+        mask = mask.repeat_interleave(H, dim=-2)                    # (B, 1, T*H, S): row t*H + h is query t
+    k = latent.unsqueeze(1)                                         # (B, 1, S, r + rope)
+    o = F.scaled_dot_product_attention(q.reshape(B, 1, T * H, c), k, k, attn_mask=mask, scale=scale)
+    return o[..., :r].view(B, T, H, r)                              # (B, T, H, r)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -475,13 +523,14 @@ class KVCache:
                              "shorten the prompt or max_new_tokens")
         self.attn_impl = attn_impl or args.attn_impl
         self.max_len, self.pos, self.mtp_pos = max_len, 0, 0
+        self.kv_lora_rank = args.kv_lora_rank
         H = args.n_heads
 
         def layer():
             """Zeroed cache tensors for one layer."""
             if self.attn_impl == "absorb":
-                return {"kv": torch.zeros(batch_size, max_len, args.kv_lora_rank, device=device, dtype=dtype),
-                        "pe": torch.zeros(batch_size, max_len, args.qk_rope_head_dim, device=device, dtype=dtype)}
+                return self._latent_layer(torch.zeros(batch_size, max_len, args.kv_lora_rank + args.qk_rope_head_dim,
+                                                      device=device, dtype=dtype))
             return {"k": torch.zeros(batch_size, max_len, H, args.qk_head_dim, device=device, dtype=dtype),
                     "v": torch.zeros(batch_size, max_len, H, args.v_head_dim, device=device, dtype=dtype)}
 
@@ -489,22 +538,53 @@ class KVCache:
         self.mtp_layers = [layer() for _ in range(args.mtp_depth)]
         self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
 
+    def _latent_layer(self, latent: torch.Tensor) -> dict:
+        """One absorb layer from its (B, L, kv_lora_rank + rope) tensor. c^KV and k^R sit side by side in one
+        tensor because [c^KV; k^R] is the key of absorbed attention, read in place; "kv" and "pe" are views
+        of it, for writing each part."""
+        return {"kv": latent[..., :self.kv_lora_rank], "pe": latent[..., self.kv_lora_rank:], "latent": latent}
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (1-D int64, in the new order) of every layer and of key_mask.
+
+        Batched sampling calls this when sequences finish, so the remaining steps compute only the rows
+        still running (the kept rows' values are copied, nothing is recomputed)."""
+        def pick(layer):
+            """The layer's tensors restricted to `rows`."""
+            if self.attn_impl == "absorb":
+                return self._latent_layer(layer["latent"].index_select(0, rows))
+            return {k: t.index_select(0, rows) for k, t in layer.items()}
+        self.layers = [pick(layer) for layer in self.layers]
+        self.mtp_layers = [pick(layer) for layer in self.mtp_layers]
+        self.key_mask = self.key_mask.index_select(0, rows)
+
+    def stored(self, layer: dict) -> list[torch.Tensor]:
+        """The tensors that hold one layer's cache: c^KV and k^R (views of one allocation), or k and v."""
+        return [layer[k] for k in (("kv", "pe") if self.attn_impl == "absorb" else ("k", "v"))]
+
     def bytes_per_token_per_layer(self) -> int:
         """Bytes one token occupies in one layer's cache, measured from the allocated tensors."""
-        layer = self.layers[0]
-        return sum(t[0, 0].numel() * t.element_size() for t in layer.values())
+        return sum(t[0, 0].numel() * t.element_size() for t in self.stored(self.layers[0]))
 
     def total_bytes(self) -> int:
         """Bytes allocated by all cache tensors (main and MTP layers)."""
         return sum(t.numel() * t.element_size() for layer in self.layers + self.mtp_layers
-                   for t in layer.values())
+                   for t in self.stored(layer))
+
+    def bytes_read_per_token(self, context: int) -> int:
+        """Cache bytes one decoding step reads per generated token with `context` tokens cached, over all
+        main layers: every row's whole cache is read once, shared by all heads (absorb) or per head (naive)."""
+        return self.bytes_per_token_per_layer() * context * len(self.layers)
 
     def attn_mask(self, start_pos: int, T: int) -> "torch.Tensor | None":
-        """(B, 1, T, S) bool mask for T new queries at start_pos: causal, no padding keys, or None if trivial."""
+        """(B, 1, T, S) bool mask for T new queries at start_pos: causal, no padding keys; (1, 1, T, S) when no
+        row is padded, None if trivial (one query, no padding)."""
         S = start_pos + T
         valid = self.key_mask[:, :S]                                   # (B, S)
-        if T == 1 and bool(valid.all()):
-            return None                                                # one query may see everything
+        if bool(valid.all()):                                          # no padding: plain causal
+            if T == 1:
+                return None                                            # one query may see everything
+            return torch.ones(T, S, dtype=torch.bool, device=valid.device).tril(start_pos)[None, None]
         q_pos = torch.arange(start_pos, S, device=valid.device)[:, None]   # (T, 1)
         k_pos = torch.arange(S, device=valid.device)[None, :]              # (1, S)
         # causal & not padding; a query always sees itself so padding rows never become all -inf (NaN)
@@ -885,13 +965,22 @@ class Transformer(Float32Buffers):
         start = cache.pos if cache is not None else 0
         if start + T > self.args.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.args.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         mask = cache.attn_mask(start, T) if cache is not None else None
-        h = self.embed(idx)                                                # (B, T, D)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache.layers[i] if cache is not None else None, start, mask, token_mask)
+        h = self.run_blocks(idx, cache.layers if cache is not None else None, start, mask, token_mask)
         if cache is not None:
             cache.pos += T
+        return h
+
+    def run_blocks(self, idx: torch.Tensor, layer_caches: "list | None", start: int,
+                   mask: "torch.Tensor | None", token_mask: "torch.Tensor | None" = None) -> torch.Tensor:
+        """The per-step work of trunk, with its Python-side decisions (position, mask) made by the caller:
+        idx (B, T) at positions start.. -> h (B, T, D). This is what `torch.compile` should capture for
+        decoding (sample.py --compile), so nothing in it reads a tensor's value on the host."""
+        T = idx.shape[1]
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        h = self.embed(idx)                                                # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, layer_caches[i] if layer_caches is not None else None, start, mask, token_mask)
         return h
 
     def forward(self, idx: torch.Tensor, targets: "torch.Tensor | None" = None,
@@ -979,28 +1068,46 @@ class Transformer(Float32Buffers):
         p = self.embed.weight
         return KVCache(self.args, batch_size, max_len, device=p.device, dtype=p.dtype, attn_impl=attn_impl)
 
-    @torch.no_grad()
+    def decoding_mode(self):
+        """The autograd mode decoding runs in: torch.inference_mode (no autograd bookkeeping at all, faster
+        than no_grad), or no_grad once run_blocks is compiled (sample.compile_decoding), since torch.compile
+        cannot take the inference tensors that inference_mode creates."""
+        return torch.no_grad() if getattr(self, "compiled_decoding", False) else torch.inference_mode()
+
+    def next_logits(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Decoding's forward: idx (B, T) new tokens -> (B, V) float32 logits for the token after the last.
+
+        Like forward(idx, cache=cache)[0][:, -1], but the final norm and the head run on the last position
+        only: the other T-1 rows of a prefill would be computed and thrown away."""
+        h = self.trunk(idx, cache)                                         # (B, T, D)
+        return self.head(self.norm(h[:, -1])).float()                      # (B, V)
+
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: "int | None" = None, eos_id: "int | None" = None) -> torch.Tensor:
         """Sample max_new_tokens after idx (B, T) using the KV cache; returns (B, T + new) tokens.
 
         temperature 0 means greedy. Rows that produced eos_id keep emitting eos_id; generation stops early
-        when every row has. Raises ValueError if the total length exceeds max_seq_len."""
+        when every row has. Raises ValueError if the total length exceeds max_seq_len. The loop runs under
+        decoding_mode() (inference_mode); the result is copied out of it, so it can be used in training."""
         B, T = idx.shape
-        cache = self.new_cache(B, T + max_new_tokens)
-        logits, _ = self(idx, cache=cache)
-        out, done = idx, torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1], temperature, top_k)            # (B,)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done = done | (nxt == eos_id)
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            if eos_id is not None and bool(done.all()):
-                break
-            if out.shape[1] < T + max_new_tokens:
-                logits, _ = self(nxt[:, None], cache=cache)
-        return out
+        with self.decoding_mode():
+            cache = self.new_cache(B, T + max_new_tokens)
+            out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)  # no cat per step
+            out[:, :T] = idx
+            logits = self.next_logits(idx, cache)                          # (B, V)
+            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            n = T
+            for _ in range(max_new_tokens):
+                nxt = sample_next(logits, temperature, top_k)               # (B,)
+                if eos_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                    done = done | (nxt == eos_id)
+                out[:, n] = nxt
+                n += 1
+                if (eos_id is not None and bool(done.all())) or n == T + max_new_tokens:
+                    break
+                logits = self.next_logits(nxt[:, None], cache)              # (B, V)
+        return out[:, :n].clone()
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: "int | None" = None,
@@ -1079,3 +1186,40 @@ def max_violation(load: torch.Tensor) -> torch.Tensor:
     """MaxVio = max load / mean load - 1 per row of (layers, E) counts (0 = perfectly balanced)."""
     load = load.float()
     return load.max(dim=-1).values / load.mean(dim=-1).clamp(min=1e-9) - 1
+
+
+def flops_breakdown(args: ModelArgs, seq_len: int, causal: bool = False) -> dict:
+    """Training FLOPs per token, in parts: {"matmul", "attention", "total"} (FLOPs, forward + backward).
+
+    matmul: 6 x activated parameters, less the embedding lookup (the output head is a matmul and stays in).
+    The MTP modules are in too: each is a full Transformer block whose token runs through all of its
+    attention but only the shared and K_r routed experts, plus its projection of [h; emb], and it calls the
+    shared output head once more (count_params does not count shared weights, a token still multiplies by them).
+    attention: 6 x (n_layers + mtp_depth) x n_heads x (qk_head_dim + v_head_dim) x seq_len, the full score
+    matrix (nanoGPT's and PaLM's convention). With causal=True it is halved: under a causal mask a token only
+    attends to the tokens before it, so only about half the score matrix is needed, and flash-attention
+    kernels skip the masked blocks (FlashAttention's benchmarks count FLOPs this way). MFU figures quoted
+    by different people differ by this convention; the defaults here count the full matrix.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len} must be a positive number of tokens per sequence (V3 used 4096)")
+    c = count_params(args)
+    # Parameters one token multiplies by: activated minus the embedding table (a lookup), plus per MTP module
+    # its weights without the routed experts it skips, plus the shared output head it calls again.
+    skipped = (args.n_routed_experts - args.n_activated_experts) * 3 * args.dim * args.moe_inter_dim
+    mtp = c["mtp"] - args.mtp_depth * skipped + args.mtp_depth * args.vocab_size * args.dim
+    params = c["activated"] - args.vocab_size * args.dim + mtp
+    matmul = 6 * params
+    # Per token, layer and head: Q K^T is 2 x qk_head_dim x seq_len FLOPs forward, weights x V is
+    # 2 x v_head_dim x seq_len; backward doubles each, hence 6 in all.
+    attention = 6 * (args.n_layers + args.mtp_depth) * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
+    if causal:
+        attention /= 2
+    return {"matmul": float(matmul), "attention": float(attention), "total": float(matmul + attention)}
+
+
+def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = False) -> float:
+    """Training FLOPs per token (forward + backward): 6 x activated matmul parameters plus attention scores
+    and weighted values, as nanoGPT counts them (no causal halving unless causal=True). Embedding lookups
+    are not matmuls and are left out; MTP blocks are in. See flops_breakdown for the parts."""
+    return flops_breakdown(args, seq_len, causal)["total"]

@@ -4,7 +4,7 @@ tinyseek/sample.py -- generate text from a checkpoint: the inference side of Dee
     python sample.py                                   # out/ckpt.pt, the default arithmetic question
     python sample.py --prompt="FILE:question.txt" --num_samples=4 --temperature=0.8
     python sample.py --speculative                     # MTP drafts, the main model verifies
-    python sample.py --benchmark                       # tokens/s and cache bytes, measured
+    python sample.py --compile                         # torch.compile the per-step decoding path
 
 Three ideas are on show here, each a few dozen lines.
 
@@ -34,12 +34,13 @@ Three ideas are on show here, each a few dozen lines.
    speculative-sampling acceptance rule, so the text has exactly the main model's distribution.
 
 Honest notes on what is simplified: speculative decoding runs one sequence at a time and drafts one token
-(depth 1); everything runs in float32; on a CPU and a tiny model, the timings are dominated by Python and
-per-call overhead, not by the arithmetic the caches save. Every text is representable: the tokenizers are
+(depth 1); everything runs in float32 by default (bf16 autocast works too); on a CPU and a tiny model, the
+timings are dominated by Python and per-call overhead, not by the arithmetic the caches save. Every text is representable: the tokenizers are
 byte-level (BPE over UTF-8 bytes), so any character falls back to its bytes; even a lone surrogate, which
 has no UTF-8 form, is encoded as U+FFFD rather than raising.
 """
 
+import functools
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -59,10 +60,8 @@ from model import (
     sample_next,
     sampling_probs,
 )
-from tasks import format_prompt
+from tasks import eval_record, format_prompt
 from tokenizer import Tokenizer, get_tokenizer
-
-REPO = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Settings
@@ -73,7 +72,7 @@ REPO = Path(__file__).resolve().parent
 class SampleConfig:
     """Every flag of `python sample.py`; each field is `--name=value` on the command line."""
     # where the model comes from
-    out_dir: str = field(default="out", metadata={"help": "folder with ckpt.pt (relative: from this file's folder)"})
+    out_dir: str = field(default="out", metadata={"help": "folder with ckpt.pt"})
     init_from: "str | None" = field(default=None, metadata={"help": "checkpoint file; overrides out_dir"})
     # what to generate
     prompt: str = field(default=format_prompt("37+48"), metadata={"help": "prompt text, or FILE:path"})
@@ -90,9 +89,7 @@ class SampleConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     attn_impl: str = field(default="absorb", metadata={"help": "absorb (latent cache) or naive (per-head k, v)"})
     speculative: bool = field(default=False, metadata={"help": "MTP drafts, the main model verifies"})
-    benchmark: bool = field(default=False, metadata={"help": "time four decoding methods, measure cache sizes"})
-    bench_tokens: int = field(default=256, metadata={"help": "new tokens per benchmark run (clipped to context)"})
-    bench_repeats: int = field(default=2, metadata={"help": "benchmark rounds; the best time of each method counts"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the per-step decoding path (run_blocks)"})
 
     def __post_init__(self):
         """Reject values that make no sense, with a message saying what is allowed."""
@@ -102,16 +99,15 @@ class SampleConfig:
             raise ValueError(f"--temperature={self.temperature} must be >= 0 (0 means greedy decoding)")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"--top_k={self.top_k} must be a positive integer or none")
-        for name in ("max_new_tokens", "num_samples", "bench_tokens", "bench_repeats"):
+        for name in ("max_new_tokens", "num_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be at least 1")
         if self.attn_impl not in ("absorb", "naive"):
             raise ValueError(f"--attn_impl={self.attn_impl!r} must be 'absorb' or 'naive'")
 
     def checkpoint_path(self) -> Path:
-        """init_from if given, else out_dir/ckpt.pt; relative paths are taken from the repository folder."""
-        path = Path(str(self.init_from)) if self.init_from is not None else Path(self.out_dir) / "ckpt.pt"
-        return path if path.is_absolute() else REPO / path
+        """init_from if given, else out_dir/ckpt.pt; a relative path counts from the current folder."""
+        return Path(str(self.init_from)) if self.init_from is not None else Path(self.out_dir) / "ckpt.pt"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,6 +200,15 @@ def attention_path(model: Transformer, attn_impl: "str | None"):
             m.attn_impl = impl
 
 
+def compile_decoding(model: Transformer, **compile_kwargs) -> Transformer:
+    """torch.compile the per-step path of decoding, in place: Transformer.run_blocks (embedding and blocks),
+    with dynamic shapes since the cache grows by one position per step. The host-side decisions of a step
+    (position, mask, which rows are still running) stay in Python around it. Returns the model."""
+    model.run_blocks = torch.compile(model.run_blocks, dynamic=True, **compile_kwargs)
+    model.compiled_decoding = True                   # decode under no_grad: compile cannot take inference tensors
+    return model
+
+
 def current_attn_impl(model: Transformer) -> str:
     """The attention path the model's MLA layers use now ('naive' or 'absorb')."""
     return next(m.attn_impl for m in model.modules() if isinstance(m, MLA))
@@ -213,7 +218,17 @@ def current_attn_impl(model: Transformer) -> str:
 # 4. Decoding: without a cache, and with the (latent or naive) KV cache
 # ----------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
+def decoding(fn):
+    """Decorator: run fn(model, ...) under model.decoding_mode(), i.e. torch.inference_mode, or no_grad when
+    the model's decoding path is compiled. Generator functions are handled as torch's own decorators do:
+    the mode holds inside each step only, never in the caller's code between steps."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        return model.decoding_mode()(fn)(model, *args, **kwargs)
+    return wrapper
+
+
+@decoding
 def generate_uncached(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                       top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
                       generator: "torch.Generator | None" = None) -> list[int]:
@@ -232,18 +247,21 @@ def generate_uncached(model: Transformer, prompt: list[int], max_new_tokens: int
     return out
 
 
-@torch.no_grad()
+@decoding
 def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
-                 generator: "torch.Generator | None" = None) -> Iterator[torch.Tensor]:
+                 generator: "torch.Generator | None" = None, drop_finished: bool = True) -> Iterator[torch.Tensor]:
     """Decode a batch with the KV cache, yielding the (B,) new tokens of each step as soon as they exist.
 
     Prompts of different lengths are left-padded to the longest, L tokens, and the padding slots are
     removed from attention (cache.key_mask); RoPE only sees relative positions, so a padded prompt computes
     exactly what it would alone. The prompts go through the model once (prefill); after that every step
     feeds one token per row and reads everything earlier from the cache. Rows that produced eos_id keep
-    emitting it; the steps end when every row has, or after max_new_tokens. Uses the model's current
-    attention path (see `attention_path`). Raises ValueError for an empty prompt.
+    emitting it; the steps end when every row has, or after max_new_tokens. With drop_finished (default)
+    a finished row also leaves the batch (cache.keep_rows), so later steps only compute the rows still
+    running; drop_finished=False keeps computing every row, the plain version (same tokens under greedy
+    decoding; a sampled row draws from the same distribution, but the random stream is split differently).
+    Uses the model's current attention path (see `attention_path`). Raises ValueError for an empty prompt.
     """
     if min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token (start empty prompts with BOS)")
@@ -255,20 +273,26 @@ def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     for b, p in enumerate(prompts):
         idx[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
         cache.key_mask[b, :L - len(p)] = False                           # padding is never attended to
-    logits = model(idx, cache=cache)[0][:, -1]                            # (B, V) prefill: whole prompts
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model.next_logits(idx, cache)                                # (B, V) prefill: whole prompts
+    done = torch.zeros(B, dtype=torch.bool, device=device)               # per cache row
+    rows = None                      # which prompt each cache row decodes, once rows have left (None: all)
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)    # (B,)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)    # (b,) one per cache row
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             done = done | (nxt == eos_id)
-        yield nxt
+        yield nxt if rows is None else torch.full((B,), pad, device=device).index_copy_(0, rows, nxt)
         if (eos_id is not None and bool(done.all())) or step == max_new_tokens - 1:
             return
-        logits = model(nxt[:, None], cache=cache)[0][:, -1]               # (B, V) one new token per row
+        if drop_finished and eos_id is not None and bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)                          # cache rows still running
+            cache.keep_rows(keep)
+            rows = keep if rows is None else rows[keep]
+            nxt, done = nxt[keep], done[keep]
+        logits = model.next_logits(nxt[:, None], cache)                   # (b, V) one new token per row
 
 
-@torch.no_grad()
+@decoding
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                    top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
                    generator: "torch.Generator | None" = None,
@@ -365,7 +389,7 @@ def verify_draft(p: torch.Tensor, q: torch.Tensor, draft: int,
     return int(torch.multinomial(residual / residual.sum(), 1, generator=generator)), False
 
 
-@torch.no_grad()
+@decoding
 def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                        top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
                        generator: "torch.Generator | None" = None,
@@ -390,9 +414,12 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
         """One draw from a probability vector, with this call's generator."""
         return int(torch.multinomial(dist, 1, generator=generator))
 
+    greedy = temperature == 0       # one-hot p and q: the rule below reduces to comparing argmaxes
+
     cache = model.new_cache(1, len(prompt) + max_new_tokens, current_attn_impl(model))
     h = model.trunk(torch.tensor([prompt], device=device), cache)         # (1, P, D) h^0 of every prompt position
-    x = prompt + [sample(probs(model.head(model.norm(h[:, -1])).float())[0])]   # x_P from the prefill
+    last = model.head(model.norm(h[:, -1])).float()                       # (1, V)
+    x = prompt + [int(last.argmax()) if greedy else sample(probs(last)[0])]   # x_P from the prefill
     stats.forwards += 1
     stats.tokens += 1
     yield x[-1]
@@ -401,17 +428,28 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
         m = cache.pos                                                     # position of x_m = x[-1]
         # draft: the MTP block sees the pending positions and, for each, the token one step later
         ahead = torch.tensor([x[cache.mtp_pos + 1:m + 1]], device=device)        # (1, len(pending))
-        q = probs(model.mtp_draft(pending, ahead, cache)[:, -1])[0]        # (V,) for x_{m+1}; mtp_pos = m
-        draft = sample(q)
+        q_logits = model.mtp_draft(pending, ahead, cache)[:, -1]           # (1, V) for x_{m+1}; mtp_pos = m
+        if greedy:
+            draft = int(q_logits.argmax())
+        else:
+            q = probs(q_logits)[0]                                         # (V,)
+            draft = sample(q)
         # verify: x_m and the draft in one main-model call, positions m and m+1
         h2 = model.trunk(torch.tensor([[x[m], draft]], device=device), cache)    # (1, 2, D); pos = m + 2
-        p = probs(model.head(model.norm(h2)).float()[0])                   # (2, V) for x_{m+1}, x_{m+2}
-        token, accepted = verify_draft(p[0], q, draft, generator)
+        p_logits = model.head(model.norm(h2)).float()[0]                   # (2, V) for x_{m+1}, x_{m+2}
+        if greedy:
+            # verify_draft with one-hot p and q keeps d iff p's argmax is d, else returns p's argmax
+            token, bonus = p_logits.argmax(-1).tolist()
+            accepted = token == draft
+        else:
+            p = probs(p_logits)                                            # (2, V)
+            token, accepted = verify_draft(p[0], q, draft, generator)
+            bonus = sample(p[1]) if accepted else None                     # the bonus token x_{m+2}
         stats.forwards += 1
         stats.drafts += 1
         stats.accepted += accepted
         if accepted:
-            new, pending = [draft, sample(p[1])], h2                       # the bonus token x_{m+2}
+            new, pending = [draft, bonus], h2
         else:
             new, pending = [token], h2[:, :1]                              # h_m is still right ...
             cache.pos = m + 1                                              # ... slot m+1 (the draft) is not
@@ -435,15 +473,43 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Benchmark
+# 6. Held-out evaluation: greedy answers to questions never seen in training, checked by tasks.py's rules
 # ----------------------------------------------------------------------------------------------------
+# train.py (after pretraining), grpo.py (before, during and after RL) and the R1 recipe all measure with
+# this one function, so their accuracy figures are comparable.
 
-def _timed(fn, *args):
-    """(fn(*args), seconds it took)."""
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0
+def prompt_tokens(tok: Tokenizer, question: str) -> list[int]:
+    """[BOS] + the R1-Zero prompt, ending right after <think>, exactly as pretraining documents begin."""
+    return [tok.bos_id] + tok.encode(format_prompt(question))
 
+
+@torch.no_grad()
+def evaluate(model: Transformer, tok: Tokenizer, problems: list, max_new_tokens: int, batch_size: int = 250,
+             step: "int | None" = None) -> tuple[list[dict], dict]:
+    """Greedy completions (temperature 0) for held-out problems, verified by tasks.eval_record.
+
+    Returns (records, summary): one JSON-ready dict per problem with question, completion, answer,
+    correct plus predicted, format, finished and step; summary has accuracy, format and
+    length (mean completion tokens) and n.
+    """
+    model.eval()
+    records, lengths = [], []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        comps, fins = generate_batch(model, [prompt_tokens(tok, p.question) for p in chunk], max_new_tokens,
+                                     temperature=0.0, eos_id=tok.eos_id)
+        for p, c, f in zip(chunk, comps, fins):
+            records.append({**eval_record(p, completion_text(tok, c)[0]), "finished": f, "step": step})
+            lengths.append(len(c))
+    n = max(1, len(records))
+    summary = {"accuracy": sum(r["correct"] for r in records) / n, "format": sum(r["format"] for r in records) / n,
+               "length": sum(lengths) / n, "n": len(records)}
+    return records, summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Cache sizes (decoding speed is measured side by side by `python -m extras.bench`, rows 1b, 4b, 8b)
+# ----------------------------------------------------------------------------------------------------
 
 def cache_sizes(model: Transformer, max_len: int) -> dict:
     """KV-cache bytes measured from real KVCache tensors (batch 1, max_len tokens) for both MLA paths,
@@ -452,7 +518,7 @@ def cache_sizes(model: Transformer, max_len: int) -> dict:
     a = model.args
     absorb, naive = model.new_cache(1, max_len, "absorb"), model.new_cache(1, max_len, "naive")
     n_cached_layers = a.n_layers + a.mtp_depth
-    elem = absorb.layers[0]["kv"].element_size()
+    elem = absorb.stored(absorb.layers[0])[0].element_size()
     mha = kv_cache_numbers_per_token(a)["mha"] * elem
     return {
         "per_token_per_layer": {"absorb": absorb.bytes_per_token_per_layer(),
@@ -467,89 +533,8 @@ def cache_sizes(model: Transformer, max_len: int) -> dict:
     }
 
 
-def benchmark(model: Transformer, tok: Tokenizer, cfg: SampleConfig) -> dict:
-    """Greedy decoding of the same prompt four ways, timed, plus the cache sizes.
-
-    Methods: no cache (recompute the whole sequence each step), naive cache (per-head keys and values),
-    absorbed latent cache, and speculative decoding with the MTP draft (absorbed cache). Each is warmed up
-    on a few tokens first, then timed cfg.bench_repeats times. Returns a dict; `print_benchmark` shows it
-    as tables."""
-    prompt = encode_prompt(tok, read_prompt(cfg.prompt), cfg.bos)
-    L = model.args.max_seq_len
-    n = min(cfg.bench_tokens, max(L - len(prompt), L // 2))      # fewer new tokens rather than no prompt
-    if n < cfg.bench_tokens:
-        print(f"note: --bench_tokens={cfg.bench_tokens} clipped to {n} to fit the context of {L} tokens",
-              file=sys.stderr)
-    prompt = fit_prompt(prompt, L, n)
-    eos = None                           # always generate n tokens, so every method does the same work
-    runs = {
-        "no_cache": lambda k: generate_uncached(model, prompt, k, 0.0, eos_id=eos),
-        "naive": lambda k: generate_batch(model, [prompt], k, 0.0, eos_id=eos, attn_impl="naive")[0][0],
-        "absorb": lambda k: generate_batch(model, [prompt], k, 0.0, eos_id=eos, attn_impl="absorb")[0][0],
-    }
-    spec_stats: list[SpecStats] = []
-    if len(model.mtp):
-        def spec(k):
-            """Speculative greedy decoding of k tokens (absorbed cache), keeping its statistics."""
-            with attention_path(model, "absorb"):
-                out, stats = speculative_generate(model, prompt, k, 0.0, eos_id=eos)
-            spec_stats.append(stats)
-            return out
-        runs["speculative"] = spec
-    for run in runs.values():
-        run(min(n, 8))                                                    # warm-up
-    tokens, seconds = {}, {}
-    for _ in range(cfg.bench_repeats):                                    # interleaved, best time counts:
-        for name, run in runs.items():                                    # other programs only ever slow
-            tokens[name], t = _timed(run, n)                              # a run down
-            seconds[name] = min(t, seconds.get(name, float("inf")))
-    tps = {k: n / s for k, s in seconds.items()}
-    res = {
-        "prompt_tokens": len(prompt), "new_tokens": n,
-        "tokens_per_s": tps,
-        "speedup_vs_no_cache": {k: v / tps["no_cache"] for k, v in tps.items()},
-        "same_tokens_as_no_cache": {k: v == tokens["no_cache"] for k, v in tokens.items()},
-        "cache": cache_sizes(model, model.args.max_seq_len),
-    }
-    if "speculative" in runs:
-        stats = spec_stats[-1]                                            # the timed run
-        res["speculative"] = {"acceptance": stats.acceptance, "tokens_per_forward": stats.tokens_per_forward,
-                              "speedup_vs_absorb": tps["speculative"] / tps["absorb"]}
-    c = res["cache"]["per_token_per_layer"]
-    res["mla_to_mha"] = c["absorb"] / c["mha_computed"]
-    return res
-
-
-def print_benchmark(res: dict) -> None:
-    """The benchmark dict as three small tables."""
-    print(f"\n---- decoding speed: greedy, {res['prompt_tokens']} prompt + {res['new_tokens']} new tokens ----")
-    print(f"  {'method':<12} {'tokens/s':>9} {'vs no cache':>12}  same tokens")
-    for k, v in res["tokens_per_s"].items():
-        same = "yes" if res["same_tokens_as_no_cache"][k] else "no (float rounding flips a near-tie)"
-        print(f"  {k:<12} {v:>9.1f} {res['speedup_vs_no_cache'][k]:>11.2f}x  {same}")
-    if "speculative" in res:
-        s = res["speculative"]
-        print(f"  speculative: acceptance {s['acceptance']:.1%} of MTP drafts, {s['tokens_per_forward']:.2f} "
-              f"tokens per main-model call, {s['speedup_vs_absorb']:.2f}x the absorbed cache's tokens/s")
-    c = res["cache"]
-    per, tot = c["per_token_per_layer"], c["total"]
-    print("\n---- KV cache per token per layer (bytes; measured from the cache tensors) ----")
-    print(f"  MLA latent (absorb)  {per['absorb']:>7}   c^KV + k^R")
-    print(f"  naive MLA            {per['naive']:>7}   per-head keys and values")
-    print(f"  MHA, same heads      {per['mha_computed']:>7}   computed: 2 n_h d_h numbers")
-    print(f"  MLA : MHA = 1 : {1 / res['mla_to_mha']:.1f} ({res['mla_to_mha']:.1%})")
-    print(f"\n---- peak cache memory for a {c['max_len']}-token generation, batch 1, {c['layers']} layers "
-          "(main + MTP) ----")
-    print("  (the cache is allocated once for the whole generation, so its peak is its allocated size)")
-    for k, label in (("absorb", "MLA latent"), ("naive", "naive MLA"), ("mha_computed", "MHA (computed)")):
-        print(f"  {label:<15} {tot[k] / 2**20:>9.3f} MiB")
-    v3 = kv_cache_numbers_per_token(ModelArgs.preset("671B"))
-    print(f"  for V3's own shape: {v3['mla']} vs {v3['mha']} numbers per token per layer "
-          f"({v3['mla'] / v3['mha']:.1%})")
-
-
 # ----------------------------------------------------------------------------------------------------
-# 7. Main
+# 8. Main
 # ----------------------------------------------------------------------------------------------------
 
 def print_stream(tokens: Iterable[int], tok: Tokenizer, stop: str) -> list[int]:
@@ -573,7 +558,7 @@ def print_stream(tokens: Iterable[int], tok: Tokenizer, stop: str) -> list[int]:
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    """Parse flags, load the checkpoint, then generate (streaming for one sample) or benchmark."""
+    """Parse flags, load the checkpoint, then generate (streaming for one sample, batched for several)."""
     cfg = parse_config(SampleConfig, argv, description=__doc__.split("\n\n")[0])
     print_config(cfg, "sample")
     device = pick_device(cfg.device)
@@ -581,17 +566,12 @@ def main(argv: "list[str] | None" = None) -> int:
     try:
         model, tok = load(cfg, device)
     except CheckpointError as e:
-        if not cfg.benchmark:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"note: {e}\nnote: benchmarking an untrained `tiny` model instead: its speeds and cache sizes are "
-              "real, its MTP acceptance rate is meaningless", file=sys.stderr)
-        model, tok = random_tiny_model(cfg.seed, device, attn_impl=cfg.attn_impl)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"model: {model.args.n_layers} layers, dim {model.args.dim}, {cfg.attn_impl} attention, "
           f"context {model.args.max_seq_len}, device {device}")
-    if cfg.benchmark:
-        print_benchmark(benchmark(model, tok, cfg))
-        return 0
+    if cfg.compile:
+        compile_decoding(model)
     try:
         prompt = fit_prompt(encode_prompt(tok, read_prompt(cfg.prompt), cfg.bos), model.args.max_seq_len,
                             cfg.max_new_tokens)
@@ -626,7 +606,8 @@ def main(argv: "list[str] | None" = None) -> int:
         print(f"speculative: {stats.acceptance:.1%} of {stats.drafts} MTP drafts accepted, "
               f"{stats.tokens_per_forward:.2f} tokens per main-model call")
     else:
-        print("next: --speculative drafts with the MTP module; --benchmark measures speed and cache sizes")
+        print("next: --speculative drafts with the MTP module; `python -m extras.bench --only=1,4` measures "
+              "decoding speed")
     return 0
 
 

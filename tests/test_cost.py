@@ -1,4 +1,4 @@
-"""Tests for cost.py: FLOPs per token against a hand computation, the 671B count against the 6N rule, the
+"""Tests for extras/cost.py: FLOPs per token against a hand computation, the 671B count against the 6N rule, the
 cost/MFU round trip, DeepSeek-V3's implied MFU, bad input, the GPU table and the command line.
 
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_cost.py -q
@@ -6,7 +6,7 @@ Run: OMP_NUM_THREADS=1 python -m pytest tests/test_cost.py -q
 
 import pytest
 
-import cost
+from extras import cost
 from model import ModelArgs, count_params
 
 

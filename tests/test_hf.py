@@ -1,4 +1,4 @@
-"""Tests for hf.py: Hugging Face DeepseekV3 checkpoints, proved equal to transformers' own implementation.
+"""Tests for extras/hf.py: Hugging Face DeepseekV3 checkpoints, proved equal to transformers' own implementation.
 
 Parity: a random model exported to HF gives the same logits in transformers' DeepseekV3ForCausalLM (several
 batches; q_lora_rank 0 and > 0; sigmoid group-limited routing with a random non-zero balancing bias; a dense
@@ -18,13 +18,13 @@ import re
 import pytest
 import torch
 
-import hf
 from checkpoint import load_model, save_checkpoint
-from hf import HFConversionError, export_hf, import_hf
+from extras import hf
+from extras.hf import HFConversionError, export_hf, import_hf
 from model import ModelArgs, Transformer
 from tokenizer import get_tokenizer, train_bpe
 
-safetensors_torch = pytest.importorskip("safetensors.torch", reason="hf.py reads and writes safetensors files; "
+safetensors_torch = pytest.importorskip("safetensors.torch", reason="extras/hf.py reads and writes safetensors files; "
                                         "pip install -r requirements-dev.txt")
 
 NEEDS_TRANSFORMERS = "parity is checked against transformers' DeepseekV3; pip install -r requirements-dev.txt"

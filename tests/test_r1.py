@@ -1,4 +1,4 @@
-"""Tests for r1.py: cold-start data, rejection sampling keeps exactly the verified samples, clear errors,
+"""Tests for extras/r1.py: cold-start data, rejection sampling keeps exactly the verified samples, clear errors,
 and (slow) the whole R1 recipe and the distillation comparison end to end at toy budgets.
 
 Run: python -m pytest tests/test_r1.py -q            (add -m "not slow" to skip the end-to-end run)
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import grpo
-import r1
 import tasks
 import train
+from extras import r1
 
 
 def group(question: str, texts: list[str], finished: list[bool]) -> grpo.Group:
@@ -118,7 +118,7 @@ def test_cold_start_file_is_valid_sft_input(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    ([], "usage: python r1.py"),
+    ([], "usage: python -m extras.r1"),
     (["train"], "got 'train'"),
     (["reject"], "--init_from"),
     (["reject", "--init_from=/nonexistent/ckpt.pt"], "no checkpoint at"),
@@ -129,7 +129,7 @@ def test_bad_commands_are_clear_errors(argv, message):
 
 
 def test_distill_without_teacher_data_says_what_to_run(tmp_path):
-    with pytest.raises(SystemExit, match="run `python r1.py recipe` first"):
+    with pytest.raises(SystemExit, match="run `python -m extras.r1 recipe` first"):
         r1.main(["distill", f"--out_dir={tmp_path}"])
 
 

@@ -19,8 +19,6 @@ from model import ModelArgs, Transformer
 from sample import (
     SampleConfig,
     SpecStats,
-    attention_path,
-    benchmark,
     cache_sizes,
     completion_text,
     encode_prompt,
@@ -209,19 +207,6 @@ def test_cache_bytes_match_formula(model):
     assert c["total"]["absorb"] == per["absorb"] * 64 * (a.n_layers + a.mtp_depth)
 
 
-def test_benchmark_function_reports_every_method(model, capsys):
-    cfg = SampleConfig(bench_tokens=12, bench_repeats=1)
-    with attention_path(model, "absorb"):
-        res = benchmark(model, TOK, cfg)
-    assert set(res["tokens_per_s"]) == {"no_cache", "naive", "absorb", "speculative"}
-    assert all(v > 0 for v in res["tokens_per_s"].values())
-    assert res["same_tokens_as_no_cache"]["speculative"]
-    assert 0.0 <= res["speculative"]["acceptance"] <= 1.0
-    assert res["mla_to_mha"] == pytest.approx(24 / 128)
-    sample.print_benchmark(res)
-    assert "MLA : MHA" in capsys.readouterr().out
-
-
 # ---------------------------------------------------------------------------------------------- inputs
 
 @pytest.mark.parametrize("kw, message", [
@@ -311,14 +296,6 @@ def test_cli_smoke(ckpt_path):
 
 
 @pytest.mark.slow
-def test_cli_benchmark_smoke(ckpt_path):
-    r = subprocess.run([sys.executable, "sample.py", f"--init_from={ckpt_path}", "--benchmark", "--bench_tokens=8",
-                        "--device=cpu"], cwd=ROOT, capture_output=True, text=True,
-                       env=env(), timeout=120, check=False)
-    assert r.returncode == 0, r.stderr
-    assert "no_cache" in r.stdout and "MLA : MHA" in r.stdout and "peak cache memory" in r.stdout
-
-
 def test_spec_stats_properties():
     s = SpecStats(drafts=4, accepted=3, forwards=5, tokens=8)
     assert s.acceptance == 0.75 and s.tokens_per_forward == 1.6

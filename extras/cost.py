@@ -1,10 +1,10 @@
 """
-tinyseek/cost.py -- what does training a model cost? Check DeepSeek-V3's "$5.576M" from first principles.
+tinyseek/extras/cost.py -- what does training a model cost? Check DeepSeek-V3's "$5.576M" from first principles.
 
-    python cost.py                                   # V3 (671B) on 14.8T tokens, H800s at 40% MFU, $2/GPU-hour
-    python cost.py --mfu=0.3 --gpu=H100 --price=2.5
-    python cost.py --gpu_hours=2.664e6               # the MFU a budget of GPU-hours implies
-    python cost.py --preset=small --tokens=2e9 --gpu="RTX 4090" --seq_len=1024
+    python -m extras.cost                                   # V3 (671B) on 14.8T tokens, H800s at 40% MFU, $2/GPU-hour
+    python -m extras.cost --mfu=0.3 --gpu=H100 --price=2.5
+    python -m extras.cost --gpu_hours=2.664e6               # the MFU a budget of GPU-hours implies
+    python -m extras.cost --preset=small --tokens=2e9 --gpu="RTX 4090" --seq_len=1024
 
 The estimate, step by step:
   1. FLOPs per token. Training costs about 6 FLOPs per token for every weight the token passes through: 2 in
@@ -42,88 +42,8 @@ So $5.576M is the price of the final training run at rental rates, not the cost 
 from dataclasses import dataclass, field
 
 from cli import parse_config, print_config
-from model import ModelArgs, count_params
-
-# ----------------------------------------------------------------------------------------------------
-# 1. FLOPs per token
-# ----------------------------------------------------------------------------------------------------
-
-def flops_breakdown(args: ModelArgs, seq_len: int, causal: bool = False) -> dict:
-    """Training FLOPs per token, in parts: {"matmul", "attention", "total"} (FLOPs, forward + backward).
-
-    matmul: 6 x activated parameters, less the embedding lookup (the output head is a matmul and stays in).
-    The MTP modules are in too: each is a full Transformer block whose token runs through all of its
-    attention but only the shared and K_r routed experts, plus its projection of [h; emb], and it calls the
-    shared output head once more (count_params does not count shared weights, a token still multiplies by them).
-    attention: 6 x (n_layers + mtp_depth) x n_heads x (qk_head_dim + v_head_dim) x seq_len, the full score
-    matrix (nanoGPT's and PaLM's convention). With causal=True it is halved: under a causal mask a token only
-    attends to the tokens before it, so only about half the score matrix is needed, and flash-attention
-    kernels skip the masked blocks (FlashAttention's benchmarks count FLOPs this way). MFU figures quoted
-    by different people differ by this convention; the defaults here count the full matrix.
-    """
-    if seq_len <= 0:
-        raise ValueError(f"seq_len={seq_len} must be a positive number of tokens per sequence (V3 used 4096)")
-    c = count_params(args)
-    # Parameters one token multiplies by: activated minus the embedding table (a lookup), plus per MTP module
-    # its weights without the routed experts it skips, plus the shared output head it calls again.
-    skipped = (args.n_routed_experts - args.n_activated_experts) * 3 * args.dim * args.moe_inter_dim
-    mtp = c["mtp"] - args.mtp_depth * skipped + args.mtp_depth * args.vocab_size * args.dim
-    params = c["activated"] - args.vocab_size * args.dim + mtp
-    matmul = 6 * params
-    # Per token, layer and head: Q K^T is 2 x qk_head_dim x seq_len FLOPs forward, weights x V is
-    # 2 x v_head_dim x seq_len; backward doubles each, hence 6 in all.
-    attention = 6 * (args.n_layers + args.mtp_depth) * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
-    if causal:
-        attention /= 2
-    return {"matmul": float(matmul), "attention": float(attention), "total": float(matmul + attention)}
-
-
-def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = False) -> float:
-    """Training FLOPs per token (forward + backward): 6 x activated matmul parameters plus attention scores
-    and weighted values, as nanoGPT counts them (no causal halving unless causal=True). Embedding lookups
-    are not matmuls and are left out; MTP blocks are in. See flops_breakdown for the parts."""
-    return flops_breakdown(args, seq_len, causal)["total"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# 2. GPUs: dense peak tensor-core throughput, TFLOP/s (10^12 FLOP/s)
-# ----------------------------------------------------------------------------------------------------
-# Datasheets print the "with sparsity" figure first (2:4 structured sparsity, twice the dense rate); a
-# normal training run gets the dense one, which is what this table holds. fp8=None: no FP8 tensor cores.
-# The key order matters: train.py finds a GPU by substring of torch.cuda.get_device_name(), so "A100"
-# must come before "A10" and "L40S" before "L4".
-GPUS = {
-    "H200": {"bf16": 989.4, "fp8": 1978.9,
-             "source": "NVIDIA H200 datasheet: the H100 SXM's compute (3,958 FP8 / 1,979 BF16 TFLOPS with "
-                       "sparsity) with more and faster memory (141 GB HBM3e, 4.8 TB/s)"},
-    "H100": {"bf16": 989.4, "fp8": 1978.9,
-             "source": "NVIDIA H100 datasheet and Hopper whitepaper, SXM5 dense (PCIe: 756 BF16 / 1,513 FP8)"},
-    "H800": {"bf16": 989.4, "fp8": 1978.9,
-             "source": "NVIDIA H800 SXM datasheet: the H100 SXM's tensor-core compute; an export variant with "
-                       "NVLink cut to 400 GB/s (H100: 900 GB/s). V3's cluster (report §3.1)"},
-    "A100": {"bf16": 312.0, "fp8": None,
-             "source": "NVIDIA A100 datasheet: 312 BF16 dense (624 with sparsity); Ampere has no FP8"},
-    "A800": {"bf16": 312.0, "fp8": None,
-             "source": "NVIDIA A800 datasheet: the A100's compute, NVLink cut to 400 GB/s (A100: 600 GB/s)"},
-    "L40S": {"bf16": 362.05, "fp8": 733.0,
-             "source": "NVIDIA L40S datasheet: 362.05 BF16 / 733 FP8 dense (733 / 1,466 with sparsity)"},
-    "L4": {"bf16": 121.0, "fp8": 242.5,
-           "source": "NVIDIA L4 datasheet: 242 BF16 / 485 FP8 with sparsity, halved"},
-    "A10": {"bf16": 125.0, "fp8": None,
-            "source": "NVIDIA A10 datasheet: 125 BF16 dense (250 with sparsity); Ampere has no FP8"},
-    # GeForce cards run FP16/BF16 tensor math with FP32 accumulation at half the rate of FP16 accumulation.
-    # BF16 always accumulates in FP32 (so do PyTorch's matmuls), so these are the FP32-accumulate figures;
-    # the headline numbers (330 for the 4090, 142 for the 3090) are the FP16-accumulate ones.
-    "RTX 4090": {"bf16": 165.2, "fp8": 330.3,
-                 "source": "NVIDIA Ada Lovelace whitepaper, RTX 4090 dense, FP32 accumulate "
-                           "(FP16 accumulate: 330.3 BF16-class / 660.6 FP8)"},
-    "RTX 3090": {"bf16": 71.0, "fp8": None,
-                 "source": "NVIDIA Ampere GA102 whitepaper, RTX 3090 dense BF16 with FP32 accumulate "
-                           "(FP16 with FP16 accumulate: 142); Ampere has no FP8"},
-}
-
-# Dense BF16 peaks in FLOP/s, the denominator train.py's MFU uses on a GPU (same keys, same order).
-GPU_PEAK_BF16 = {name: spec["bf16"] * 1e12 for name, spec in GPUS.items()}
+from model import ModelArgs, count_params, flops_breakdown, flops_per_token
+from train import GPU_PEAK_BF16, GPUS  # noqa: F401  (GPU_PEAK_BF16: re-exported for readers of this file)
 
 PRECISIONS = ("bf16", "fp8")
 
@@ -261,7 +181,7 @@ def main(argv: "list[str] | None" = None) -> dict:
           "(the total also pays for context extension")
     print("  and post-training, whose tokens are not in the 14.8T, so the second MFU reads low)")
     print("What this leaves out: research and ablation runs, failed runs, data work, staff, buying and running")
-    print("  the cluster, R1's RL, inference. It is the rental price of one final run (see cost.py's docstring).")
+    print("  the cluster, R1's RL, inference. It is the rental price of one final run (see extras/cost.py's docstring).")
     return {"config": cfg, "params": params, "flops": parts, "estimate": est, "implied_mfu": mfu_for_budget,
             "v3_implied_mfu": v3}
 

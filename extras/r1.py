@@ -1,10 +1,10 @@
 """
-tinyseek/r1.py -- from R1-Zero to R1: cold-start SFT, rejection sampling, and distillation into a smaller model.
+tinyseek/extras/r1.py -- from R1-Zero to R1: cold-start SFT, rejection sampling, and distillation into a smaller model.
 
-    python r1.py coldstart --out=out_r1/cold_start.jsonl      # a few hundred clean worked examples
-    python r1.py reject --init_from=out_grpo/ckpt.pt --out=out_r1/rejection.jsonl --k=4 --n_prompts=1000
-    python r1.py recipe                                       # the whole R1 sequence, stage by stage
-    python r1.py distill --teacher_data=out_r1/rejection.jsonl  # a small student: distillation vs RL
+    python -m extras.r1 coldstart --out=out_r1/cold_start.jsonl      # a few hundred clean worked examples
+    python -m extras.r1 reject --init_from=out_grpo/ckpt.pt --out=out_r1/rejection.jsonl --k=4 --n_prompts=1000
+    python -m extras.r1 recipe                                       # the whole R1 sequence, stage by stage
+    python -m extras.r1 distill --teacher_data=out_r1/rejection.jsonl  # a small student: distillation vs RL
 
 R1-Zero (grpo.py) learns to reason from pure RL, but the DeepSeek-R1 report (arXiv 2501.12948, §2.3) lists
 its problems: poor readability, mixed languages, a slow and unstable start. R1 is trained in four stages:
@@ -30,7 +30,7 @@ the pretraining corpus plants a systematic mistake (a dropped carry) that RL has
   base            pretraining on the flawed corpus                           train.py
   cold start      SFT on `n_cold` clean worked examples (prompt masked)      train.py --sft --init_from
   RL              GRPO, rule-based accuracy + format rewards                 grpo.py
-  rejection SFT   k samples per training prompt from the RL model, keep the  r1.py reject, then
+  rejection SFT   k samples per training prompt from the RL model, keep the  extras.r1 reject, then
                   verified ones; SFT of the BASE model on them               train.py --sft
   RL again        GRPO from the rejection-SFT model (optional)               grpo.py
   R1-Zero         for comparison, not a stage: GRPO straight from the base    grpo.py
@@ -53,7 +53,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,10 +61,11 @@ import torch
 import grpo
 import tasks
 import train
-from checkpoint import CheckpointError, load_model
-from cli import parse_config, pick_device, print_config
+from checkpoint import CheckpointError, load_model, read_checkpoint, write_jsonl
+from cli import parse_config, pick_device, print_config, progress
+from sample import evaluate
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("coldstart", "reject", "recipe", "distill")
 
 
@@ -74,7 +75,7 @@ COMMANDS = ("coldstart", "reject", "recipe", "distill")
 
 @dataclass
 class R1Config:
-    """Every setting of r1.py's commands (each is a --flag)."""
+    """Every setting of extras/r1.py's commands (each is a --flag)."""
     out_dir: str = field(default="out_r1", metadata={"help": "recipe/distill: where every stage's folder goes"})
     out: str = field(default="", metadata={"help": "coldstart/reject: the JSONL file to write (default: "
                                                    "out_dir/cold_start.jsonl, out_dir/rejection.jsonl)"})
@@ -142,15 +143,6 @@ def resolve(path: str) -> Path:
 # ----------------------------------------------------------------------------------------------------
 # 2. SFT data: cold-start examples and rejection sampling
 # ----------------------------------------------------------------------------------------------------
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write rows as JSON lines, atomically (a temporary file renamed over the target)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    tmp.replace(path)
-
 
 def training_prompts(task: tasks.Task, n: int, seed: int) -> list:
     """Up to n distinct training-split problems (never a held-out one), fewer only if the task has fewer;
@@ -227,7 +219,19 @@ def rejection_sample(model, tok, problems: list, k: int, max_new_tokens: int = 6
 
 
 def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict:
-    """Load a checkpoint, rejection-sample cfg.n_prompts x cfg.k, write the kept rows to `out`."""
+    """Load a checkpoint, rejection-sample cfg.n_prompts x cfg.k, write the kept rows to `out` and the stats
+    (with the settings and the checkpoint's identity) to out.stats.json. When that stats file already matches
+    (same settings, same checkpoint file, data present) the sampling is not repeated: an interrupted recipe
+    continues after it."""
+    settings = {"init_from": str(init_from), "ckpt_mtime_ns": init_from.stat().st_mtime_ns if init_from.exists()
+                else None, "k": cfg.k, "n_prompts": cfg.n_prompts, "max_new_tokens": cfg.max_new_tokens,
+                "temperature": cfg.temperature, "seed": seed, "ops": cfg.ops, "max_digits": cfg.max_digits}
+    stats_path = out.with_name(out.name + ".stats.json")
+    if out.is_file() and stats_path.is_file():
+        done = json.loads(stats_path.read_text())
+        if done.get("settings") == settings:
+            print(f"skipped: {out} already holds this rejection sampling ({done['stats']['kept']} rows)")
+            return done["stats"]
     model, tok, _ = load_model(init_from, pick_device(cfg.device), hint="python grpo.py")
     problems = training_prompts(task_of(cfg), cfg.n_prompts, seed)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -235,6 +239,7 @@ def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict
     rows, stats = rejection_sample(model, tok, problems, cfg.k, cfg.max_new_tokens, cfg.temperature, generator=gen)
     stats["seconds"] = time.perf_counter() - t0
     write_jsonl(out, rows)
+    write_jsonl(stats_path, [{"settings": settings, "stats": stats}])     # one JSON object, written atomically
     print(f"rejection sampling from {init_from}: {stats['samples']} samples ({stats['prompts']} prompts x {cfg.k}, "
           f"temperature {cfg.temperature:g}), kept {stats['kept']} = yield {100 * stats['yield']:.1f}%; "
           f"{stats['covered']} prompts ({100 * stats['covered'] / stats['prompts']:.1f}%) have at least one; "
@@ -247,13 +252,13 @@ def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict
 # ----------------------------------------------------------------------------------------------------
 
 def evaluate_stage(ckpt: Path, cfg: R1Config, path: Path) -> dict:
-    """Greedy accuracy of a checkpoint on the cfg.n_eval held-out problems (grpo.evaluate), the records
+    """Greedy accuracy of a checkpoint on the cfg.n_eval held-out problems (sample.evaluate), the records
     written to `path`, and one example: the first held-out question where the planted mistake could occur
     (or the first question, if none of them can)."""
     model, tok, _ = load_model(ckpt, pick_device(cfg.device))
     problems = tasks.heldout_problems(task_of(cfg), cfg.n_eval, seed=0)
-    records, summary = grpo.evaluate(model, tok, problems, cfg.max_new_tokens)
-    grpo.write_jsonl(path, records)
+    records, summary = evaluate(model, tok, problems, cfg.max_new_tokens)
+    write_jsonl(path, records)
     example = next((r for p, r in zip(problems, records) if tasks.in_flaw_situation(p)), records[0])
     return {"accuracy": summary["accuracy"], "format": summary["format"], "n": summary["n"], "example": example}
 
@@ -263,36 +268,69 @@ def slug(name: str) -> str:
     return "_".join(re.findall(r"[a-z0-9]+", name.lower()))
 
 
+def stage_state(ckpt: Path, script: str, argv: list[str]) -> tuple[str, "float | None"]:
+    """What an earlier run left at `ckpt` for this stage: ("done", seconds) when it holds the finished run of
+    `script` with exactly these flags, ("interrupted", seconds so far) when it holds the same run stopped early
+    (continue with --resume), ("new", None) otherwise (missing, unreadable, or other flags: run it afresh)."""
+    if not ckpt.is_file():
+        return "new", None
+    try:
+        ck = read_checkpoint(ckpt)
+    except CheckpointError:
+        return "new", None
+    if script == "train.py":
+        want, got = asdict(parse_config(train.TrainConfig, argv)), ck.get("config", {})
+        finished = "final" in ck and not ck["final"].get("interrupted")
+    else:
+        want, got = asdict(parse_config(grpo.GRPOConfig, argv)), ck.get("grpo_config", {})
+        finished = ck.get("step") == want["max_iters"]
+    if {k: v for k, v in got.items() if k != "resume"} != {k: v for k, v in want.items() if k != "resume"}:
+        return "new", None
+    return ("done" if finished else "interrupted"), ck.get("elapsed")
+
+
 class Pipeline:
     """Runs stages in order, prints each one's command, accuracy and example, and keeps a results list."""
 
-    def __init__(self, cfg: R1Config, out_dir: Path, results_name: str):
+    def __init__(self, cfg: R1Config, out_dir: Path, results_name: str, n_stages: int = 0):
         self.cfg, self.out_dir, self.results = cfg, out_dir, []
         self.results_path = out_dir / results_name
+        self.n_stages, self.done, self.t_start = n_stages, 0, time.perf_counter()
+
+    def header(self, name: str) -> None:
+        """'==== stage 3/7: RL | 2 done, ETA 6m10s ====': where the pipeline stands (ETA at its pace so far)."""
+        where = ""
+        if self.n_stages:
+            eta = progress(self.done, self.n_stages, time.perf_counter() - self.t_start).split("| ")[1]
+            where = f" ({self.done + 1}/{self.n_stages}, {eta})"
+        print(f"\n==== stage: {name}{where} ====")
 
     def stage(self, name: str, script: str, argv: list[str], ckpt: "Path | None" = None, run: bool = True) -> dict:
         """Run `script` (train.py / grpo.py) with argv unless run=False (an existing checkpoint), evaluate
-        the checkpoint it wrote, print and record the result."""
-        print(f"\n==== stage: {name} ====")
-        print("$ python " + " ".join(shlex.quote(a) for a in [script, *argv]))
-        t0 = time.perf_counter()
-        if run:
-            if script == "train.py":
-                train.main(argv)
-            else:
-                grpo.train(parse_config(grpo.GRPOConfig, argv))
-        seconds = time.perf_counter() - t0
+        the checkpoint it wrote, print and record the result. A stage whose checkpoint already holds this
+        finished run is skipped; one that was interrupted continues with --resume (stage_state)."""
+        self.header(name)
         ckpt = ckpt or Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))) / "ckpt.pt"
+        state, seconds = stage_state(ckpt, script, argv) if run else ("given", None)
+        if state == "done":
+            print(f"skipped: {ckpt} already holds this finished stage (delete it to run the stage again)")
+        elif state != "given":
+            argv = [*argv, "--resume"] if state == "interrupted" else argv
+            print("$ python " + " ".join(shlex.quote(a) for a in [script, *argv]))
+            t0 = time.perf_counter()
+            (train.main if script == "train.py" else grpo.main)(argv)
+            seconds = (seconds or 0.0) + time.perf_counter() - t0
         res = {"stage": name, "command": f"python {script} " + " ".join(argv), "checkpoint": str(ckpt),
-               "seconds": round(seconds, 1) if run else None,
+               "seconds": None if seconds is None else round(seconds, 1),
                **evaluate_stage(ckpt, self.cfg, self.out_dir / f"eval_{slug(name)}.jsonl")}
         ex = res["example"]
         print(f"---- {name}: held-out accuracy {100 * res['accuracy']:.1f}% (format {100 * res['format']:.1f}%, "
-              f"{res['n']} problems, greedy)" + (f"; stage took {seconds:.0f}s" if run else ""))
+              f"{res['n']} problems, greedy)" + (f"; stage took {seconds:.0f}s" if seconds else ""))
         print(f"     example: {ex['question']} -> {ex['completion']!r} "
               f"({'right' if ex['correct'] else 'wrong, expected ' + ex['answer']})")
         self.results.append(res)
         self.save()
+        self.done += 1
         return res
 
     def note(self, name: str, info: dict) -> None:
@@ -315,7 +353,7 @@ def sft_argv(cfg: R1Config, data: Path, init_from: Path, out_dir: Path, steps: i
 
 def rl_argv(cfg: R1Config, init_from: Path, out_dir: Path) -> list[str]:
     """grpo.py flags for one RL stage (grpo.py's defaults otherwise)."""
-    return [f"--init_from={init_from}", f"--out_dir={out_dir}", f"--max_steps={cfg.rl_steps}", "--max_seconds=0",
+    return [f"--init_from={init_from}", f"--out_dir={out_dir}", f"--max_iters={cfg.rl_steps}", "--max_seconds=0",
             f"--lr={cfg.rl_lr}", "--n_eval=0", f"--ops={cfg.ops}", f"--digits_max={cfg.max_digits}",
             f"--max_new_tokens={cfg.max_new_tokens}", f"--seed={cfg.seed}", f"--device={cfg.device}"]
 
@@ -333,7 +371,7 @@ def recipe(cfg: R1Config) -> list[dict]:
     out_dir/results.jsonl (one JSON line per stage) and r1_stages.png."""
     out = resolve(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline(cfg, out, "results.jsonl")
+    pipe = Pipeline(cfg, out, "results.jsonl", n_stages=4 + cfg.final_rl + cfg.zero_baseline)
     t_start = time.perf_counter()
     if cfg.base:
         base = resolve(cfg.base)
@@ -344,16 +382,16 @@ def recipe(cfg: R1Config) -> list[dict]:
 
     cold = out / "cold_start.jsonl"
     write_jsonl(cold, cold_start_examples(cfg.n_cold, task_of(cfg), cfg.seed))
-    print(f"\nwrote {cfg.n_cold} clean worked examples to {cold} (python r1.py coldstart --n_cold={cfg.n_cold} "
+    print(f"\nwrote {cfg.n_cold} clean worked examples to {cold} (python -m extras.r1 coldstart --n_cold={cfg.n_cold} "
           f"--out={cold})")
     pipe.stage("cold start", "train.py", sft_argv(cfg, cold, base, out / "cold_start", cfg.cold_steps))
     pipe.stage("RL", "grpo.py", rl_argv(cfg, out / "cold_start" / "ckpt.pt", out / "rl"))
 
     print("\n==== rejection sampling from the RL checkpoint ====")
     rs = out / "rejection.jsonl"
-    print(f"$ python r1.py reject --init_from={out / 'rl' / 'ckpt.pt'} --out={rs} --k={cfg.k} "
+    print(f"$ python -m extras.r1 reject --init_from={out / 'rl' / 'ckpt.pt'} --out={rs} --k={cfg.k} "
           f"--n_prompts={cfg.n_prompts}")
-    stats = reject_to_file(cfg, out / "rl" / "ckpt.pt", rs, cfg.seed)
+    stats = reject_to_file(cfg, out / "rl" / "ckpt.pt", rs, cfg.seed)   # skipped when already done (stats file)
     pipe.note("rejection sampling", stats)
     pipe.stage("rejection SFT", "train.py", sft_argv(cfg, rs, base, out / "rejection_sft", cfg.sft_steps))
     if cfg.final_rl:
@@ -374,10 +412,10 @@ def distill(cfg: R1Config) -> list[dict]:
     out = resolve(cfg.out_dir)
     data = resolve(cfg.teacher_data) if cfg.teacher_data else out / "rejection.jsonl"
     if not data.is_file():
-        raise SystemExit(f"no teacher data at {data}: run `python r1.py recipe` first (it writes "
+        raise SystemExit(f"no teacher data at {data}: run `python -m extras.r1 recipe` first (it writes "
                          "rejection.jsonl) or pass --teacher_data=FILE")
     n_rows = len(train.read_sft_jsonl(data))
-    pipe = Pipeline(cfg, out, "distill.jsonl")
+    pipe = Pipeline(cfg, out, "distill.jsonl", n_stages=3)
     student = out / "student_base"
     pipe.stage(f"student ({cfg.student_preset}) pretrained", "train.py",
                pretrain_argv(cfg, student, cfg.student_preset))
@@ -444,15 +482,15 @@ def plot_stages(results: list[dict], path: Path, n_eval: int, title: str = "") -
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv: "list[str] | None" = None):
-    """`python r1.py COMMAND [--flag=value ...]` with COMMAND one of coldstart, reject, recipe, distill."""
+    """`python -m extras.r1 COMMAND [--flag=value ...]` with COMMAND one of coldstart, reject, recipe, distill."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         got = f"got {argv[0]!r}; " if argv else ""
-        raise SystemExit(f"usage: python r1.py {{{','.join(COMMANDS)}}} [--flag=value ...]; {got}"
-                         "see the module docstring, or `python r1.py recipe --help` for the flags")
+        raise SystemExit(f"usage: python -m extras.r1 {{{','.join(COMMANDS)}}} [--flag=value ...]; {got}"
+                         "see the module docstring, or `python -m extras.r1 recipe --help` for the flags")
     command = argv[0]
-    cfg = parse_config(R1Config, argv[1:], description=f"r1.py {command}: " + (__doc__ or "").split("\n")[1])
-    print_config(cfg, f"r1.py {command}")
+    cfg = parse_config(R1Config, argv[1:], description=f"python -m extras.r1 {command}: " + (__doc__ or "").split("\n")[1])
+    print_config(cfg, f"python -m extras.r1 {command}")
     torch.manual_seed(cfg.seed)
     try:
         if command == "coldstart":

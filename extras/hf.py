@@ -1,9 +1,9 @@
 """
-tinyseek/hf.py -- convert between tinyseek checkpoints and Hugging Face DeepseekV3 checkpoints.
+tinyseek/extras/hf.py -- convert between tinyseek checkpoints and Hugging Face DeepseekV3 checkpoints.
 
-    python hf.py export --ckpt=out/ckpt.pt --out=hf_out            # tinyseek -> HF folder
-    python hf.py export --ckpt=out/ckpt.pt --out=hf_out --verify   # ... and compare logits with transformers
-    python hf.py import --hf_dir=hf_out --out=out_hf/ckpt.pt       # HF folder -> tinyseek checkpoint
+    python -m extras.hf export --ckpt=out/ckpt.pt --out=hf_out            # tinyseek -> HF folder
+    python -m extras.hf export --ckpt=out/ckpt.pt --out=hf_out --verify   # ... and compare logits with transformers
+    python -m extras.hf import --hf_dir=hf_out --out=out_hf/ckpt.pt       # HF folder -> tinyseek checkpoint
     python sample.py --init_from=out_hf/ckpt.pt                    # then sample from it as usual
 
 An exported folder opens with `transformers.AutoModelForCausalLM.from_pretrained(folder)` (and so with the tools
@@ -120,7 +120,7 @@ def _need(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise HFConversionError(f"hf.py needs the `{module}` package for this: pip install {module} "
+        raise HFConversionError(f"extras/hf.py needs the `{module}` package for this: pip install {module} "
                                 "(it is a development dependency, listed in requirements-dev.txt)") from e
 
 
@@ -718,7 +718,7 @@ def max_logit_diff(model: Transformer, hf_model, idx: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv: "list[str] | None" = None) -> int:
-    """`python hf.py export ...` or `python hf.py import ...`; see the module docstring."""
+    """`python -m extras.hf export ...` or `python -m extras.hf import ...`; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="tinyseek checkpoint -> Hugging Face folder")
@@ -744,7 +744,7 @@ def main(argv: "list[str] | None" = None) -> int:
 
 
 def _export_cli(cfg) -> int:
-    """Body of `hf.py export`."""
+    """Body of `python -m extras.hf export`."""
     ckpt = read_checkpoint(cfg.ckpt)
     res = export_hf(ckpt, cfg.out, dtype=cfg.dtype)
     for f in res["files"]:
@@ -759,12 +759,12 @@ def _export_cli(cfg) -> int:
         diff = max_logit_diff(model, load_transformers_model(cfg.out), idx)
         print(f"verify: max |logit difference| vs transformers on 2 x {idx.shape[1]} random tokens: {diff:.3g}")
     print(f"next: AutoModelForCausalLM.from_pretrained({cfg.out!r}) in transformers, or "
-          f"python hf.py import --hf_dir={cfg.out} --out=out_hf/ckpt.pt")
+          f"python -m extras.hf import --hf_dir={cfg.out} --out=out_hf/ckpt.pt")
     return 0
 
 
 def _import_cli(cfg) -> int:
-    """Body of `hf.py import`."""
+    """Body of `python -m extras.hf import`."""
     if cfg.tokenizer == "auto":
         tok = load_hf_tokenizer(cfg.hf_dir)
         if tok is None:

@@ -1,0 +1,239 @@
+"""Tests for the fast decoding paths: each one agrees with the plain version it sits next to.
+
+Complex RoPE vs real RoPE, absorbed attention with the heads folded into the query length (multi-query) vs
+the latent expanded to every head, logits for the last position vs the full forward, dropping finished rows
+from a batch vs computing them to the end, greedy speculative decoding vs plain greedy decoding, and the
+cache bytes read per generated token. Also: generate() returns a tensor usable in training, decoding runs
+under bf16 autocast on CPU, and the per-step path compiles without graph breaks (the compiled run itself is
+marked slow: about 40 s of compiling). About half a minute without it:
+
+    OMP_NUM_THREADS=1 python -m pytest tests/test_decode_fast.py -q
+"""
+
+import pytest
+import torch
+
+from model import (
+    ModelArgs,
+    Transformer,
+    apply_rope,
+    apply_rope_real,
+    latent_attention_expanded,
+    latent_attention_folded,
+)
+from sample import (
+    attention_path,
+    compile_decoding,
+    decode_steps,
+    generate_batch,
+    generate_uncached,
+    speculative_generate,
+)
+
+
+def small_args(**kw) -> ModelArgs:
+    """A very small config with every feature on (MoE, MTP, q compression), short context."""
+    base = {"vocab_size": 64, "dim": 32, "inter_dim": 64, "moe_inter_dim": 16, "n_layers": 3, "n_dense_layers": 1,
+            "n_heads": 3, "n_routed_experts": 4, "n_shared_experts": 1, "n_activated_experts": 2,
+            "n_expert_groups": 2, "n_limited_groups": 1, "q_lora_rank": 16, "kv_lora_rank": 8,
+            "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "max_seq_len": 64,
+            "original_seq_len": 64, "mtp_depth": 1, "init_std": 0.1}
+    return ModelArgs(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(small_args()).eval()
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """n random prompts of different lengths (3..10 tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 64, (int(torch.randint(3, 11, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_complex_rope_equals_real_rope_also_on_strided_slices(offset):
+    """The complex form matches the real one, including on a slice at an odd offset (q_pe is a slice of q)."""
+    T, d = 5, 8
+    big = torch.randn(2, T, 3, offset + d + 2)
+    x = big[..., offset:offset + d]                                   # (2, T, 3, d) non-contiguous view
+    angles = torch.randn(T, d // 2)
+    got = apply_rope(x, angles.cos(), angles.sin())
+    ref = apply_rope_real(x, angles.cos(), angles.sin())
+    assert got.shape == x.shape
+    assert torch.allclose(got, ref, atol=1e-6)
+    assert not torch.allclose(got, x, atol=1e-3)                     # it really rotated something
+
+
+# ---------------------------------------------------------------------------------------------- MLA
+
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_folded_latent_attention_equals_expanded(T, masked):
+    """Multi-query form (heads folded into the query length) == the latent copied to every head."""
+    torch.manual_seed(0)
+    B, H, r, rope = 2, 3, 8, 4
+    S = 9 if masked or T == 1 else T             # mask None with T > 1 is plain causal self-attention (S == T)
+    q = torch.randn(B, T, H, r + rope)
+    latent = torch.randn(B, S, r + rope)
+    mask = None
+    if masked:                                                       # causal + row 1 left-padded by 3
+        k_pos, q_pos = torch.arange(S)[None, :], torch.arange(S - T, S)[:, None]
+        valid = torch.ones(B, S, dtype=torch.bool)
+        valid[1, :3] = False
+        mask = ((k_pos <= q_pos) & valid[:, None, :]).unsqueeze(1)   # (B, 1, T, S)
+    got = latent_attention_folded(q, latent, r, mask, 0.3)
+    ref = latent_attention_expanded(q, latent, r, mask, 0.3)
+    assert got.shape == (B, T, H, r)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["absorb", "naive"])
+def test_next_logits_equals_last_position_of_the_full_forward(model, impl):
+    idx = torch.randint(0, 64, (2, 7))
+    with attention_path(model, impl), torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_cache(2, 9, impl)
+        first = model.next_logits(idx[:, :5], cache)                 # prefill
+        second = model.next_logits(idx[:, 5:6], cache)               # one step
+        third = model.next_logits(idx[:, 6:7], cache)
+    for got, t in ((first, 4), (second, 5), (third, 6)):
+        assert got.shape == (2, 64)
+        assert torch.allclose(got, full[:, t], atol=1e-5, rtol=1e-4)
+
+
+def test_bytes_read_per_token_absorbed_vs_naive():
+    """The absorbed cache reads (d_c + d_h^R) numbers per token per layer, the naive one H (d_h + d_h^R + d_v)."""
+    a = small_args()
+    m = Transformer(a)
+    absorb, naive = m.new_cache(1, 32, "absorb"), m.new_cache(1, 32, "naive")
+    assert absorb.bytes_read_per_token(20) == 4 * (a.kv_lora_rank + a.qk_rope_head_dim) * 20 * a.n_layers
+    assert naive.bytes_read_per_token(20) == 4 * a.n_heads * (a.qk_head_dim + a.v_head_dim) * 20 * a.n_layers
+    assert absorb.total_bytes() == 4 * 32 * (a.kv_lora_rank + a.qk_rope_head_dim) * (a.n_layers + a.mtp_depth)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+@pytest.mark.parametrize("impl", ["absorb", "naive"])
+def test_dropping_finished_rows_equals_computing_them_and_each_alone(model, impl):
+    """Rows that stop at different steps: dropping them from the batch gives the same greedy tokens as
+    computing every row to the end, and as decoding each prompt alone."""
+    ps = prompts(5, seed=1)
+    alone = [generate_uncached(model, p, 12) for p in ps]
+    # choose as EOS a token that some (not all) rows produce at different steps
+    firsts = {}
+    for row in alone:
+        for i, t in enumerate(row):
+            firsts.setdefault(t, set()).add(i)
+    eos = max(firsts, key=lambda t: (len(firsts[t]) > 1, sum(t in row for row in alone) < len(alone)))
+    with attention_path(model, impl):
+        fast = torch.stack(list(decode_steps(model, ps, 12, 0.0, eos_id=eos)), 1)
+        plain = torch.stack(list(decode_steps(model, ps, 12, 0.0, eos_id=eos, drop_finished=False)), 1)
+    assert torch.equal(fast, plain)
+    for row, ref in zip(fast.tolist(), alone):
+        cut = ref[:ref.index(eos) + 1] if eos in ref else ref
+        assert row[:len(cut)] == cut
+        assert all(t == eos for t in row[len(cut):])                  # finished rows keep emitting EOS
+    comps, finished = generate_batch(model, ps, 12, 0.0, eos_id=eos, attn_impl=impl)
+    assert comps == [ref[:ref.index(eos) + 1] if eos in ref else ref for ref in alone]
+    assert any(finished) and not all(len(c) == len(comps[0]) for c in comps)
+
+
+def test_keep_rows_keeps_the_chosen_rows_caches(model):
+    idx = torch.randint(0, 64, (3, 6))
+    with torch.no_grad():
+        cache = model.new_cache(3, 8)
+        model.next_logits(idx, cache)
+        cache.keep_rows(torch.tensor([2, 0]))
+        got = model.next_logits(torch.tensor([[5], [7]]), cache)      # rows 2 and 0, in that order
+        full, _ = model(torch.cat([idx[[2, 0]], torch.tensor([[5], [7]])], 1))
+    assert torch.allclose(got, full[:, -1], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+def test_generate_output_can_enter_training():
+    """generate() decodes under inference_mode but hands back an ordinary tensor."""
+    torch.manual_seed(0)
+    m = Transformer(small_args())
+    out = m.generate(torch.randint(0, 64, (2, 4)), 5, temperature=0)
+    assert out.shape == (2, 9) and not out.is_inference()
+    m.train()
+    _, loss = m(out[:, :-1], out[:, 1:])
+    loss.backward()                                                  # would raise for an inference tensor
+    assert m.embed.weight.grad is not None
+
+
+def test_greedy_speculative_equals_plain_with_eos_and_both_paths(model):
+    ps = prompts(3, seed=2)
+    for impl in ("absorb", "naive"):
+        with attention_path(model, impl):
+            for p in ps:
+                ref = generate_batch(model, [p], 20, 0.0)[0][0]
+                out, stats = speculative_generate(model, p, 20, 0.0)
+                assert out == ref and stats.drafts > 0
+                eos = ref[7]                                          # stops early, exactly where plain does
+                ref_eos = generate_batch(model, [p], 20, 0.0, eos_id=eos)[0][0]
+                assert speculative_generate(model, p, 20, 0.0, eos_id=eos)[0] == ref_eos
+
+
+# ---------------------------------------------------------------------------------------------- bf16, compile
+
+def test_bf16_autocast_decoding_runs_on_cpu(model):
+    """Cached decoding, batched and speculative, under bf16 autocast on CPU: runs, stays finite, and its
+    next-token logits stay close to float32's."""
+    ps = prompts(3, seed=3)
+    idx = torch.tensor([ps[0]])
+    with torch.no_grad():
+        ref = model.next_logits(idx, model.new_cache(1, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        comps, _ = generate_batch(model, ps, 10, 0.0)
+        spec, _ = speculative_generate(model, ps[0], 10, 0.0)
+        with torch.no_grad():
+            low = model.next_logits(idx, model.new_cache(1, 40))
+    assert [len(c) for c in comps] == [10, 10, 10] and len(spec) == 10
+    assert all(0 <= t < 64 for c in comps + [spec] for t in c)
+    assert torch.isfinite(low).all()
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max() + 0.05   # bf16 has ~3 significant digits
+
+
+def test_per_step_decoding_path_has_no_graph_break():
+    """Transformer.run_blocks (what --compile captures) traces into one graph when the FFNs are dense; with
+    MoE layers, the only breaks left are inside MoE.forward (data-dependent expert dispatch)."""
+    import torch._dynamo
+    for kw in ({"n_dense_layers": 3}, {}):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        m = Transformer(small_args(**kw)).eval()
+        with torch.no_grad():
+            cache = m.new_cache(1, 16)
+            m.next_logits(torch.randint(0, 64, (1, 5)), cache)
+            mask = cache.attn_mask(cache.pos, 1)
+            ex = torch._dynamo.explain(m.run_blocks)(torch.tensor([[3]]), cache.layers, cache.pos, mask)
+        if kw:
+            assert ex.graph_break_count == 0 and ex.graph_count == 1
+        else:
+            frames = {b.user_stack[-1].name for b in ex.break_reasons if b.user_stack}
+            assert frames <= {"forward"} and all(
+                "MoE" in str(b.user_stack[-1]) or b.user_stack[-1].filename.endswith("model.py")
+                for b in ex.break_reasons if b.user_stack)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_tokens():
+    """compile_decoding (sample.py --compile) changes speed, not tokens: greedy, dense FFNs, aot_eager."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    args = small_args(n_dense_layers=3, n_layers=3)
+    eager = Transformer(args).eval()
+    compiled = Transformer(args).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compile_decoding(compiled, backend="aot_eager")
+    ps = prompts(1, seed=4)
+    assert generate_batch(compiled, ps, 5, 0.0)[0] == generate_batch(eager, ps, 5, 0.0)[0]
