@@ -87,7 +87,6 @@ What is simplified, honestly
   nothing like R1-Zero's growing chains of thought or "aha moments" should be expected.
 - Under torchrun each rank normalises its own share of the batch and DDP averages the gradients; for
   the dapo/dr_grpo normalisers this weighs ranks equally rather than tokens.
-- The router's load statistics (for the aux-loss-free bias update) include right-padding tokens.
 - No sequence-wise balance loss and no MTP loss during RL: only the policy objective is optimised.
 
 Map of this file
@@ -368,7 +367,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: "torch.Tenso
 
 
 def token_logprobs(model: torch.nn.Module, idx: torch.Tensor, start: torch.Tensor, n_new: int,
-                   temperature: float = 1.0, with_entropy: bool = False
+                   temperature: float = 1.0, with_entropy: bool = False, token_mask: "torch.Tensor | None" = None
                    ) -> tuple[torch.Tensor, "torch.Tensor | None"]:
     """log pi(token) for every completion slot of a right-padded batch, from one forward pass.
 
@@ -379,13 +378,14 @@ def token_logprobs(model: torch.nn.Module, idx: torch.Tensor, start: torch.Tenso
         n_new: T, the completion slots to score.
         temperature: logits are divided by it, as when the completions were sampled.
         with_entropy: also return the entropy (nats) of the predicted distribution in each slot.
+        token_mask: (N, L) bool, the real (not padding) tokens; the MoE layers count only those.
     Returns:
         logp (N, T): logp[i, j] = log pi(idx[i, s_i + j] | idx[i, :s_i + j]) with s_i = start[i], read
         from the logits at position s_i + j - 1 (position t predicts token t + 1). Slots past a row's
         completion hold numbers for padding: mask them. entropy (N, T) or None.
     Causal attention means right-padding never changes the positions before it.
     """
-    logits, _ = model(idx)                                             # (N, L, V) float32
+    logits, _ = model(idx, token_mask=token_mask)                      # (N, L, V) float32
     N, L, V = logits.shape
     pos = start.to(idx.device)[:, None] - 1 + torch.arange(n_new, device=idx.device)[None]  # (N, T)
     if int(start.max()) + n_new > L:
@@ -545,6 +545,7 @@ def policy_update(policy, ref_model, optimizer, groups: list[Group], cfg: GRPOCo
     rewards = torch.tensor([g.rewards for g in groups])                # (P, G)
     adv = group_advantages(rewards, cfg.scale_rewards).flatten().to(device)  # (N,) group-major like collate
     idx, start, mask = collate(groups, pad_id, device)
+    real = torch.arange(idx.shape[1], device=device) < (start + mask.sum(1))[:, None]  # (N, L) not padding
     if cfg.mask_truncated:                                             # DAPO overlong filtering
         finished = torch.tensor([f for g in groups for f in g.finished], device=device)
         mask = mask & finished[:, None]
@@ -561,7 +562,8 @@ def policy_update(policy, ref_model, optimizer, groups: list[Group], cfg: GRPOCo
     model.train()
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio": 0.0}   # averaged over the mu passes
     for it in range(cfg.mu):
-        logp, entropy = token_logprobs(policy, idx, start, T, cfg.temperature, with_entropy=(it == 0))
+        logp, entropy = token_logprobs(policy, idx, start, T, cfg.temperature, with_entropy=(it == 0),
+                                       token_mask=real)
         old = logp.detach() if old_logp is None else old_logp
         loss, st = grpo_loss(logp, old, ref_logp, adv, mask, cfg.eps, cfg.eps_high, cfg.beta, cfg.loss_type,
                              cfg.max_new_tokens)

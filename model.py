@@ -772,6 +772,28 @@ class KVCache:
 # 6. Feed-forward: dense MLP and DeepSeekMoE
 # ----------------------------------------------------------------------------------------------------
 
+class Float32Buffers(nn.Module):
+    """A module whose buffers named in `fp32_buffers` stay float32 whatever dtype the model is cast to.
+
+    `model.to(torch.bfloat16)` (and .half(), .bfloat16()) casts every floating buffer. Three of ours must
+    not follow: the router bias moves by steps of ~0.001, which bf16 cannot add to 0.5 (8 mantissa bits);
+    the expert-load counters count tokens, which bf16 stops counting exactly at 256; the RoPE tables hold
+    angles up to max_seq_len radians. The official code likewise keeps the gate bias in float32. Here the
+    cast is applied as usual and those buffers are then put back: the float32 values, moved to the
+    device the cast chose. Device moves (.to("cuda")) therefore still apply to them."""
+    fp32_buffers: tuple = ()
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (what .to(), .half(), .cuda() call), keeping fp32_buffers float32."""
+        before = {name: self._buffers[name] for name in self.fp32_buffers if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:                     # cast by fn: keep the exact old values
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return self
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Used for the dense layers, each expert and the shared
     experts (which the official code fuses into one MLP of width n_shared_experts * moe_inter_dim)."""
@@ -787,7 +809,64 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class Gate(nn.Module):
+# A grouped matmul multiplies consecutive row slices of one matrix by different matrices: rows
+# offs[e-1]:offs[e] of the expert-sorted tokens by expert e's weight, every expert in one call. PyTorch has it
+# as torch._grouped_mm, but its shape function for torch.compile accepts bf16 only, so it is wrapped here as
+# an operator of our own whose output shape and gradient are written out; torch.compile then keeps it as one
+# opaque call in the graph (no graph break), in any dtype.
+
+def _fused_grouped_mm_ok(*tensors: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these operands: any dtype on CPU (bf16 elsewhere), and every stride
+    but the unit one a multiple of 16 bytes (so a width like 33 takes the per-group fallback)."""
+    t0 = tensors[0]
+    return ((t0.device.type == "cpu" or t0.dtype == torch.bfloat16)
+            and all(s == 1 or s * t.element_size() % 16 == 0 for t in tensors for s in t.stride()))
+
+
+@torch.library.custom_op("tinyseek::grouped_mm", mutates_args=())
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e] for x (M, K), w (E, K, N) and offs (E,) int32,
+    the cumulative row counts (offs[-1] = M) -> out (M, N). Empty groups are allowed."""
+    if _fused_grouped_mm_ok(x, w):
+        return torch._grouped_mm(x, w, offs=offs)
+    ends = offs.tolist()                                          # elsewhere: one matmul per group
+    return torch.cat([x[a:b] @ w[e] for e, (a, b) in enumerate(zip([0] + ends[:-1], ends))])
+
+
+@torch.library.custom_op("tinyseek::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad(x: torch.Tensor, g: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of grouped_mm: out[e] = x[offs[e-1]:offs[e]]^T g[offs[e-1]:offs[e]] for x (M, K),
+    g (M, N) -> (E, K, N); a group with no rows gets zeros."""
+    if _fused_grouped_mm_ok(x.t(), g):
+        return torch._grouped_mm(x.t(), g, offs=offs)
+    ends = offs.tolist()
+    return torch.stack([x[a:b].t() @ g[a:b] for a, b in zip([0] + ends[:-1], ends)])
+
+
+@grouped_mm.register_fake
+def _grouped_mm_shape(x, w, offs):
+    """Output shape and dtype for tracing (torch.compile): (M, N)."""
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@grouped_mm_wgrad.register_fake
+def _grouped_mm_wgrad_shape(x, g, offs):
+    """Output shape and dtype for tracing: (E, K, N)."""
+    return x.new_empty(offs.shape[0], x.shape[1], g.shape[1])
+
+
+def _grouped_mm_backward(ctx, grad):
+    """d out / d x = grad @ w[e]^T per group; d out / d w[e] = x_e^T grad_e; offs has no gradient."""
+    x, w, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    return grouped_mm(grad, w.transpose(1, 2), offs), grouped_mm_wgrad(x, grad, offs), None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward,
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
+class Gate(Float32Buffers):
     """The router: which K experts each token uses and with what weight (V3 eq. 13-16).
 
     s_i = sigmoid(u . e_i) (V3) or softmax_i(u . e) (V2) are the token-to-expert affinities. Selection
@@ -797,10 +876,11 @@ class Gate(nn.Module):
     the official code hard-codes 2 when a bias exists and uses the group max without one (V2). The 2 here
     is that hard-coded value: for configs with K_r/M != 2 it differs from the report's rule. Gates
     use the *unbiased* s_i of the chosen experts, normalised to sum to one (sigmoid only) and times
-    route_scale. The bias b (`gate.bias`, a buffer, no gradient) only steers selection; it is moved after
-    each optimizer step by `update_bias` (aux-loss-free balancing, [ALF] / V3 §2.1.2).
-    Runs in float32 even under autocast: routing decisions are sensitive to rounding.
+    route_scale. The bias b (`gate.bias`, a float32 buffer, no gradient) only steers selection; it is moved
+    after each optimizer step by `update_bias` (aux-loss-free balancing, [ALF] / V3 §2.1.2).
+    Runs in float32 even under autocast or in a bf16 model: routing decisions are sensitive to rounding.
     """
+    fp32_buffers = ("bias",)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -843,16 +923,28 @@ class Gate(nn.Module):
         self.bias += speed * torch.sign(load.mean() - load)
 
 
-class MoE(nn.Module):
+class MoE(Float32Buffers):
     """DeepSeekMoE layer (V3 eq. 12): h' = u + sum_shared FFN_s(u) + sum_routed g_i FFN_i(u).
 
     The residual add happens in Block. Routed experts are fine-grained SwiGLU MLPs of width
-    moe_inter_dim; every expert runs only on the tokens routed to it (tokens are sorted by expert, each
-    expert processes one contiguous slice, results are scattered back weighted by their gates). The layer
-    keeps two statistics for training: `load` (E,), tokens per expert accumulated across forward passes in
-    training mode until `reset_load()` (the bias update and MaxVio use it), and `balance_loss`, the
-    sequence-wise auxiliary loss of V3 eq. 17-20 for the last forward (0 when seq_aux_alpha == 0).
+    moe_inter_dim; every expert runs only on the tokens routed to it. Two implementations, same weights,
+    same outputs (a test compares values and gradients):
+      loop:    tokens sorted by expert, one small MLP call per expert on its contiguous slice (the plain
+               reference; also the FP8 path, whose per-expert Linear layers simulate FP8 matmuls).
+      grouped: the same sorted slices, but all experts in one grouped matmul per projection
+               (torch._grouped_mm over the experts' weights stacked to (E, ...)), gate and up projection
+               fused into one. No Python loop over experts and no host sync, so the graph has fixed
+               shapes (what torch.compile needs) and a GPU gets two launches instead of 3E. On a CPU both
+               paths take about the same time at the tiny preset's sizes (measured), the matmuls dominate.
+    The weights are the per-expert MLPs either way (`experts.{i}.w1.weight`, the official names); the
+    grouped path stacks them on the fly, a copy of ~E*3*D*I numbers that is cheap next to the matmuls.
+    The layer keeps two statistics for training: `load` (E,), tokens per expert accumulated across
+    forward passes in training mode until `reset_load()` (the bias update and MaxVio use it), and
+    `balance_loss`, the sequence-wise auxiliary loss of V3 eq. 17-20 for this forward (None when the
+    layer did not run in training mode since Transformer.forward began). Only real tokens count in both:
+    `token_mask` marks them, so padding is routed (it needs some output) but never counted.
     """
+    fp32_buffers = ("load",)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -863,23 +955,40 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, args)
                                if args.n_shared_experts > 0 else None)
         self.register_buffer("load", torch.zeros(args.n_routed_experts), persistent=False)
-        self.balance_loss = torch.zeros(())
+        self.balance_loss: torch.Tensor | None = None
+        # FP8 keeps the loop: its per-expert Linear layers do the FP8 simulation. Older torch has no grouped mm.
+        self.impl = "grouped" if hasattr(torch, "_grouped_mm") and not args.fp8 else "loop"
 
     def reset_load(self) -> None:
         """Zero the accumulated per-expert token counts."""
         self.load.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D)."""
+    def forward(self, x: torch.Tensor, token_mask: "torch.Tensor | None" = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D). token_mask (B, T) bool marks real tokens (None: all are real)."""
         B, T, D = x.shape
         flat = x.reshape(-1, D)                                        # (N, D)
         gates, indices, scores = self.gate(flat)                       # (N, K), (N, K), (N, E)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)  # (E,)
         if self.training:
-            self.load += counts.to(self.load.dtype)
-            self.balance_loss = self._sequence_balance_loss(indices, scores, B, T)
-        # Dispatch: sort the N*K (token, expert) assignments by expert so each expert sees one slice.
-        order = indices.flatten().argsort(stable=True)                 # (N*K,)
+            real = None if token_mask is None else token_mask.reshape(-1, 1).to(scores.dtype)  # (N, 1)
+            chosen = torch.zeros_like(scores).scatter_(1, indices, 1.0)   # (N, E) one-hot of the K picks
+            counted = chosen if real is None else chosen * real           # padding counts nowhere
+            self.load += counted.sum(0).detach()
+            self.balance_loss = self._sequence_balance_loss(counted, scores, real, B, T)
+        order = indices.flatten().argsort(stable=True)                 # (N*K,) assignments sorted by expert
+        # With fewer assignments than experts (decoding a token or two), stacking every expert's weights
+        # costs more than the few per-expert calls (measured: 1 token 0.36 vs 0.22 ms, 8 tokens 0.42 vs
+        # 0.50 ms on tiny); a compiled graph always takes the grouped path, whose shapes are fixed.
+        few = indices.numel() < self.n_routed_experts and not torch.compiler.is_compiling()
+        routed = self._grouped if self.impl == "grouped" and not few else self._loop
+        y = routed(flat, gates, indices, order)                        # (N, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)                          # shared experts see every token
+        return y.view(B, T, D)
+
+    def _loop(self, flat, gates, indices, order) -> torch.Tensor:
+        """Routed experts, the plain way: each expert runs on its slice of the sorted assignments, results
+        are scattered back weighted by their gates. (N, D) -> (N, D)."""
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)  # (E,)
         token_of = order // self.n_activated_experts                   # which token each slot came from
         gate_of = gates.flatten()[order]                               # (N*K,)
         y = torch.zeros_like(flat, dtype=torch.float32)                # accumulate in fp32
@@ -891,25 +1000,51 @@ class MoE(nn.Module):
             out = self.experts[e](flat[tok]) * gate_of[start:start + n, None]   # (n, D)
             y.index_add_(0, tok, out.float())
             start += n
-        y = y.to(x.dtype)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)                          # shared experts see every token
-        return y.view(B, T, D)
+        return y.to(flat.dtype)
 
-    def _sequence_balance_loss(self, indices, scores, B, T) -> torch.Tensor:
+    def _grouped(self, flat, gates, indices, order) -> torch.Tensor:
+        """Routed experts as two grouped matmuls over the sorted assignments. (N, D) -> (N, D).
+
+        offs[e] is where expert e's slice ends in the sorted order; grouped_mm multiplies rows
+        offs[e-1]:offs[e] by expert e's matrix, all experts in one call."""
+        K, E = self.n_activated_experts, self.n_routed_experts
+        dtype = torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type) else flat.dtype
+        counts = torch.zeros(E, dtype=torch.int32, device=flat.device).index_add_(
+            0, indices.flatten(), torch.ones_like(indices.flatten(), dtype=torch.int32))  # (E,) fixed shape
+        offs = counts.cumsum(0, dtype=torch.int32)                     # (E,) slice ends
+        # One stack of [w1_0, w3_0, w1_1, w3_1, ...] viewed as (E, 2I, D): each expert's [w1; w3], fused.
+        w13 = torch.stack([w for e in self.experts for w in (e.w1.weight, e.w3.weight)]).view(E, -1, flat.shape[1])
+        w2 = torch.stack([e.w2.weight for e in self.experts])                        # (E, D, I)
+        token_of = order // K                                          # (N*K,) token of each sorted slot
+        xs = flat[token_of].to(dtype)                                  # (N*K, D)
+        h = grouped_mm(xs, w13.to(dtype).transpose(1, 2), offs)       # (N*K, 2I)
+        h1, h3 = h.chunk(2, dim=-1)                                    # (N*K, I) each
+        out = grouped_mm(F.silu(h1) * h3, w2.to(dtype).transpose(1, 2), offs)  # (N*K, D)
+        out = out.float() * gates.flatten()[order, None]               # (N*K, D) weighted by the gates
+        return torch.zeros_like(flat, dtype=torch.float32).index_add_(0, token_of, out).to(flat.dtype)  # (N, D)
+
+    def _sequence_balance_loss(self, chosen, scores, real, B, T) -> torch.Tensor:
         """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
 
         f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean over the sequence's tokens of the
         normalised affinity s_i / sum_j s_j. Minimised when load and affinity mass are spread evenly.
         f_i counts the experts actually selected (biased, group-limited), whereas eq. 18 writes TopK of
-        the unbiased s_{j,t}: the loss balances the load the experts really receive."""
+        the unbiased s_{j,t}: the loss balances the load the experts really receive.
+        chosen (N, E) one-hot picks of real tokens; real (N, 1) 1 for real tokens or None (all real): T is
+        then each sequence's number of real tokens, and sequences with none are left out of the mean."""
         if self.seq_aux_alpha == 0:
             return torch.zeros((), device=scores.device)
         E, K = self.n_routed_experts, self.n_activated_experts
-        chosen = torch.zeros(B * T, E, device=scores.device).scatter_(1, indices, 1.0).view(B, T, E)
-        f = chosen.sum(1) * E / (K * T)                                # (B, E), no gradient (counts)
-        p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # (B, E)
-        return self.seq_aux_alpha * (f * p).sum(-1).mean()
+        p = scores / scores.sum(-1, keepdim=True)                      # (N, E) normalised affinities
+        if real is None:
+            f = chosen.view(B, T, E).sum(1) * E / (K * T)              # (B, E), no gradient (counts)
+            return self.seq_aux_alpha * (f * p.view(B, T, E).mean(1)).sum(-1).mean()
+        n_real = real.view(B, T).sum(1, keepdim=True)                  # (B, 1) real tokens per sequence
+        f = chosen.view(B, T, E).sum(1) * E / (K * n_real.clamp(min=1))          # (B, E)
+        p = (p * real).view(B, T, E).sum(1) / n_real.clamp(min=1)      # (B, E) mean over real tokens
+        per_seq = (f * p).sum(-1)                                      # (B,)
+        has = (n_real.squeeze(1) > 0).to(per_seq.dtype)
+        return self.seq_aux_alpha * (per_seq * has).sum() / has.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -927,10 +1062,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim)
         self.ffn = MLP(args.dim, args.inter_dim, args) if layer_id < args.n_dense_layers else MoE(args)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D); arguments as in MLA.forward."""
+    def forward(self, x, cos, sin, cache=None, start_pos=0, mask=None, token_mask=None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); arguments as in MLA.forward, token_mask (B, T) as in MoE.forward."""
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos, mask)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, token_mask) if isinstance(self.ffn, MoE) else self.ffn(h))
 
 
 class MTPModule(nn.Module):
@@ -959,23 +1095,25 @@ class MTPModule(nn.Module):
         self.block = Block(args.n_layers + depth, args)
         self.norm = RMSNorm(args.dim)
 
-    def forward(self, h_prev, emb, cos, sin, cache=None, start_pos=0, mask=None) -> torch.Tensor:
+    def forward(self, h_prev, emb, cos, sin, cache=None, start_pos=0, mask=None, token_mask=None) -> torch.Tensor:
         """h_prev (B, T, D) = h^{k-1}; emb (B, T, D) = Emb(t_{i+k}) -> h^k (B, T, D), before self.norm."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))   # (B, T, D)
-        return self.block(h, cos, sin, cache, start_pos, mask)
+        return self.block(h, cos, sin, cache, start_pos, mask, token_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
 # 8. The model
 # ----------------------------------------------------------------------------------------------------
 
-class Transformer(nn.Module):
+class Transformer(Float32Buffers):
     """DeepSeek-V3: embedding -> n_layers Blocks (MLA + dense/MoE) -> RMSNorm -> head, plus MTP modules.
 
     `logits, loss = model(idx, targets)`; loss = CE + (lambda/D) sum_k CE_k (MTP, V3 eq. 25) + balance loss
-    (V3 eq. 17), and `model.loss_parts` holds the three parts (floats) for logging. With `cache=` the call
-    runs incrementally on the new tokens only (see KVCache).
+    (V3 eq. 17), and `model.loss_parts` holds the three parts (floats) of the last forward for logging.
+    With `cache=` the call runs incrementally on the new tokens only (see KVCache). The RoPE tables, like
+    the router bias and load counters, stay float32 in a model cast to bf16 (see Float32Buffers).
     """
+    fp32_buffers = ("rope_cos", "rope_sin")
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -988,7 +1126,7 @@ class Transformer(nn.Module):
         cos, sin = precompute_rope(args)
         self.register_buffer("rope_cos", cos, persistent=False)          # (max_seq_len, rope_dim/2)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.loss_parts: dict = {}
+        self._loss_parts: dict = {}
         self.mtp_lambda = args.mtp_lambda        # current MTP weight; a schedule may lower it (mtp_lambda_at)
         self.bias_update_speed = args.bias_update_speed   # current gamma; a schedule may zero it (§10)
         self.apply(self._init_weights)
@@ -999,25 +1137,29 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.args.init_std)   # meta: nothing to fill
 
     def moe_layers(self) -> list[MoE]:
-        """All MoE layers, main blocks first, then the MTP blocks."""
-        return [m for m in self.modules() if isinstance(m, MoE)]
+        """All MoE layers, main blocks first, then the MTP blocks. (An explicit walk, not self.modules():
+        torch.compile cannot walk modules whose attributes this forward has set, such as balance_loss.)"""
+        blocks = [*self.layers, *(module.block for module in self.mtp)]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
     # ---- forward ----
-    def trunk(self, idx: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+    def trunk(self, idx: torch.Tensor, cache: "KVCache | None" = None,
+              token_mask: "torch.Tensor | None" = None) -> torch.Tensor:
         """Embedding and all blocks: idx (B, T) -> h (B, T, D), the last block's output before the final
-        norm (h^0 for MTP). With a cache, idx are the tokens at positions cache.pos.. and pos advances."""
+        norm (h^0 for MTP). With a cache, idx are the tokens at positions cache.pos.. and pos advances.
+        token_mask (B, T) bool: real tokens, the only ones the MoE layers count (see forward)."""
         T = idx.shape[1]
         start = cache.pos if cache is not None else 0
         if start + T > self.args.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.args.max_seq_len}")
         mask = cache.attn_mask(start, T) if cache is not None else None
-        h = self.run_blocks(idx, cache.layers if cache is not None else None, start, mask)
+        h = self.run_blocks(idx, cache.layers if cache is not None else None, start, mask, token_mask)
         if cache is not None:
             cache.pos += T
         return h
 
     def run_blocks(self, idx: torch.Tensor, layer_caches: "list | None", start: int,
-                   mask: "torch.Tensor | None") -> torch.Tensor:
+                   mask: "torch.Tensor | None", token_mask: "torch.Tensor | None" = None) -> torch.Tensor:
         """The per-step work of trunk, with its Python-side decisions (position, mask) made by the caller:
         idx (B, T) at positions start.. -> h (B, T, D). This is what `torch.compile` should capture for
         decoding (sample.py --compile), so nothing in it reads a tensor's value on the host."""
@@ -1025,29 +1167,42 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         h = self.embed(idx)                                                # (B, T, D)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, layer_caches[i] if layer_caches is not None else None, start, mask)
+            h = layer(h, cos, sin, layer_caches[i] if layer_caches is not None else None, start, mask, token_mask)
         return h
 
     def forward(self, idx: torch.Tensor, targets: "torch.Tensor | None" = None,
-                cache: "KVCache | None" = None) -> tuple[torch.Tensor, "torch.Tensor | None"]:
+                cache: "KVCache | None" = None, token_mask: "torch.Tensor | None" = None
+                ) -> tuple[torch.Tensor, "torch.Tensor | None"]:
         """idx (B, T) int64 -> logits (B, T, vocab_size) float32, loss (scalar or None).
 
         targets (B, T) int64 are the next tokens (-1 = ignore); with them the loss includes MTP and the
         sequence-wise balance loss. MTP module k predicts targets[:, i+k] from position i, so it trains on
-        the first T-k positions."""
-        h = self.trunk(idx, cache)
+        the first T-k positions. token_mask (B, T) bool marks the real tokens of a padded batch (None: all
+        real): padding is computed like any token but counts in no expert load (hence no bias update) and
+        no balance loss. Every call computes its own losses: the MoE layers' balance losses are cleared
+        first, so a layer that does not run this time (an MTP block when T <= mtp_depth) adds nothing."""
+        for m in self.moe_layers():
+            m.balance_loss = None
+        h = self.trunk(idx, cache, token_mask)
         logits = self.head(self.norm(h)).float()                             # (B, T, V)
         if targets is None:
             return logits, None
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        mtp = self._mtp_loss(h, idx, targets)
-        balance = sum((m.balance_loss for m in self.moe_layers() if self.training), torch.zeros((), device=h.device))
+        mtp = self._mtp_loss(h, idx, targets, token_mask)
+        balance = sum((m.balance_loss for m in self.moe_layers() if m.balance_loss is not None),
+                      torch.zeros((), device=h.device))
         loss = ce + mtp + balance
-        ce, mtp, balance = ce.detach(), mtp.detach(), balance.detach()
-        self.loss_parts = {"ce": ce.item(), "mtp": mtp.item(), "balance": balance.item()}
+        # Kept as tensors: turning them into floats here would wait for the device (and break a compiled graph)
+        self._loss_parts = {"ce": ce.detach(), "mtp": mtp.detach(), "balance": balance.detach()}
         return logits, loss
 
-    def _mtp_loss(self, h: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    @property
+    def loss_parts(self) -> dict:
+        """The last forward's loss parts as floats: {"ce", "mtp", "balance"} (empty before any loss)."""
+        return {k: v.item() for k, v in self._loss_parts.items()}
+
+    def _mtp_loss(self, h: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor,
+                  token_mask: "torch.Tensor | None" = None) -> torch.Tensor:
         """L_MTP = (lambda / D) sum_k CE_k (V3 eq. 24-25). h (B, T, D) is h^0 from the trunk."""
         T = idx.shape[1]
         total = torch.zeros((), device=h.device)
@@ -1056,7 +1211,10 @@ class Transformer(nn.Module):
         for k, module in enumerate(self.mtp, start=1):
             h_prev = h[:, :T - k]                                              # (B, T-k, D) h^{k-1}_i
             emb = self.embed(idx[:, k:])                                       # (B, T-k, D) Emb(t_{i+k})
-            h = module(h_prev, emb, self.rope_cos[:T - k], self.rope_sin[:T - k])  # (B, T-k, D) h^k
+            # position i is real when both its own token and t_{i+k} are
+            real = None if token_mask is None else token_mask[:, :T - k] & token_mask[:, k:]   # (B, T-k)
+            h = module(h_prev, emb, self.rope_cos[:T - k], self.rope_sin[:T - k],
+                       token_mask=real)                                        # (B, T-k, D) h^k
             logits = self.head(module.norm(h)).float()                         # (B, T-k, V) shared head
             total = total + F.cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1)
         return total * self.mtp_lambda / len(self.mtp)

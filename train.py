@@ -359,6 +359,12 @@ def sft_batch(examples: list, batch_size: int, gen: torch.Generator, device: str
     return x.to(device), y.to(device)
 
 
+def sft_token_mask(y: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True for the real tokens of an sft_batch: everything up to a row's last target (the
+    padding after it is routed through the MoE layers but must count in no expert load or balance loss)."""
+    return (y != -1).flip(1).cummax(1).values.flip(1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. Optimizer, schedule, FLOPs
 # ----------------------------------------------------------------------------------------------------
@@ -653,7 +659,7 @@ def train_step(run: Run, lr: float) -> tuple[torch.Tensor, float]:
         run.tokens_since_log += x.numel() * run.ddp.world_size          # SFT batches vary in length
         sync = not run.ddp.enabled or micro == cfg.grad_accum - 1        # DDP: all-reduce on the last only
         with run.ctx, (contextlib.nullcontext() if sync else model.no_sync()):
-            _, loss = model(x, y)
+            _, loss = model(x, y, token_mask=sft_token_mask(y) if cfg.sft else None)
         (loss / cfg.grad_accum).backward()
     if not math.isfinite(loss.item()):
         print(f"step {run.step}: loss is {loss.item()}; stopping. The last good checkpoint "

@@ -127,8 +127,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     before = (tmp_path / "ckpt.pt").read_bytes()
     real_forward = train.Transformer.forward
 
-    def nan_forward(self, idx, targets=None, cache=None):
-        logits, loss = real_forward(self, idx, targets, cache)
+    def nan_forward(self, idx, targets=None, cache=None, **kwargs):
+        logits, loss = real_forward(self, idx, targets, cache, **kwargs)
         return logits, loss * float("nan") if loss is not None else None
 
     monkeypatch.setattr(train.Transformer, "forward", nan_forward)
