@@ -222,35 +222,40 @@ class GRPOConfig:
     log_to: str = _flag("jsonl", "metrics go to out_dir/metrics.jsonl; also to: tensorboard | wandb")
 
     def __post_init__(self):
-        """Reject impossible settings before anything is loaded (argparse turns this into a usage error)."""
+        """Reject impossible settings before anything is loaded (argparse turns the ValueError into one line
+        naming the flag, its value and the rule)."""
+        def bad(name, rule):
+            """Raise the ValueError for --name breaking `rule`."""
+            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {rule}")
+
         if self.group_size < 2:
-            raise ValueError(f"group_size={self.group_size}: GRPO needs G >= 2 completions per question; "
-                             "the advantage compares each completion with the others of its group")
+            bad("group_size", "GRPO needs G >= 2 completions per question; the advantage compares each "
+                "completion with the others of its group")
         choices = {"task": ("arithmetic", "countdown"), "loss_type": ("grpo", "dr_grpo", "dapo"),
                    "scale_rewards": ("group", "none"), "dtype": ("auto", "float32", "bfloat16"), "log_to": LOG_TO}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        positive = ("prompts_per_step", "max_new_tokens", "mu", "eval_batch_size", "max_iters", "digits_min",
-                    "digits_max", "n_operands", "n_numbers")
-        for name in positive:
+                bad(name, "choose one of " + ", ".join(allowed))
+        for name in ("prompts_per_step", "max_new_tokens", "mu", "eval_batch_size", "max_iters", "digits_min",
+                     "digits_max", "n_operands", "n_numbers"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+                bad(name, "must be >= 1")
         if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0: greedy groups are identical "
-                             "and carry no signal")
-        if not (0 < self.eps < 1 and self.eps_high > 0):
-            raise ValueError(f"need 0 < eps < 1 and eps_high > 0, got eps={self.eps}, eps_high={self.eps_high}")
+            bad("temperature", "must be > 0: greedy groups are identical and carry no signal")
+        if not 0 < self.eps < 1:
+            bad("eps", "must be in (0, 1)")
+        if not self.eps_high > 0:
+            bad("eps_high", "must be > 0")
         for name in ("beta", "weight_decay", "grad_clip", "max_seconds", "n_eval", "eval_interval",
                      "warmup_iters", "dynamic_max_tries", "min_lr_ratio", "w_acc", "w_fmt"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+                bad(name, "must be >= 0")
         if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
+            bad("lr", "must be > 0")
         if self.digits_min > self.digits_max:
-            raise ValueError(f"digits_min={self.digits_min} exceeds digits_max={self.digits_max}")
+            bad("digits_min", f"exceeds --digits_max={self.digits_max}")
         if not self.ops or set(self.ops) - set("+-*"):
-            raise ValueError(f"ops={self.ops!r} must be a non-empty subset of '+-*'")
+            bad("ops", "must be a non-empty subset of '+-*'")
 
 
 def make_task(cfg: GRPOConfig) -> tasks.Task:

@@ -610,8 +610,10 @@ def setup(cfg: TrainConfig, ddp: Dist, device: str) -> Run:
     model = torch.compile(raw) if cfg.compile else raw
     if ddp.enabled:
         # MoE: an expert that got no token this step has no gradient, so DDP must allow unused parameters.
+        # No buffer broadcast: each rank counts its own expert load (summed across ranks before the bias
+        # update), and the biases stay identical because every rank applies the same summed update.
         model = DDP(model, device_ids=[ddp.local_rank] if device.startswith("cuda") else None,
-                    find_unused_parameters=True)
+                    find_unused_parameters=True, broadcast_buffers=False)
     run = Run(cfg, ddp, device, out_dir, tok, args, raw, model, make_optimizer(raw, cfg, device), train_data,
               val_data, torch.Generator().manual_seed(cfg.seed + ddp.rank),   # each rank draws its own batches
               autocast_context(cfg.dtype, device), "sft" if cfg.sft else "pretrain",
