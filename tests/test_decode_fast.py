@@ -203,8 +203,8 @@ def test_bf16_autocast_decoding_runs_on_cpu(model):
 
 
 def test_per_step_decoding_path_has_no_graph_break():
-    """Transformer.run_blocks (what --compile captures) traces into one graph when the FFNs are dense; with
-    MoE layers, the only breaks left are inside MoE.forward (data-dependent expert dispatch)."""
+    """Transformer.run_blocks (what --compile captures) traces into one graph, with dense FFNs and with MoE
+    layers (the compiled MoE dispatches through the grouped-matmul op, no host sync)."""
     import torch._dynamo
     for kw in ({"n_dense_layers": 3}, {}):
         torch._dynamo.reset()
@@ -215,13 +215,7 @@ def test_per_step_decoding_path_has_no_graph_break():
             m.next_logits(torch.randint(0, 64, (1, 5)), cache)
             mask = cache.attn_mask(cache.pos, 1)
             ex = torch._dynamo.explain(m.run_blocks)(torch.tensor([[3]]), cache.layers, cache.pos, mask)
-        if kw:
-            assert ex.graph_break_count == 0 and ex.graph_count == 1
-        else:
-            frames = {b.user_stack[-1].name for b in ex.break_reasons if b.user_stack}
-            assert frames <= {"forward"} and all(
-                "MoE" in str(b.user_stack[-1]) or b.user_stack[-1].filename.endswith("model.py")
-                for b in ex.break_reasons if b.user_stack)
+        assert ex.graph_break_count == 0 and ex.graph_count == 1, (kw, [b.reason for b in ex.break_reasons])
 
 
 @pytest.mark.slow
