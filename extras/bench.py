@@ -57,7 +57,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -975,7 +975,7 @@ def main(argv: "list[str] | None" = None) -> dict:
         print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
         rows += new
     args = sys.argv[1:] if argv is None else argv
-    meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
             "command": " ".join(["python -m extras.bench", *args]), "mode": "quick" if cfg.quick else "full",
             "seconds": time.perf_counter() - t0, "budget": budget(cfg).__dict__}
     notes = standard_notes(cfg) + bench.notes

@@ -721,13 +721,15 @@ def main(argv: "list[str] | None" = None) -> int:
     """`python -m extras.hf export ...` or `python -m extras.hf import ...`; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="tinyseek checkpoint -> Hugging Face folder")
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}    # --help shows every default
+    ex = sub.add_parser("export", help="tinyseek checkpoint -> Hugging Face folder", **defaults)
     ex.add_argument("--ckpt", default="out/ckpt.pt", help="tinyseek checkpoint file")
     ex.add_argument("--out", default="hf_out", help="folder to write")
     ex.add_argument("--dtype", default="float32", help="float32 (exact), bfloat16 or float16")
     ex.add_argument("--verify", action="store_true", help="load the folder with transformers, compare logits")
-    im = sub.add_parser("import", help="Hugging Face folder -> tinyseek checkpoint")
-    im.add_argument("--hf_dir", required=True, help="folder with config.json and model.safetensors")
+    im = sub.add_parser("import", help="Hugging Face folder -> tinyseek checkpoint", **defaults)
+    im.add_argument("--hf_dir", required=True, default=argparse.SUPPRESS,
+                    help="folder with config.json and model.safetensors (required)")
     im.add_argument("--out", default="out_hf/ckpt.pt", help="tinyseek checkpoint file to write")
     im.add_argument("--tokenizer", default="auto", help="auto (the folder's tokenizer_tinyseek.json) or one of "
                     "ours by name: char, gpt2, cl100k_base, o200k_base")

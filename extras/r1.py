@@ -80,8 +80,8 @@ class R1Config:
                                                    "out_dir/cold_start.jsonl, out_dir/rejection.jsonl)"})
     init_from: str = field(default="", metadata={"help": "reject: checkpoint to sample from"})
     # ---- the task (the same knobs as train.py's built-in corpus) ----
-    ops: str = "+-"
-    max_digits: int = 2
+    ops: str = field(default="+-", metadata={"help": "operators of the arithmetic task (train.py --ops)"})
+    max_digits: int = field(default=2, metadata={"help": "operands have 1..max_digits digits"})
     # ---- base model (recipe) ----
     base: str = field(default="", metadata={"help": "recipe: pretrained checkpoint to start from; empty = "
                                                     "pretrain one now with train.py's defaults"})
@@ -93,28 +93,29 @@ class R1Config:
     n_cold: int = field(default=300, metadata={"help": "clean worked examples in the cold-start set"})
     cold_steps: int = field(default=150, metadata={"help": "SFT steps on the cold-start set"})
     # ---- SFT (cold start, rejection SFT, distillation) ----
-    sft_lr: float = 1e-3
+    sft_lr: float = field(default=1e-3, metadata={"help": "learning rate of every SFT stage"})
     sft_steps: int = field(default=300, metadata={"help": "SFT steps on rejection-sampled data"})
-    sft_batch_size: int = 16
+    sft_batch_size: int = field(default=16, metadata={"help": "sequences per SFT step"})
     # ---- RL (grpo.py) ----
     rl_steps: int = field(default=60, metadata={"help": "GRPO steps per RL stage"})
-    rl_lr: float = 1e-4
+    rl_lr: float = field(default=1e-4, metadata={"help": "learning rate of every GRPO stage"})
     final_rl: bool = field(default=True, metadata={"help": "recipe: run the second RL stage"})
     zero_baseline: bool = field(default=True, metadata={"help": "recipe: also run R1-Zero (RL straight from the "
                                                                 "base, no cold start) for comparison"})
     # ---- rejection sampling ----
     k: int = field(default=4, metadata={"help": "samples per prompt"})
     n_prompts: int = field(default=1000, metadata={"help": "training prompts to sample for"})
-    temperature: float = 1.0
-    max_new_tokens: int = 64
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rejection sampling"})
+    max_new_tokens: int = field(default=64, metadata={"help": "completion length limit (sampling, RL, "
+                                                              "evaluation)"})
     # ---- distillation ----
     student_preset: str = field(default="nano", metadata={"help": "distill: the student's preset (model.py)"})
     teacher_data: str = field(default="", metadata={"help": "distill: teacher's verified samples (JSONL); "
                                                             "empty = out_dir/rejection.jsonl from `recipe`"})
     # ---- evaluation and system ----
     n_eval: int = field(default=500, metadata={"help": "held-out problems evaluated after every stage"})
-    seed: int = 1337
-    device: str = "auto"
+    seed: int = field(default=1337, metadata={"help": "seed of every stage"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
 
     def __post_init__(self):
         """Reject impossible settings before anything runs."""
