@@ -604,7 +604,7 @@ def chat_template(ckpt: dict) -> tuple[str, str]:
 
     Reasoning checkpoints (GRPO, SFT on worked solutions, pretraining on the built-in arithmetic corpus,
     whose documents all start with the R1-Zero prompt) get tasks.format_prompt around the question; a model
-    pretrained on a text file (--data) just continues the text it is given."""
+    pretrained on a text file (--data) just continues the text it is given (without BOS, as in training)."""
     kind, data = ckpt.get("kind", "?"), (ckpt.get("config") or {}).get("data", "")
     if kind in ("grpo", "sft"):
         return "r1", f"a {kind} checkpoint"
@@ -662,8 +662,8 @@ def chat_answer(model: Transformer, tok: Tokenizer, question: str, cfg: SampleCo
     """Stream one answer to `question` under the current settings, then a line with its speed."""
     if cfg.template == "r1":                               # the answer starts inside the template's <think>
         prompt, stop, shown = prompt_tokens(tok, question), cfg.stop, THINK_OPEN
-    else:
-        prompt, stop, shown = encode_prompt(tok, question, cfg.bos), "", question
+    else:                                                  # text files are trained on without BOS
+        prompt, stop, shown = encode_prompt(tok, question, bos=False), "", question
     prompt = fit_prompt(prompt, model.args.max_seq_len, cfg.max_new_tokens)
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "eos_id": tok.eos_id,
                 "generator": gen}

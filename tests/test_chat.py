@@ -136,7 +136,7 @@ def test_chat_raw_text_for_a_model_trained_on_a_file(tmp_path):
     r = run_chat(path, ["The sea"], "--temperature=0", "--max_new_tokens=20")   # ends with end of input
     assert r.returncode == 0, r.stderr
     assert "poems.txt" in r.stdout and "continued as is" in r.stdout
-    expected = "The sea" + greedy_text(model, encode_prompt(TOK, "The sea", bos=True), 20, "")
+    expected = "The sea" + greedy_text(model, encode_prompt(TOK, "The sea", bos=False), 20, "")
     assert expected in r.stdout
     assert "<think>" not in r.stdout and r.stdout.rstrip().endswith("bye")
 
