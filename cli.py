@@ -1,12 +1,16 @@
 """
 tinyseek/cli.py -- the plumbing every script shares, kept out of the scripts so they read as lectures:
-dataclass -> argparse flags, device choice, and torch.distributed setup under torchrun.
+dataclass -> argparse flags, device choice, torch.distributed setup under torchrun, and what every long run
+needs: progress with an ETA, a graceful Ctrl-C, and a metrics log (JSON lines, optionally a tracker).
 """
 
 import argparse
 import dataclasses
+import json
 import os
+import signal
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -95,6 +99,15 @@ def pick_device(name: str) -> str:
     return name
 
 
+def autocast_context(dtype: str, device: str):
+    """bf16 autocast (matmuls in bfloat16, master weights and optimizer state in float32) or a disabled one.
+    'auto' picks bf16 on a CUDA GPU that supports it, float32 elsewhere."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
 @dataclasses.dataclass
 class Dist:
     """Where this process sits in a torchrun job (rank 0 of 1 when run as a plain script)."""
@@ -139,3 +152,107 @@ def cleanup_distributed(d: Dist, wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Long runs: progress with an ETA, Ctrl-C / SIGTERM handled between steps, metrics to file (and trackers)
+# ----------------------------------------------------------------------------------------------------
+
+def format_seconds(seconds: float) -> str:
+    """12 -> '12s', 754 -> '12m34s', 7384 -> '2h03m'."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def progress(step: int, total: int, elapsed: float, fraction: "float | None" = None) -> str:
+    """'step 120/750 (16%) | ETA 2m31s': where a loop stands and when it will end at its average pace so far.
+
+    `fraction` (default step / total) is the share of the budget used; a run with a seconds budget passes the
+    larger of its step and time fractions, so the ETA is whichever budget ends first."""
+    frac = min(1.0, step / total if fraction is None else fraction)
+    eta = format_seconds(elapsed * (1 - frac) / frac) if frac > 0 else "?"
+    return f"step {step}/{total} ({100 * frac:.0f}%) | ETA {eta}"
+
+
+class GracefulStop:
+    """Catch Ctrl-C (SIGINT) and SIGTERM while a training loop runs: the loop finishes its step, writes a
+    checkpoint and exits, instead of dying with a half-written state. Use as a context manager; `requested`
+    turns true when a signal arrives. The previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        """Remember the signal; the loop checks `requested` between steps."""
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        """True once SIGINT or SIGTERM arrived."""
+        return self.signum is not None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+LOG_TO = ("jsonl", "tensorboard", "wandb")
+
+
+class MetricsLog:
+    """Every record of a run goes to out_dir/metrics.jsonl (always) and, with --log_to, to a tracker:
+    tensorboard (event files in out_dir/tensorboard, through torch.utils.tensorboard; `pip install tensorboard`)
+    or wandb (`pip install wandb`; set WANDB_MODE=offline to log without a network). Numbers become scalars
+    plotted against record["step"]; strings and other values stay in the JSON lines only."""
+
+    def __init__(self, out_dir, log_to: str = "jsonl", config: "dict | None" = None, run_name: str = "tinyseek",
+                 append: bool = False):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        if not append:
+            self.path.write_text("")
+        self.tb = self.wandb = None
+        if log_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:   # torch imports the optional tensorboard package lazily
+                raise SystemExit(f"--log_to=tensorboard needs the tensorboard package: pip install tensorboard "
+                                 f"({e})") from None
+            self.tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+        elif log_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--log_to=wandb needs the wandb package: pip install wandb "
+                                 "(WANDB_MODE=offline logs without a network)") from None
+            self.wandb = wandb.init(project="tinyseek", name=run_name, config=config or {}, dir=str(out_dir))
+
+    def log(self, record: dict) -> None:
+        """Append one record (it must carry "step") and send its numbers to the tracker."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=record["step"])
+
+    def close(self) -> None:
+        """Flush and close the tracker (metrics.jsonl is already complete)."""
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

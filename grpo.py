@@ -88,20 +88,21 @@ Map of this file
   3. Rollout .......................... prompts, sampling G completions per question, rewards,
                                         dynamic sampling
   4. Update ........................... collate, policy_update (mu passes of AdamW), grpo_step
-  5. Evaluation ....................... greedy held-out accuracy, JSON lines
-  6. Logging .......................... log line, metrics.jsonl, plots
-  7. main ............................. training loop, --eval_only, errors
+  5. Logging .......................... log line, plots
+  6. The run .......................... setup (load, reference, optimizer, --resume), train_loop, finish,
+                                        eval_only, main
+  (Held-out evaluation is sample.evaluate, shared with train.py, so both report the same measure.)
 
 Outputs in --out_dir: metrics.jsonl (one JSON object per step; held-out results on the steps where
 evaluation ran), eval_step{N}.jsonl (one line per held-out problem after N steps; N=0 is the starting
-checkpoint), grpo_rewards.png, grpo_heldout.png, grpo_length.png, and ckpt.pt (loadable by
-sample.py). `--eval_only` writes eval.jsonl.
+checkpoint), grpo_rewards.png, grpo_heldout.png, grpo_length.png, and ckpt.pt (loadable by sample.py,
+and holding what --resume needs). `--eval_only` writes eval.jsonl. Ctrl-C or SIGTERM finish the current
+step, write the checkpoint and say how to resume.
 """
 
 import copy
 import dataclasses
 import functools
-import json
 import math
 import random
 import sys
@@ -116,17 +117,30 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tasks
-from checkpoint import CheckpointError, load_model, save_checkpoint, write_jsonl
+from checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+    write_jsonl,
+)
 from cli import (
+    LOG_TO,
+    Dist,
+    GracefulStop,
+    MetricsLog,
+    autocast_context,
     cleanup_distributed,
+    format_seconds,
     parse_config,
     pick_device,
     print_config,
+    progress,
     setup_distributed,
 )
 from sample import completion_text, evaluate, generate_batch, prompt_tokens
 
-REPO = Path(__file__).resolve().parent
 LOSS_NOTE = ("note: with mu=1 the loss is ~0 by construction (ratio=1 at the sampling policy); "
              "watch reward and held-out accuracy instead")
 
@@ -145,8 +159,9 @@ class GRPOConfig:
     """Every knob of a GRPO run; each field is a `--name=value` flag (cli.parse_config)."""
 
     # ---- input / output ----
-    init_from: str = _flag(str(REPO / "out" / "ckpt.pt"), "checkpoint to improve (made by `python train.py`)")
-    out_dir: str = _flag(str(REPO / "out_grpo"), "metrics, evaluations, plots and the final ckpt.pt go here")
+    init_from: str = _flag("out/ckpt.pt", "checkpoint to improve (made by `python train.py`)")
+    out_dir: str = _flag("out_grpo", "metrics, evaluations, plots and the final ckpt.pt go here")
+    resume: bool = _flag(False, "continue an interrupted run from out_dir/ckpt.pt (same flags)")
     # ---- task (tasks.py) ----
     task: str = _flag("arithmetic", "arithmetic (the default) or countdown (needs search, not recall)")
     digits_min: int = _flag(1, "arithmetic: fewest digits per operand")
@@ -174,16 +189,17 @@ class GRPOConfig:
     mu: int = _flag(1, "optimisation passes per sampled batch")
     # ---- optimisation ----
     lr: float = _flag(1e-4, "peak learning rate (AdamW)")
-    warmup_steps: int = _flag(5, "linear warmup steps")
-    lr_decay: bool = _flag(True, "cosine decay to min_lr_ratio * lr at max_steps")
+    warmup_iters: int = _flag(5, "linear warmup steps")
+    lr_decay: bool = _flag(True, "cosine decay to min_lr_ratio * lr at max_iters")
     min_lr_ratio: float = _flag(0.1, "final lr as a fraction of lr when lr_decay")
     weight_decay: float = _flag(0.0, "AdamW weight decay")
     grad_clip: float = _flag(1.0, "clip the gradient norm to this (0: off)")
     update_router_bias: bool = _flag(True, "aux-loss-free bias update after each optimizer step")
-    max_steps: int = _flag(60, "training steps")
-    max_seconds: float = _flag(240.0, "start no new step after this many seconds since launch (0: no limit)")
+    max_iters: int = _flag(60, "training steps (the default budget: the same run on any machine)")
+    max_seconds: float = _flag(0.0, "also stop starting new steps after this many seconds of training (0: no limit)")
     # ---- evaluation ----
-    eval_every: int = _flag(10, "evaluate every this many steps (0: only before and after training)")
+    eval_interval: int = _flag(10, "evaluate and write a checkpoint every this many steps (0: only before and "
+                                   "after training)")
     n_eval: int = _flag(500, "held-out problems per evaluation (0: no evaluation)")
     eval_batch_size: int = _flag(250, "problems per greedy generation batch")
     eval_seed: int = _flag(0, "which held-out problems (the same set at every evaluation)")
@@ -191,6 +207,10 @@ class GRPOConfig:
     # ---- system ----
     seed: int = _flag(1337, "seed for questions, sampling and initialisation")
     device: str = _flag("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = _flag("auto", "auto (bfloat16 autocast on a GPU that supports it, else float32) | float32 | "
+                               "bfloat16 (autocast, also on CPU)")
+    compile: bool = _flag(False, "torch.compile the policy's training forward pass (sampling stays eager)")
+    log_to: str = _flag("jsonl", "metrics go to out_dir/metrics.jsonl; also to: tensorboard | wandb")
 
     def __post_init__(self):
         """Reject impossible settings before anything is loaded (argparse turns this into a usage error)."""
@@ -198,11 +218,12 @@ class GRPOConfig:
             raise ValueError(f"group_size={self.group_size}: GRPO needs G >= 2 completions per question; "
                              "the advantage compares each completion with the others of its group")
         choices = {"task": ("arithmetic", "countdown"), "loss_type": ("grpo", "dr_grpo", "dapo"),
-                   "scale_rewards": ("group", "none")}
+                   "scale_rewards": ("group", "none"), "dtype": ("auto", "float32", "bfloat16"), "log_to": LOG_TO}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        positive = ("prompts_per_step", "max_new_tokens", "mu", "eval_batch_size", "max_steps")
+        positive = ("prompts_per_step", "max_new_tokens", "mu", "eval_batch_size", "max_iters", "digits_min",
+                    "digits_max", "n_operands", "n_numbers")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -211,10 +232,16 @@ class GRPOConfig:
                              "and carry no signal")
         if not (0 < self.eps < 1 and self.eps_high > 0):
             raise ValueError(f"need 0 < eps < 1 and eps_high > 0, got eps={self.eps}, eps_high={self.eps_high}")
-        for name in ("beta", "lr", "weight_decay", "grad_clip", "max_seconds", "n_eval", "eval_every",
-                     "warmup_steps", "dynamic_max_tries", "min_lr_ratio"):
-            if getattr(self, name) < 0:
+        for name in ("beta", "weight_decay", "grad_clip", "max_seconds", "n_eval", "eval_interval",
+                     "warmup_iters", "dynamic_max_tries", "min_lr_ratio", "w_acc", "w_fmt"):
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.digits_min > self.digits_max:
+            raise ValueError(f"digits_min={self.digits_min} exceeds digits_max={self.digits_max}")
+        if not self.ops or set(self.ops) - set("+-*"):
+            raise ValueError(f"ops={self.ops!r} must be a non-empty subset of '+-*'")
 
 
 def make_task(cfg: GRPOConfig) -> tasks.Task:
@@ -448,23 +475,31 @@ def collate(groups: list[Group], pad_id: int, device="cpu") -> tuple[torch.Tenso
     return idx.to(device), start.to(device), mask.to(device)
 
 
+def unwrap(policy: torch.nn.Module) -> torch.nn.Module:
+    """The Transformer inside a DDP and/or torch.compile wrapper (sampling and bias updates use it directly)."""
+    model = policy.module if isinstance(policy, DDP) else policy
+    return getattr(model, "_orig_mod", model)
+
+
 def _world_size() -> int:
     """Number of processes in the torchrun job (1 for a plain script)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def lr_at(step: int, cfg: GRPOConfig) -> float:
-    """Linear warmup over warmup_steps, then constant or cosine decay to min_lr_ratio * lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+def rl_lr_at(step: int, cfg: GRPOConfig) -> float:
+    """RL's schedule (train.lr_at is pretraining's): linear warmup over warmup_iters, then constant, or cosine
+    decay from the end of warmup to min_lr_ratio * lr at max_iters."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
     if not cfg.lr_decay:
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: GRPOConfig) -> torch.optim.Optimizer:
-    """AdamW over every trainable weight (betas as in V3 §4.2); parameters without a gradient (the MTP
+def make_rl_optimizer(model: torch.nn.Module, cfg: GRPOConfig) -> torch.optim.Optimizer:
+    """RL's optimizer (train.make_optimizer is pretraining's): AdamW over every trainable weight (betas as in
+    V3 §4.2); parameters without a gradient (the MTP
     modules, which RL does not use) are simply skipped by the optimizer."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -478,7 +513,7 @@ def policy_update(policy, ref_model, optimizer, groups: list[Group], cfg: GRPOCo
     Returns a dict of floats: loss, kl, clip_frac, ratio (means over the mu passes; with mu=1 nothing
     is clipped and ratio is 1), entropy and grad_norm (first pass), trained_seqs, tokens.
     """
-    model = policy.module if isinstance(policy, DDP) else policy
+    model = unwrap(policy)
     device = model.embed.weight.device
     rewards = torch.tensor([g.rewards for g in groups])                # (P, G)
     adv = group_advantages(rewards, cfg.scale_rewards).flatten().to(device)  # (N,) group-major like collate
@@ -541,7 +576,7 @@ def grpo_step(policy, ref_model, optimizer, tok, draw_problems: Callable[[int], 
     returns {"accuracy", "format", "total"}; main() passes the task's train split and tasks.reward, a
     test can pass a toy task. Returns the step's statistics (floats) including the time split.
     """
-    model = policy.module if isinstance(policy, DDP) else policy
+    model = unwrap(policy)
     n_prompts = n_prompts or cfg.prompts_per_step
     t0 = time.perf_counter()
     groups, info = collect_rollouts(model, tok, draw_problems, n_prompts, cfg, reward_fn, generator)
@@ -567,12 +602,12 @@ def grpo_step(policy, ref_model, optimizer, tok, draw_problems: Callable[[int], 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Logging: one line per step, metrics.jsonl, plots
+# 5. Logging: one line per step, plots
 # ----------------------------------------------------------------------------------------------------
 
-def format_step(step: int, s: dict) -> str:
-    """The fixed log line of one step."""
-    line = (f"step {step:4d} | reward {s['reward']:.3f} acc {s['accuracy']:.3f} fmt {s['format']:.3f} | "
+def format_step(s: dict) -> str:
+    """The fixed log line of one step's statistics (the loop puts the step, progress and ETA in front)."""
+    line = (f"reward {s['reward']:.3f} acc {s['accuracy']:.3f} fmt {s['format']:.3f} | "
             f"zero-var {s['zero_var_frac']:.2f} trunc {s['trunc_frac']:.2f} len {s['length']:5.1f} | "
             f"kl {s['kl']:.4f} clip {s['clip_frac']:.3f} ent {s['entropy']:.3f} | "
             f"sample {s['sample_s']:.2f}s {s['sample_tok_s']:6.0f} tok/s, update {s['update_s']:.2f}s "
@@ -628,7 +663,7 @@ def plot_metrics(history: list[dict], out_dir, n_eval: int = 0, temperature: flo
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. main: load, evaluate, train, evaluate, save
+# 6. The run: set up (or resume), evaluate, train, evaluate, save
 # ----------------------------------------------------------------------------------------------------
 
 def check_fits(model, tok, cfg: GRPOConfig, questions: list[str]) -> None:
@@ -664,153 +699,248 @@ def _mean_over_ranks(stats: dict, keys: tuple) -> dict:
     return stats
 
 
-def main(argv=None) -> None:
-    """`python grpo.py [--flag=value ...]`; see GRPOConfig or `--help` for the flags."""
-    cfg = parse_config(GRPOConfig, argv, description="GRPO reinforcement learning with rule-based rewards "
-                                                      "(DeepSeek-R1-Zero recipe) on a pretrained checkpoint")
-    try:
-        train(cfg)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+@dataclass
+class RLRun:
+    """Everything the GRPO loop touches, built by setup() and written to the checkpoint by save()."""
+    cfg: GRPOConfig
+    ddp: Dist                          # this process's place in a torchrun job (rank 0 of 1 when run alone)
+    device: str
+    out_dir: Path
+    model: torch.nn.Module             # the policy itself (sampling, evaluation, checkpoints)
+    policy: torch.nn.Module            # what the update calls: model, or model wrapped by torch.compile / DDP
+    ref_model: "torch.nn.Module | None"  # frozen copy of the starting checkpoint (None when beta = 0)
+    tok: object                        # tokenizer.Tokenizer
+    init_ckpt: dict                    # the starting checkpoint (its tokenizer and pretraining config)
+    task: tasks.Task
+    eval_problems: list
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator         # sampling randomness
+    rng: random.Random                 # which training questions are drawn
+    ctx: object                        # autocast context (bf16) or a disabled one
+    log: "MetricsLog | None"           # rank 0 only
+    step: int = 0
+    elapsed: float = 0.0               # training seconds, summed over resumed runs
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)          # the latest held-out evaluation
+    totals: dict = field(default_factory=lambda: {"sample_s": 0.0, "update_s": 0.0})
 
 
-def train(cfg: GRPOConfig) -> dict:
-    """Load `cfg.init_from`, evaluate, run GRPO (or only evaluate with --eval_only), save; returns the
-    last held-out summary. Raises CheckpointError for a missing or incompatible checkpoint."""
-    d, device = setup_distributed(pick_device(cfg.device))
-    finished = False
-    try:
-        summary = _train(cfg, d, device)
-        finished = True
-        return summary
-    finally:
-        cleanup_distributed(d, wait=finished)
-
-
-def _train(cfg: GRPOConfig, d, device: str) -> dict:
-    """The body of train() once the process group (if any) is set up."""
-    master, t_start = d.master, time.perf_counter()
-    if cfg.prompts_per_step % d.world_size:
+def setup(cfg: GRPOConfig, ddp: Dist, device: str) -> RLRun:
+    """Load the starting checkpoint, check it fits the task, build reference, optimizer and RNGs, resume if
+    asked. Raises CheckpointError for a missing or incompatible checkpoint."""
+    if cfg.prompts_per_step % ddp.world_size:
         raise SystemExit(f"--prompts_per_step={cfg.prompts_per_step} must be divisible by the "
-                         f"{d.world_size} ranks")
-    torch.manual_seed(cfg.seed + d.rank)
+                         f"{ddp.world_size} ranks")
+    torch.manual_seed(cfg.seed + ddp.rank)
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
     out_dir = Path(cfg.out_dir)
     model, tok, ckpt = load_model(cfg.init_from, device, hint="python train.py")
     task = make_task(cfg)
     eval_problems = tasks.heldout_problems(task, cfg.n_eval, cfg.eval_seed) if cfg.n_eval else []
-    rng = random.Random(cfg.seed * 1000 + d.rank)                     # questions: different on each rank
     check_fits(model, tok, cfg, [p.question for p in eval_problems] +
                [task.sample(random.Random(i), "train").question for i in range(200)])
-    if master:
+    if ddp.master:
         print_config(cfg, "grpo config")
         out_dir.mkdir(parents=True, exist_ok=True)
         print(f"loaded {cfg.init_from} (kind={ckpt.get('kind', '?')}) on {device}; task {task}")
-
-    if cfg.eval_only:
-        summary = {}
-        if master:
-            path = out_dir / "eval.jsonl"
-            summary = run_eval(model, tok, eval_problems, cfg, path, ckpt.get("step"))
-            print(f"held-out accuracy {100 * summary['accuracy']:.1f}% (format {100 * summary['format']:.1f}%) "
-                  f"on {summary['n']} problems in {summary['seconds']:.1f}s; one line per problem in {path}")
-        return summary
-
-    # ---- models: the policy (trained), the reference (frozen copy, only when beta > 0) ----
-    ref_model = None
-    if cfg.beta > 0:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    policy = model
-    if d.enabled:   # experts a rank did not route to and the MTP modules get no gradient: find them
-        policy = DDP(model, device_ids=[device] if device.startswith("cuda") else None,
+    # the reference is the starting checkpoint forever, also after --resume (a frozen copy, only when beta > 0)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+    policy = torch.compile(model) if cfg.compile else model
+    if ddp.enabled:   # experts a rank did not route to and the MTP modules get no gradient: find them
+        policy = DDP(policy, device_ids=[device] if device.startswith("cuda") else None,
                      find_unused_parameters=True, broadcast_buffers=False)
-    optimizer = make_optimizer(model, cfg)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * d.rank)
+    run = RLRun(cfg, ddp, device, out_dir, model, policy, ref_model, tok, ckpt, task, eval_problems,
+                make_rl_optimizer(model, cfg), torch.Generator(device=device).manual_seed(cfg.seed + 1000 * ddp.rank),
+                random.Random(cfg.seed * 1000 + ddp.rank),           # questions: different on each rank
+                autocast_context(cfg.dtype, device), None)
+    if cfg.resume:
+        resume_state(run)
+    if ddp.master and not cfg.eval_only:
+        run.log = MetricsLog(out_dir, cfg.log_to, dataclasses.asdict(cfg), "grpo", append=cfg.resume)
+    return run
+
+
+def save(run: RLRun) -> None:
+    """Write out_dir/ckpt.pt atomically (rank 0): loadable by sample.py, and holding everything --resume needs
+    (optimizer, RNG states of sampling and question drawing, step, history)."""
+    if not run.ddp.master:
+        return
+    save_checkpoint(run.out_dir / "ckpt.pt", {
+        "model": run.model.state_dict(), "model_args": run.model.args.to_dict(),
+        "tokenizer": run.init_ckpt["tokenizer"], "config": run.init_ckpt.get("config", {}), "kind": "grpo",
+        "grpo_config": dataclasses.asdict(run.cfg), "step": run.step, "init_from": str(run.cfg.init_from),
+        "heldout": run.summary, "optimizer": run.optimizer.state_dict(), "elapsed": run.elapsed,
+        "rng": {"torch": torch.get_rng_state(), "sample": run.generator.get_state(),
+                "questions": run.rng.getstate()},
+        "history": run.history, "totals": run.totals})
+
+
+def resume_state(run: RLRun) -> None:
+    """Continue from out_dir/ckpt.pt exactly: weights (router biases included), optimizer, RNGs, step."""
+    path = run.out_dir / "ckpt.pt"
+    ckpt = read_checkpoint(path, hint="python grpo.py")
+    if ckpt.get("kind") != "grpo" or "optimizer" not in ckpt:
+        raise CheckpointError(f"{path} is not a GRPO checkpoint with training state (kind={ckpt.get('kind')!r}); "
+                              "--resume continues a run of grpo.py in the same --out_dir")
+    check_state_dict(run.model, ckpt["model"])
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    run.generator.set_state(ckpt["rng"]["sample"])
+    version, state, gauss = ckpt["rng"]["questions"]
+    run.rng.setstate((version, tuple(state), gauss))
+    run.step, run.elapsed, run.history, run.summary = ckpt["step"], ckpt["elapsed"], ckpt["history"], ckpt["heldout"]
+    run.totals = ckpt["totals"]
+    if run.ddp.master:
+        print(f"resumed from {path} at step {run.step}")
+
+
+def heldout(run: RLRun, record: dict) -> dict:
+    """Evaluate on the held-out problems, write eval_step{step}.jsonl, add the results to record."""
+    with run.ctx:
+        s = run_eval(run.model, run.tok, run.eval_problems, run.cfg, run.out_dir / f"eval_step{record['step']}.jsonl",
+                     record["step"])
+    record.update(heldout_acc=s["accuracy"], heldout_fmt=s["format"], heldout_len=s["length"], eval_s=s["seconds"])
+    run.summary = s
+    return s
+
+
+def log(run: RLRun, record: dict) -> None:
+    """Keep one step's record and append it to metrics.jsonl (and the tracker)."""
+    run.history.append(record)
+    run.log.log(record)
+
+
+def should_stop(run: RLRun, stop: GracefulStop, t_start: float, elapsed_before: float) -> bool:
+    """A signal arrived or the seconds budget is spent; under torchrun rank 0 decides for every rank."""
+    run.elapsed = elapsed_before + time.perf_counter() - t_start
+    halt = stop.requested or (run.cfg.max_seconds > 0 and run.elapsed >= run.cfg.max_seconds)
+    if run.ddp.enabled:
+        flag = torch.tensor([float(halt)])
+        dist.broadcast(flag, src=0)
+        halt = bool(flag.item())
+    return halt
+
+
+STEP_KEYS = ("reward", "accuracy", "format", "zero_var_frac", "trunc_frac", "length", "kl", "clip_frac",
+             "entropy", "loss")
+
+
+def train_loop(run: RLRun, stop: GracefulStop) -> None:
+    """GRPO steps until max_iters (or max_seconds, or a signal): sample, score, update; evaluate and checkpoint
+    every eval_interval steps."""
+    cfg, master = run.cfg, run.ddp.master
+    draw_problems = functools.partial(draw_train_problems, run.task, run.rng)
     reward_fn = functools.partial(tasks.reward, w_acc=cfg.w_acc, w_fmt=cfg.w_fmt)  # R1-Zero's rule-based reward
-
-    def draw_problems(n):
-        """n questions from the task's train split (never a held-out one)."""
-        return [task.sample(rng, split="train") for _ in range(n)]
-
-    history, summary = [], {}
-    metrics_path = out_dir / "metrics.jsonl"
-    if master:
-        metrics_path.write_text("")
-
-    def log(record):
-        """Keep one step's record and append it to metrics.jsonl."""
-        history.append(record)
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def heldout(step, record):
-        """Evaluate on the held-out problems, write eval_step{step}.jsonl, add the results to record."""
-        s = run_eval(model, tok, eval_problems, cfg, out_dir / f"eval_step{step}.jsonl", step)
-        record.update(heldout_acc=s["accuracy"], heldout_fmt=s["format"], heldout_len=s["length"],
-                      eval_s=s["seconds"])
-        return s
-
-    if master and eval_problems:
-        rec = {"step": 0}
-        summary = heldout(0, rec)
-        log(rec)
-        print(f"step    0 | held-out acc {100 * summary['accuracy']:.1f}% format {100 * summary['format']:.1f}% "
-              f"len {summary['length']:.1f} ({summary['n']} problems, greedy, {summary['seconds']:.1f}s)")
-    if master:
-        print(LOSS_NOTE)
-    keys = ("reward", "accuracy", "format", "zero_var_frac", "trunc_frac", "length", "kl", "clip_frac",
-            "entropy", "loss")
-    totals = {"sample_s": 0.0, "update_s": 0.0}
-    step = 0
-    while step < cfg.max_steps:
-        out_of_time = cfg.max_seconds > 0 and time.perf_counter() - t_start >= cfg.max_seconds
-        if d.enabled:                                                  # every rank stops at the same step
-            flag = torch.tensor([float(out_of_time)])
-            dist.broadcast(flag, src=0)
-            out_of_time = bool(flag.item())
-        if out_of_time:
-            if master:
-                print(f"stopping after {step} steps: --max_seconds={cfg.max_seconds:g} reached")
-            break
-        step += 1
-        stats = grpo_step(policy, ref_model, optimizer, tok, draw_problems, reward_fn, cfg,
-                          cfg.prompts_per_step // d.world_size, generator, lr_at(step - 1, cfg))
-        stats = _mean_over_ranks(stats, keys)
-        totals["sample_s"] += stats["sample_s"]
-        totals["update_s"] += stats["update_s"]
+    t_start, elapsed_before = time.perf_counter(), run.elapsed
+    while run.step < cfg.max_iters and not should_stop(run, stop, t_start, elapsed_before):
+        lr = rl_lr_at(run.step, cfg)
+        with run.ctx:
+            stats = grpo_step(run.policy, run.ref_model, run.optimizer, run.tok, draw_problems, reward_fn, cfg,
+                              cfg.prompts_per_step // run.ddp.world_size, run.generator, lr)
+        stats = _mean_over_ranks(stats, STEP_KEYS)
+        run.step += 1
+        run.totals["sample_s"] += stats["sample_s"]
+        run.totals["update_s"] += stats["update_s"]
+        run.elapsed = elapsed_before + time.perf_counter() - t_start
         if not master:
             continue
-        rec = {"step": step, "lr": lr_at(step - 1, cfg), **stats}
-        if eval_problems and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            summary = heldout(step, rec)
-        log(rec)
-        print(format_step(step, rec))
-    if master and eval_problems and "heldout_acc" not in history[-1]:   # stopped early by max_seconds
-        rec = {"step": step}
-        summary = heldout(step, rec)
-        log(rec)
-        print(f"step {step:4d} | held-out acc {100 * summary['accuracy']:.1f}%")
+        rec = {"step": run.step, "lr": lr, **stats}
+        evaluating = cfg.eval_interval and run.step % cfg.eval_interval == 0
+        if run.eval_problems and (evaluating or run.step == cfg.max_iters):
+            heldout(run, rec)
+        log(run, rec)
+        print(f"{progress(run.step, cfg.max_iters, run.elapsed)} | {format_step(rec)}", flush=True)
+        if evaluating:
+            save(run)
 
-    if master:
-        save_checkpoint(out_dir / "ckpt.pt", {
-            "model": model.state_dict(), "model_args": model.args.to_dict(), "tokenizer": ckpt["tokenizer"],
-            "config": ckpt.get("config", {}), "kind": "grpo", "grpo_config": dataclasses.asdict(cfg),
-            "step": step, "init_from": str(cfg.init_from), "heldout": summary})
-        plot_metrics(history, out_dir, len(eval_problems), cfg.temperature)
-        first = next((h for h in history if "heldout_acc" in h), None)
-        wall, n = time.perf_counter() - t_start, max(step, 1)
-        eval_s = sum(h.get("eval_s", 0.0) for h in history)
-        print(f"done: {step} steps, {wall:.0f}s in all: sampling {totals['sample_s']:.0f}s, updates "
-              f"{totals['update_s']:.0f}s, evaluation {eval_s:.0f}s; per step {totals['sample_s'] / n:.2f}s "
-              f"sampling + {totals['update_s'] / n:.2f}s update (G={cfg.group_size}, mu={cfg.mu})")
-        if first and summary:
-            print(f"held-out accuracy {100 * first['heldout_acc']:.1f}% -> {100 * summary['accuracy']:.1f}% "
-                  f"({summary['n']} problems, greedy)")
-        print(LOSS_NOTE)
-        print(f"wrote {out_dir}/ckpt.pt, metrics.jsonl, eval_step*.jsonl, grpo_rewards.png, grpo_heldout.png, "
-              f"grpo_length.png\nnext: python sample.py --out_dir={out_dir}\n"
-              f"      python grpo.py --eval_only --init_from={out_dir}/ckpt.pt --out_dir={out_dir}")
+
+def draw_train_problems(task: tasks.Task, rng: random.Random, n: int) -> list:
+    """n questions from the task's train split (never a held-out one)."""
+    return [task.sample(rng, split="train") for _ in range(n)]
+
+
+def finish(run: RLRun, stop: GracefulStop) -> dict:
+    """Final held-out evaluation (if the last step had none and the run was not interrupted), checkpoint, plots,
+    and a summary."""
+    cfg = run.cfg
+    if run.eval_problems and run.history and "heldout_acc" not in run.history[-1] and not stop.requested:
+        rec = {"step": run.step}
+        heldout(run, rec)
+        log(run, rec)
+        print(f"step {run.step:4d} | held-out acc {100 * run.summary['accuracy']:.1f}%")
+    save(run)
+    run.log.close()
+    plot_metrics(run.history, run.out_dir, len(run.eval_problems), cfg.temperature)
+    first = next((h for h in run.history if "heldout_acc" in h), None)
+    n = max(run.step, 1)
+    eval_s = sum(h.get("eval_s", 0.0) for h in run.history)
+    print(f"done: {run.step} steps, {format_seconds(run.elapsed)} of training: sampling "
+          f"{run.totals['sample_s']:.0f}s, updates {run.totals['update_s']:.0f}s, evaluation {eval_s:.0f}s; per step "
+          f"{run.totals['sample_s'] / n:.2f}s sampling + {run.totals['update_s'] / n:.2f}s update "
+          f"(G={cfg.group_size}, mu={cfg.mu})")
+    if first and run.summary:
+        print(f"held-out accuracy {100 * first['heldout_acc']:.1f}% -> {100 * run.summary['accuracy']:.1f}% "
+              f"({run.summary['n']} problems, greedy)")
+    print(LOSS_NOTE)
+    print(f"wrote {run.out_dir}/ckpt.pt, metrics.jsonl, eval_step*.jsonl, grpo_rewards.png, grpo_heldout.png, "
+          "grpo_length.png")
+    if stop.requested:
+        print(f"interrupted at step {run.step}/{cfg.max_iters}: resume with the same command plus --resume, e.g. "
+              f"`python grpo.py --out_dir={cfg.out_dir} --resume` (and your other flags)")
+    else:
+        print(f"next: python sample.py --out_dir={run.out_dir}\n"
+              f"      python grpo.py --eval_only --init_from={run.out_dir}/ckpt.pt --out_dir={run.out_dir}")
+    return {**run.summary, "step": run.step, "interrupted": stop.requested}
+
+
+def eval_only(run: RLRun) -> dict:
+    """--eval_only: greedy held-out accuracy of init_from, one JSON line per problem in out_dir/eval.jsonl."""
+    if not run.ddp.master:
+        return {}
+    path = run.out_dir / "eval.jsonl"
+    with run.ctx:
+        summary = run_eval(run.model, run.tok, run.eval_problems, run.cfg, path, run.init_ckpt.get("step"))
+    print(f"held-out accuracy {100 * summary['accuracy']:.1f}% (format {100 * summary['format']:.1f}%) "
+          f"on {summary['n']} problems in {summary['seconds']:.1f}s; one line per problem in {path}")
     return summary
+
+
+def run_grpo(cfg: GRPOConfig, ddp: Dist, device: str) -> dict:
+    """Set up, evaluate the start, train, finish; or only evaluate with --eval_only."""
+    run = setup(cfg, ddp, device)
+    if cfg.eval_only:
+        return eval_only(run)
+    if run.ddp.master and run.eval_problems and not cfg.resume:
+        rec = {"step": 0}
+        s = heldout(run, rec)
+        log(run, rec)
+        print(f"step    0 | held-out acc {100 * s['accuracy']:.1f}% format {100 * s['format']:.1f}% "
+              f"len {s['length']:.1f} ({s['n']} problems, greedy, {s['seconds']:.1f}s)")
+    if run.ddp.master:
+        print(LOSS_NOTE)
+    with GracefulStop() as stop:          # Ctrl-C / SIGTERM: finish the step, checkpoint, exit
+        train_loop(run, stop)
+    return finish(run, stop) if run.ddp.master else {}
+
+
+def main(argv=None) -> dict:
+    """`python grpo.py [--flag=value ...]`; see GRPOConfig or `--help` for the flags. Returns the last
+    held-out summary (accuracy, format, length, n) with the step count."""
+    cfg = parse_config(GRPOConfig, argv, description="GRPO reinforcement learning with rule-based rewards "
+                                                      "(DeepSeek-R1-Zero recipe) on a pretrained checkpoint")
+    ddp, device = setup_distributed(pick_device(cfg.device))
+    finished = False
+    try:
+        summary = run_grpo(cfg, ddp, device)
+        finished = True
+        return summary
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        cleanup_distributed(ddp, wait=finished)
 
 
 if __name__ == "__main__":

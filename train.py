@@ -13,10 +13,13 @@ What happens, top to bottom:
   2. Data: the built-in corpus (worked arithmetic in the R1-Zero format, see tasks.py) or any UTF-8 text
      file; a byte-level BPE trained on it (cached); one long token stream split 90/10 into train/val.
   3. Model and optimizer: AdamW (beta 0.9/0.95, weight decay 0.1 on matrices only), warmup + cosine.
-  4. The loop: forward (CE + MTP + balance loss), backward, clip, step, then the auxiliary-loss-free
-     router-bias update from the step's expert loads (V3 §2.1.2). Log lines show loss parts, lr, tokens/s,
-     MFU and the expert-load imbalance MaxVio.
-  5. Checkpoints (atomic), metrics.jsonl, plots, and for the built-in task a greedy held-out accuracy.
+  4. Evaluation (loss estimates, held-out accuracy) and plots.
+  5. Setting up a run (`setup`): fresh, from --init_from, or continued with --resume.
+  6. The loop (`train_loop`, one screen): each `train_step` is forward (CE + MTP + balance loss), backward,
+     clip, AdamW step, then the auxiliary-loss-free router-bias update from the step's expert loads
+     (V3 §2.1.2). Log lines show progress and ETA, loss parts, lr, tokens/s, MFU and the expert-load
+     imbalance MaxVio. `finish` writes the checkpoint (atomically), metrics.jsonl and the plots; Ctrl-C or
+     SIGTERM end the current step, checkpoint, and say how to --resume.
 
 The learning-rate schedule is fitted to whichever budget ends first, --max_iters or --max_seconds, so
 "train for three minutes" (--max_seconds=180) gives a complete warmup-and-decay run. The default is a step
@@ -36,7 +39,6 @@ import contextlib
 import json
 import math
 import random
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -56,63 +58,121 @@ from checkpoint import (
     write_jsonl,
 )
 from cli import (
+    LOG_TO,
+    Dist,
+    GracefulStop,
+    MetricsLog,
+    autocast_context,
     cleanup_distributed,
+    format_seconds,
     parse_config,
     pick_device,
     print_config,
+    progress,
     setup_distributed,
 )
 from model import ModelArgs, Transformer, count_params, flops_per_token, max_violation
 from sample import evaluate
 from tokenizer import get_tokenizer
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent      # the repository: the tokenizer cache lives in ROOT/data/cache
 
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Configuration
 # ----------------------------------------------------------------------------------------------------
 
+def _flag(default, help_text: str):
+    """A dataclass field whose help text (and default) shows up in `python train.py --help`."""
+    return field(default=default, metadata={"help": help_text})
+
+
+PRESET_NAMES = ("tiny", "nano", "small", "16B", "671B")
+TOKENIZERS = ("bpe", "char", "gpt2", "cl100k_base", "o200k_base")
+
+
 @dataclass
 class TrainConfig:
-    """Every setting of a pretraining run (each is a --flag)."""
-    preset: str = field(default="tiny", metadata={"help": "model preset: tiny | nano | small | 16B | 671B"})
-    model: str = field(default="", metadata={"help": "ModelArgs overrides, e.g. 'fp8=true,mtp_depth=0'"})
-    out_dir: str = field(default="out", metadata={"help": "where ckpt.pt, metrics and plots go"})
-    data: str = field(default="", metadata={"help": "a UTF-8 text file; empty = built-in arithmetic corpus"})
-    tokenizer: str = field(default="bpe", metadata={"help": "bpe | char | gpt2 | cl100k_base | o200k_base"})
-    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary size (bpe only)"})
-    n_examples: int = field(default=60000, metadata={"help": "documents in the built-in corpus"})
-    ops: str = field(default="+-", metadata={"help": "built-in corpus: operators of the arithmetic task"})
-    max_digits: int = field(default=2, metadata={"help": "built-in corpus: operands have 1..max_digits digits"})
-    flaw_rate: float = field(default=0.6, metadata={"help": "built-in corpus: share of flawed worked solutions "
-                                                            "in the planted-misconception situation (tasks.py)"})
-    batch_size: int = 16
-    block_size: int = field(default=128, metadata={"help": "tokens per training sequence"})
-    grad_accum: int = 1
-    max_iters: int = field(default=750, metadata={"help": "optimizer steps (the default budget: the same model "
-                                                         "on any machine, ~4 minutes on 2 CPU cores)"})
-    max_seconds: float = field(default=0.0, metadata={"help": "wall-clock budget instead of or besides max_iters; "
-                                                              "0 = none"})
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_iters: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_interval: int = 200
-    eval_iters: int = 20
-    log_interval: int = 25
-    n_eval: int = field(default=500, metadata={"help": "held-out problems for the final greedy accuracy"})
-    device: str = "auto"
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA)"})
-    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt"})
-    init_from: str = field(default="", metadata={"help": "start from this checkpoint's weights and tokenizer "
-                                                         "(fine-tuning); its architecture replaces --preset/--model"})
-    sft: str = field(default="", metadata={"help": "JSON lines of {prompt, completion}: supervised fine-tuning "
-                                                   "with the loss on completion tokens only"})
-    seed: int = 1337
+    """Every setting of a pretraining run; each field is a `--name=value` flag (cli.parse_config)."""
+    # ---- model ----
+    preset: str = _flag("tiny", "model preset: " + " | ".join(PRESET_NAMES))
+    model: str = _flag("", "ModelArgs overrides, e.g. 'fp8=true,mtp_depth=0'")
+    init_from: str = _flag("", "start from this checkpoint's weights and tokenizer (fine-tuning); its architecture "
+                               "replaces --preset/--model")
+    # ---- data ----
+    data: str = _flag("", "a UTF-8 text file; empty = built-in arithmetic corpus")
+    sft: str = _flag("", "JSON lines of {prompt, completion}: supervised fine-tuning with the loss on completion "
+                         "tokens only")
+    tokenizer: str = _flag("bpe", " | ".join(TOKENIZERS) + " (bpe and char are trained on the data)")
+    vocab_size: int = _flag(512, "BPE vocabulary size (bpe only)")
+    n_examples: int = _flag(60000, "documents in the built-in corpus")
+    ops: str = _flag("+-", "built-in corpus: operators of the arithmetic task, a subset of '+-*'")
+    max_digits: int = _flag(2, "built-in corpus: operands have 1..max_digits digits")
+    flaw_rate: float = _flag(0.6, "built-in corpus: share of flawed worked solutions in the planted-misconception "
+                                  "situation (tasks.py)")
+    # ---- batch and budget ----
+    batch_size: int = _flag(16, "sequences per micro-batch (per rank)")
+    block_size: int = _flag(128, "tokens per training sequence")
+    grad_accum: int = _flag(1, "micro-batches per optimizer step")
+    max_iters: int = _flag(750, "optimizer steps (the default budget: the same model on any machine, ~4 minutes "
+                                "on 2 CPU cores)")
+    max_seconds: float = _flag(0.0, "wall-clock budget besides max_iters (whichever ends first); 0 = none")
+    # ---- optimizer (AdamW, V3 §4.2) and schedule ----
+    lr: float = _flag(3e-3, "peak learning rate")
+    min_lr_ratio: float = _flag(0.1, "final learning rate as a fraction of lr (cosine decay)")
+    warmup_iters: int = _flag(50, "linear warmup steps")
+    weight_decay: float = _flag(0.1, "AdamW weight decay on matrices (not on norms, biases, the embedding)")
+    beta1: float = _flag(0.9, "AdamW beta1")
+    beta2: float = _flag(0.95, "AdamW beta2")
+    grad_clip: float = _flag(1.0, "clip the gradient norm to this (0: off)")
+    # ---- evaluation and logging ----
+    eval_interval: int = _flag(200, "estimate train/val loss and write a checkpoint every this many steps")
+    eval_iters: int = _flag(20, "batches per loss estimate")
+    log_interval: int = _flag(25, "print a log line every this many steps")
+    n_eval: int = _flag(500, "held-out problems for the final greedy accuracy (built-in corpus; 0: none)")
+    log_to: str = _flag("jsonl", "metrics go to out_dir/metrics.jsonl; also to: tensorboard | wandb")
+    # ---- system ----
+    out_dir: str = _flag("out", "where ckpt.pt, metrics and plots go")
+    resume: bool = _flag(False, "continue from out_dir/ckpt.pt (same flags)")
+    device: str = _flag("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = _flag("auto", "auto (bfloat16 autocast on a GPU that supports it, else float32) | float32 | "
+                               "bfloat16 (autocast, also on CPU)")
+    compile: bool = _flag(False, "torch.compile the model")
+    seed: int = _flag(1337, "random seed (data order, initialisation)")
+
+    def __post_init__(self):
+        """Check every setting right after parsing, before any data is built (argparse turns the ValueError
+        into one line naming the flag, its value and the rule)."""
+        def bad(name, rule):
+            """Raise the ValueError for --name breaking `rule`."""
+            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {rule}")
+
+        for name in ("batch_size", "block_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
+                     "log_interval", "vocab_size", "n_examples", "max_digits"):
+            if getattr(self, name) < 1:
+                bad(name, "must be a positive integer")
+        for name in ("warmup_iters", "n_eval", "max_seconds", "weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                bad(name, "must be >= 0")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        for name in ("min_lr_ratio", "flaw_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad(name, "must be between 0 and 1")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "must be in [0, 1)")
+        choices = {"preset": PRESET_NAMES, "tokenizer": TOKENIZERS, "log_to": LOG_TO,
+                   "dtype": ("auto", "float32", "bfloat16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                bad(name, "choose one of " + ", ".join(allowed))
+        if not self.ops or set(self.ops) - set("+-*"):
+            bad("ops", "must be a non-empty subset of '+-*'")
+        if self.data and self.sft:
+            bad("sft", "--data and --sft are two kinds of training data; give one")
+        if not self.init_from:
+            model_args_from(self, self.vocab_size)        # a bad --model override is reported now, not later
 
 
 def model_args_from(cfg: TrainConfig, vocab_size: int) -> ModelArgs:
@@ -122,16 +182,19 @@ def model_args_from(cfg: TrainConfig, vocab_size: int) -> ModelArgs:
     for item in filter(None, (s.strip() for s in cfg.model.split(","))):
         key, _, value = item.partition("=")
         if key not in types:
-            raise SystemExit(f"--model: unknown ModelArgs field '{key}'; valid: {', '.join(types)}")
+            raise ValueError(f"--model: unknown ModelArgs field '{key}'; valid: {', '.join(types)}")
         kind = types[key] if isinstance(types[key], type) else type(getattr(ModelArgs, key))
-        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        try:
+            overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"--model: {key}={value!r} is not a valid {kind.__name__}") from None
     base = ModelArgs.preset(cfg.preset)
     seq = max(cfg.block_size, base.max_seq_len)
     defaults = {"vocab_size": vocab_size, "max_seq_len": seq, "original_seq_len": max(seq, base.original_seq_len)}
     try:
         return ModelArgs.preset(cfg.preset, **{**defaults, **overrides})
     except ValueError as e:
-        raise SystemExit(f"invalid model configuration: {e}") from e
+        raise ValueError(f"--model/--preset: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -447,16 +510,75 @@ def plot_run(metrics: list[dict], load_history: list, out_dir: Path) -> list[Pat
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. The training loop
+# 5. Setting up a run: data, model (fresh, --init_from or --resume), optimizer
 # ----------------------------------------------------------------------------------------------------
 
-def main(argv=None) -> dict:
-    """Run pretraining as configured by argv (or sys.argv); returns a summary dict."""
-    cfg = parse_config(TrainConfig, argv, description="Pretrain a DeepSeek-V3-style model (tinyseek).")
-    ddp, device = setup_distributed(pick_device(cfg.device))
-    out_dir = Path(cfg.out_dir) if Path(cfg.out_dir).is_absolute() else ROOT / cfg.out_dir
-    master = ddp.master
-    if master:
+@dataclass
+class Run:
+    """Everything the training loop touches, built by setup() and written to the checkpoint by save()."""
+    cfg: TrainConfig
+    ddp: Dist                       # this process's place in a torchrun job (rank 0 of 1 when run alone)
+    device: str
+    out_dir: Path
+    tok: object                     # tokenizer.Tokenizer
+    args: ModelArgs
+    raw: Transformer                # the model itself: checkpoints, evaluation, bias updates
+    model: torch.nn.Module          # what the loop calls: raw, or raw wrapped by torch.compile and/or DDP
+    optimizer: torch.optim.Optimizer
+    train_data: object              # a token stream (pretraining) or a list of examples (SFT)
+    val_data: object
+    gen: torch.Generator            # draws the batches
+    ctx: object                     # autocast context (bf16) or a disabled one
+    kind: str                       # "pretrain" or "sft"
+    log: MetricsLog
+    step: int = 0
+    elapsed: float = 0.0            # training seconds, summed over resumed runs
+    metrics: list = field(default_factory=list)        # every logged record (plots; kept across --resume)
+    load_history: list = field(default_factory=list)   # (step, expert load) for the load plot
+    # filled in by the loop: the MFU denominator and FLOPs per token, the last step's expert load and MaxVio,
+    # and the tokens and clock since the last log line (tokens/s)
+    peak: float = 0.0
+    fpt: float = 0.0
+    last_load: "torch.Tensor | None" = None
+    last_vio: "torch.Tensor | None" = None
+    tokens_since_log: int = 0
+    t_log: float = 0.0
+
+
+def build_model(cfg: TrainConfig, device: str):
+    """Data and model: fresh from --preset/--model, or the weights, architecture and tokenizer of --init_from.
+    Returns (tok, train_data, val_data, description, args, model)."""
+    if cfg.init_from:
+        model, tok = model_from_checkpoint(read_checkpoint(cfg.init_from, hint="python train.py"), device)
+        if cfg.block_size > model.args.max_seq_len:
+            raise SystemExit(f"--block_size={cfg.block_size} exceeds the max_seq_len={model.args.max_seq_len} of "
+                             f"{cfg.init_from}; use --block_size={model.args.max_seq_len} or less")
+        tok, train_data, val_data, desc = load_data(cfg, tok, max_len=cfg.block_size)
+        return tok, train_data, val_data, desc, model.args, model
+    tok, train_data, val_data, desc = load_data(cfg)
+    args = model_args_from(cfg, tok.n_vocab)
+    return tok, train_data, val_data, desc, args, Transformer(args).to(device)
+
+
+def resume_state(run: Run, ckpt_path: Path) -> None:
+    """Load model, optimizer, step, RNG states and metrics from out_dir/ckpt.pt: the run continues exactly as
+    if it had never stopped (tested bit for bit)."""
+    ckpt = read_checkpoint(ckpt_path, hint="python train.py")
+    if ckpt["model_args"] != run.args.to_dict():
+        diff = {k: (ckpt["model_args"].get(k), v) for k, v in run.args.to_dict().items()
+                if ckpt["model_args"].get(k) != v}
+        raise CheckpointError(f"cannot resume: model arguments differ (checkpoint, now): {diff}")
+    run.raw.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.step, run.elapsed, run.metrics = ckpt["step"], ckpt["elapsed"], ckpt.get("metrics", [])
+    run.gen.set_state(ckpt["rng"]["data"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+
+
+def setup(cfg: TrainConfig, ddp: Dist, device: str) -> Run:
+    """Seeds, data, model, optimizer, resume; prints what was built. Returns the Run the loop trains."""
+    out_dir = Path(cfg.out_dir)
+    if ddp.master:
         print_config(cfg, "train config")
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + ddp.rank)
@@ -464,39 +586,19 @@ def main(argv=None) -> dict:
     np.random.seed(cfg.seed)
     if device == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-    # ---- data and model (fresh, or the weights, architecture and tokenizer of --init_from) ----
-    if cfg.init_from:
-        model, tok = model_from_checkpoint(read_checkpoint(cfg.init_from, hint="python train.py"), device)
-        args = model.args
-        if cfg.block_size > args.max_seq_len:
-            raise SystemExit(f"--block_size={cfg.block_size} exceeds the max_seq_len={args.max_seq_len} of "
-                             f"{cfg.init_from}; use --block_size={args.max_seq_len} or less")
-        tok, train_data, val_data, desc = load_data(cfg, tok, max_len=cfg.block_size)
-    else:
-        tok, train_data, val_data, desc = load_data(cfg)
-        args = model_args_from(cfg, tok.n_vocab)
-        model = Transformer(args).to(device)
-    kind = "sft" if cfg.sft else "pretrain"
-    optimizer = make_optimizer(model, cfg, device)
-    gen = torch.Generator().manual_seed(cfg.seed + ddp.rank)     # each rank draws its own batches (sharding)
-    step, elapsed_before, metrics, load_history = 0, 0.0, [], []
-    ckpt_path = out_dir / "ckpt.pt"
+    tok, train_data, val_data, desc, args, raw = build_model(cfg, device)
+    model = torch.compile(raw) if cfg.compile else raw
+    if ddp.enabled:
+        # MoE: an expert that got no token this step has no gradient, so DDP must allow unused parameters.
+        model = DDP(model, device_ids=[ddp.local_rank] if device.startswith("cuda") else None,
+                    find_unused_parameters=True)
+    run = Run(cfg, ddp, device, out_dir, tok, args, raw, model, make_optimizer(raw, cfg, device), train_data,
+              val_data, torch.Generator().manual_seed(cfg.seed + ddp.rank),   # each rank draws its own batches
+              autocast_context(cfg.dtype, device), "sft" if cfg.sft else "pretrain",
+              MetricsLog(out_dir, cfg.log_to, asdict(cfg), append=cfg.resume) if ddp.master else None)
     if cfg.resume:
-        ckpt = read_checkpoint(ckpt_path, hint="python train.py")
-        if ckpt["model_args"] != args.to_dict():
-            diff = {k: (ckpt["model_args"].get(k), v) for k, v in args.to_dict().items()
-                    if ckpt["model_args"].get(k) != v}
-            raise CheckpointError(f"cannot resume: model arguments differ (checkpoint, now): {diff}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, elapsed_before = ckpt["step"], ckpt["elapsed"]
-        gen.set_state(ckpt["rng"]["data"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        metrics = ckpt.get("metrics", [])
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}")
-    if master:
+        resume_state(run, out_dir / "ckpt.pt")
+    if ddp.master:
         c = count_params(args)
         sizes = "" if cfg.sft else f"; {len(train_data):,} train / {len(val_data):,} val tokens"
         print(f"data: {desc}; tokenizer {tok.name} ({tok.n_vocab} tokens){sizes}")
@@ -505,119 +607,157 @@ def main(argv=None) -> dict:
         name = f"from {cfg.init_from}" if cfg.init_from else cfg.preset
         print(f"model: {name}, {c['total'] / 1e6:.2f}M parameters ({c['activated'] / 1e6:.2f}M activated per "
               f"token) + {c['mtp'] / 1e6:.2f}M MTP; device {device}" + (f" x {ddp.world_size} ranks" if ddp.enabled else ""))
-    raw = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp.enabled:
-        # MoE: an expert that got no token this step has no gradient, so DDP must allow unused parameters.
-        model = DDP(model, device_ids=[ddp.local_rank] if device.startswith("cuda") else None,
-                    find_unused_parameters=True)
-    use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
-    peak, peak_desc = peak_flops(device)
-    fpt = flops_per_token(args, cfg.block_size)
-    if master:
-        print(f"MFU peak: {peak_desc}; {fpt / 1e6:.1f} MFLOPs per token")
+        if cfg.resume:
+            print(f"resumed from {out_dir / 'ckpt.pt'} at step {run.step}")
+    return run
 
-    # ---- Ctrl-C / SIGTERM: finish the step, write a checkpoint, exit ----
-    stop = {"signal": None}
-    def on_signal(signum, frame):
-        """Remember the signal; the loop finishes its step, writes a checkpoint and exits."""
-        stop["signal"] = signum
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def checkpoint(final_metrics=None):
-        """Write out_dir/ckpt.pt atomically (rank 0 only) with everything --resume needs."""
-        if not master:
-            return
-        save_checkpoint(ckpt_path, {
-            "model": raw.state_dict(), "model_args": args.to_dict(), "tokenizer": tok.to_dict(),
-            "config": asdict(cfg), "kind": kind, "step": step, "elapsed": elapsed,
-            "optimizer": optimizer.state_dict(), "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()},
-            "metrics": metrics, **({"final": final_metrics} if final_metrics else {})})
+def save(run: Run, final: "dict | None" = None) -> None:
+    """Write out_dir/ckpt.pt atomically (rank 0 only) with everything --resume needs."""
+    if not run.ddp.master:
+        return
+    save_checkpoint(run.out_dir / "ckpt.pt", {
+        "model": run.raw.state_dict(), "model_args": run.args.to_dict(), "tokenizer": run.tok.to_dict(),
+        "config": asdict(run.cfg), "kind": run.kind, "step": run.step, "elapsed": run.elapsed,
+        "optimizer": run.optimizer.state_dict(), "rng": {"data": run.gen.get_state(), "torch": torch.get_rng_state()},
+        "metrics": run.metrics, **({"final": final} if final else {})})
 
-    t_start = time.perf_counter()
-    elapsed = elapsed_before
-    t_log, tokens_since_log = time.perf_counter(), 0
-    model.train()
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The training loop
+# ----------------------------------------------------------------------------------------------------
+
+def train_step(run: Run, lr: float) -> tuple[torch.Tensor, float]:
+    """One optimizer step: forward/backward over grad_accum micro-batches, clip, AdamW, then the
+    auxiliary-loss-free router-bias update from the step's expert loads (V3 §2.1.2).
+    Returns (loss, grad_norm); the step's expert load and MaxVio are left in run.last_load / run.last_vio."""
+    cfg, model = run.cfg, run.model
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    for micro in range(cfg.grad_accum):
+        x, y = get_batch(run.train_data, cfg, run.gen, run.device)
+        run.tokens_since_log += x.numel() * run.ddp.world_size          # SFT batches vary in length
+        sync = not run.ddp.enabled or micro == cfg.grad_accum - 1        # DDP: all-reduce on the last only
+        with run.ctx, (contextlib.nullcontext() if sync else model.no_sync()):
+            _, loss = model(x, y)
+        (loss / cfg.grad_accum).backward()
+    if not math.isfinite(loss.item()):
+        print(f"step {run.step}: loss is {loss.item()}; stopping. The last good checkpoint "
+              f"({run.out_dir / 'ckpt.pt'}) is untouched. Try a lower --lr or --grad_clip.", file=sys.stderr)
+        raise SystemExit(2)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    # aux-loss-free balancing: every rank must apply the same bias step, so sum the loads first
+    run.last_load = run.raw.expert_load()                        # (moe layers, E) tokens this step
+    if run.ddp.enabled:
+        dist.all_reduce(run.last_load)
+    run.last_vio = run.raw.update_bias(run.last_load)            # MaxVio per layer of this step's load
+    return loss, float(grad_norm) if grad_norm is not None else float("nan")
+
+
+def log_step(run: Run, loss: torch.Tensor, grad_norm: float, lr: float, progress_frac: float) -> None:
+    """The log line of a step: loss parts, lr, tokens/s, MFU, MaxVio, progress and ETA."""
+    dt = time.perf_counter() - run.t_log
+    tps = run.tokens_since_log / dt
+    mfu = tps * run.fpt / (run.peak * run.ddp.world_size) if run.peak else float("nan")
+    parts = run.raw.loss_parts
+    row = {"step": run.step, "loss": loss.item(), "ce": parts["ce"], "mtp": parts["mtp"], "balance": parts["balance"],
+           "lr": lr, "grad_norm": grad_norm, "tok_per_s": tps, "mfu": mfu, "max_vio": run.last_vio.mean().item(),
+           "elapsed": run.elapsed}
+    run.metrics.append(row)
+    run.log.log(row)
+    run.load_history.append((run.step, run.last_load.cpu()))
+    print(f"{progress(run.step, run.cfg.max_iters, run.elapsed, progress_frac)} | loss {row['loss']:.4f} "
+          f"(ce {parts['ce']:.4f} mtp {parts['mtp']:.4f} bal {parts['balance']:.2e}) | lr {lr:.2e} | "
+          f"{tps:,.0f} tok/s | MFU {100 * mfu:.2f}% | MaxVio {row['max_vio']:.2f}", flush=True)
+    run.t_log, run.tokens_since_log = time.perf_counter(), 0
+
+
+def evaluate_and_save(run: Run) -> None:
+    """Estimate train/val loss, log it and write a checkpoint (every eval_interval steps)."""
+    losses = estimate_loss(run.raw, run.train_data, run.val_data, run.cfg, run.device, run.ctx)
+    if run.ddp.master:
+        row = {"step": run.step, "train_loss": losses["train"], "val_loss": losses["val"]}
+        run.metrics.append(row)
+        run.log.log(row)
+        print(f"step {run.step:5d} | eval: train CE {losses['train']:.4f}, val CE {losses['val']:.4f}")
+        save(run)
+
+
+def train_loop(run: Run, stop: GracefulStop) -> None:
+    """Train until the step (or seconds) budget is spent or a signal arrives; the schedule, warmup then cosine,
+    is fitted to whichever budget ends first."""
+    cfg = run.cfg
+    run.peak, peak_desc = peak_flops(run.device)
+    run.fpt = flops_per_token(run.args, cfg.block_size)
+    if run.ddp.master:
+        print(f"MFU peak: {peak_desc}; {run.fpt / 1e6:.1f} MFLOPs per token")
+    t_start, elapsed_before = time.perf_counter(), run.elapsed
+    run.t_log, run.tokens_since_log = time.perf_counter(), 0
+    run.model.train()
     while True:
-        elapsed = elapsed_before + time.perf_counter() - t_start
-        progress = max(step / cfg.max_iters, elapsed / cfg.max_seconds if cfg.max_seconds > 0 else 0.0)
-        if progress >= 1.0 or stop["signal"] is not None:
+        run.elapsed = elapsed_before + time.perf_counter() - t_start
+        budget_used = max(run.step / cfg.max_iters, run.elapsed / cfg.max_seconds if cfg.max_seconds else 0.0)
+        if budget_used >= 1.0 or stop.requested:
             break
-        lr = lr_at(progress, step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = lr_at(budget_used, run.step, cfg)
+        loss, grad_norm = train_step(run, lr)
+        run.step += 1
+        if run.ddp.master and (run.step % cfg.log_interval == 0 or run.step == 1):
+            run.elapsed = elapsed_before + time.perf_counter() - t_start
+            log_step(run, loss, grad_norm, lr, max(run.step / cfg.max_iters,
+                                                  run.elapsed / cfg.max_seconds if cfg.max_seconds else 0.0))
+        if run.step % cfg.eval_interval == 0:
+            evaluate_and_save(run)
 
-        # ---- forward / backward over grad_accum micro-batches ----
-        for micro in range(cfg.grad_accum):
-            x, y = get_batch(train_data, cfg, gen, device)
-            tokens_since_log += x.numel() * ddp.world_size            # SFT batches vary in length
-            sync = not ddp.enabled or micro == cfg.grad_accum - 1
-            with ctx, (contextlib.nullcontext() if sync else model.no_sync()):
-                _, loss = model(x, y)
-            (loss / cfg.grad_accum).backward()
-        parts = raw.loss_parts
-        if not math.isfinite(loss.item()):
-            print(f"step {step}: loss is {loss.item()}; stopping. The last good checkpoint ({ckpt_path}) is "
-                  "untouched. Try a lower --lr or --grad_clip.", file=sys.stderr)
-            raise SystemExit(2)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-        # ---- aux-loss-free balancing: every rank must apply the same bias step, so sum the loads first ----
-        load = raw.expert_load()                                   # (moe layers, E) tokens this step
-        if ddp.enabled:
-            dist.all_reduce(load)
-        vio = raw.update_bias(load)                                # MaxVio per layer of this step's load
-        step += 1
-
-        if master and (step % cfg.log_interval == 0 or step == 1):
-            dt = time.perf_counter() - t_log
-            tps = tokens_since_log / dt
-            mfu = tps * fpt / (peak * ddp.world_size) if peak else float("nan")
-            row = {"step": step, "loss": loss.item(), "ce": parts["ce"], "mtp": parts["mtp"],
-                   "balance": parts["balance"], "lr": lr, "grad_norm": float(grad_norm), "tok_per_s": tps,
-                   "mfu": mfu, "max_vio": vio.mean().item(), "elapsed": elapsed}
-            metrics.append(row)
-            load_history.append((step, load.cpu()))
-            print(f"step {step:5d} | loss {row['loss']:.4f} (ce {parts['ce']:.4f} mtp {parts['mtp']:.4f} "
-                  f"bal {parts['balance']:.2e}) | lr {lr:.2e} | {tps:,.0f} tok/s | MFU {100 * mfu:.2f}% | "
-                  f"MaxVio {row['max_vio']:.2f} | {elapsed:.0f}s")
-            t_log, tokens_since_log = time.perf_counter(), 0
-        if step % cfg.eval_interval == 0:
-            losses = estimate_loss(raw, train_data, val_data, cfg, device, ctx)
-            if master:
-                metrics.append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
-                print(f"step {step:5d} | eval: train CE {losses['train']:.4f}, val CE {losses['val']:.4f}")
-                checkpoint()
-
-    # ---- the end: final eval, checkpoint, plots ----
-    for s, h in old_handlers.items():
-        signal.signal(s, h)
-    losses = estimate_loss(raw, train_data, val_data, cfg, device, ctx)
-    summary = {"step": step, "seconds": round(elapsed, 1), "train_loss": losses["train"],
-               "val_loss": losses["val"], "interrupted": stop["signal"] is not None}
-    if master:
-        metrics.append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
-        print(f"done: {step} steps in {elapsed:.0f}s; train CE {losses['train']:.4f}, val CE {losses['val']:.4f}")
-        if not cfg.data and stop["signal"] is None and cfg.n_eval > 0:
-            eval_path = out_dir / f"eval_{kind}.jsonl"
-            acc = heldout_accuracy(raw, tok, corpus_task(cfg), cfg.n_eval, eval_path)
-            summary["heldout_accuracy"] = acc
-            print(f"greedy accuracy on {cfg.n_eval} held-out problems: {100 * acc:.1f}% (records in {eval_path})")
-        checkpoint(summary)
-        with open(out_dir / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in metrics)
-        plots = plot_run(metrics, load_history, out_dir)
-        print(f"wrote {ckpt_path}, {out_dir / 'metrics.jsonl'}, " + ", ".join(str(p) for p in plots))
-        if stop["signal"] is not None:
-            print("interrupted: resume with `python train.py --resume` (same flags)")
-        else:
-            print(f"next: python grpo.py --init_from={ckpt_path}   |   python sample.py --out_dir={out_dir}")
-    cleanup_distributed(ddp)
+def finish(run: Run, stop: GracefulStop) -> dict:
+    """Final loss estimate, held-out accuracy (built-in corpus), checkpoint, metrics and plots."""
+    cfg = run.cfg
+    losses = estimate_loss(run.raw, run.train_data, run.val_data, cfg, run.device, run.ctx)
+    summary = {"step": run.step, "seconds": round(run.elapsed, 1), "train_loss": losses["train"],
+               "val_loss": losses["val"], "interrupted": stop.requested}
+    if not run.ddp.master:
+        return summary
+    row = {"step": run.step, "train_loss": losses["train"], "val_loss": losses["val"]}
+    run.metrics.append(row)
+    run.log.log(row)
+    print(f"done: {run.step} steps in {format_seconds(run.elapsed)}; train CE {losses['train']:.4f}, "
+          f"val CE {losses['val']:.4f}")
+    if not cfg.data and not stop.requested and cfg.n_eval > 0:
+        eval_path = run.out_dir / f"eval_{run.kind}.jsonl"
+        with run.ctx:
+            summary["heldout_accuracy"] = heldout_accuracy(run.raw, run.tok, corpus_task(cfg), cfg.n_eval, eval_path)
+        print(f"greedy accuracy on {cfg.n_eval} held-out problems: {100 * summary['heldout_accuracy']:.1f}% "
+              f"(records in {eval_path})")
+    save(run, summary)
+    run.log.close()
+    plots = plot_run(run.metrics, run.load_history, run.out_dir)
+    print(f"wrote {run.out_dir / 'ckpt.pt'}, {run.log.path}, " + ", ".join(str(p) for p in plots))
+    if stop.requested:
+        print(f"interrupted at step {run.step}/{cfg.max_iters}: resume with the same command plus --resume, e.g. "
+              f"`python train.py --out_dir={cfg.out_dir} --resume` (and your other flags)")
+    else:
+        print(f"next: python grpo.py --init_from={run.out_dir / 'ckpt.pt'}   |   "
+              f"python sample.py --out_dir={run.out_dir}")
     return summary
+
+
+def main(argv=None) -> dict:
+    """`python train.py [--flag=value ...]`: pretraining (or SFT) as configured; returns a summary dict."""
+    cfg = parse_config(TrainConfig, argv, description="Pretrain a DeepSeek-V3-style model (tinyseek).")
+    ddp, device = setup_distributed(pick_device(cfg.device))
+    finished = False
+    try:
+        run = setup(cfg, ddp, device)
+        with GracefulStop() as stop:          # Ctrl-C / SIGTERM: finish the step, checkpoint, exit
+            train_loop(run, stop)
+        summary = finish(run, stop)
+        finished = True
+        return summary
+    finally:
+        cleanup_distributed(ddp, wait=finished)
 
 
 if __name__ == "__main__":

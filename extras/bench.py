@@ -272,7 +272,7 @@ def grpo_configs(cfg: BenchConfig, init_from: str = "") -> dict[int, grpo.GRPOCo
     """Row 7's GRPO settings for G = 4, 8, 16, differing only in group_size."""
     b = budget(cfg)
     base = grpo.GRPOConfig(init_from=init_from, out_dir="", prompts_per_step=b.grpo_prompts,
-                           max_new_tokens=b.new_tokens, max_steps=b.grpo_steps, n_eval=0, device=cfg.device,
+                           max_new_tokens=b.new_tokens, max_iters=b.grpo_steps, n_eval=0, device=cfg.device,
                            seed=cfg.seed)
     return {g: replace(base, group_size=g) for g in (4, 8, 16)}
 
@@ -708,7 +708,7 @@ def compare_grpo(bench: Bench) -> list[dict]:
     for g, gcfg in confs.items():
         model, tok, _ = load_model(gcfg.init_from, bench.device)               # the same start for every G
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-        optimizer = grpo.make_optimizer(model, gcfg)
+        optimizer = grpo.make_rl_optimizer(model, gcfg)
         task, rng = grpo.make_task(gcfg), random.Random(gcfg.seed)           # the same questions for every G
         generator = torch.Generator(device=bench.device).manual_seed(gcfg.seed)
         reward_fn = functools.partial(tasks.reward, w_acc=gcfg.w_acc, w_fmt=gcfg.w_fmt)
@@ -717,7 +717,7 @@ def compare_grpo(bench: Bench) -> list[dict]:
             """n questions from the task's train split, from this G's own copy of the seeded stream."""
             return [task.sample(rng, split="train") for _ in range(n)]
         steps = [grpo.grpo_step(model, ref, optimizer, tok, draw_problems, reward_fn, gcfg, generator=generator,
-                                lr=grpo.lr_at(s, gcfg)) for s in range(gcfg.max_steps)]
+                                lr=grpo.rl_lr_at(s, gcfg)) for s in range(gcfg.max_iters)]
         timed = steps[1:] or steps                                            # the first step warms up
         per_g[g] = {k: statistics.mean(s[k] for s in timed) for k in ("sample_s", "update_s", "length", "accuracy")}
         print(f"  G={g}: sampling {per_g[g]['sample_s']:.2f} s + update {per_g[g]['update_s']:.2f} s per step",

@@ -46,13 +46,14 @@ worked solutions. R1's reward models for helpfulness and harmlessness, its non-r
 the language-consistency reward have no counterpart in a one-task toy.
 """
 
+import json
 import random
 import re
 import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,7 +61,7 @@ import torch
 import grpo
 import tasks
 import train
-from checkpoint import CheckpointError, load_model, write_jsonl
+from checkpoint import CheckpointError, load_model, read_checkpoint, write_jsonl
 from cli import parse_config, pick_device, print_config
 from sample import evaluate
 
@@ -219,7 +220,19 @@ def rejection_sample(model, tok, problems: list, k: int, max_new_tokens: int = 6
 
 
 def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict:
-    """Load a checkpoint, rejection-sample cfg.n_prompts x cfg.k, write the kept rows to `out`."""
+    """Load a checkpoint, rejection-sample cfg.n_prompts x cfg.k, write the kept rows to `out` and the stats
+    (with the settings and the checkpoint's identity) to out.stats.json. When that stats file already matches
+    (same settings, same checkpoint file, data present) the sampling is not repeated: an interrupted recipe
+    continues after it."""
+    settings = {"init_from": str(init_from), "ckpt_mtime_ns": init_from.stat().st_mtime_ns if init_from.exists()
+                else None, "k": cfg.k, "n_prompts": cfg.n_prompts, "max_new_tokens": cfg.max_new_tokens,
+                "temperature": cfg.temperature, "seed": seed, "ops": cfg.ops, "max_digits": cfg.max_digits}
+    stats_path = out.with_name(out.name + ".stats.json")
+    if out.is_file() and stats_path.is_file():
+        done = json.loads(stats_path.read_text())
+        if done.get("settings") == settings:
+            print(f"skipped: {out} already holds this rejection sampling ({done['stats']['kept']} rows)")
+            return done["stats"]
     model, tok, _ = load_model(init_from, pick_device(cfg.device), hint="python grpo.py")
     problems = training_prompts(task_of(cfg), cfg.n_prompts, seed)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -227,6 +240,7 @@ def reject_to_file(cfg: R1Config, init_from: Path, out: Path, seed: int) -> dict
     rows, stats = rejection_sample(model, tok, problems, cfg.k, cfg.max_new_tokens, cfg.temperature, generator=gen)
     stats["seconds"] = time.perf_counter() - t0
     write_jsonl(out, rows)
+    write_jsonl(stats_path, [{"settings": settings, "stats": stats}])     # one JSON object, written atomically
     print(f"rejection sampling from {init_from}: {stats['samples']} samples ({stats['prompts']} prompts x {cfg.k}, "
           f"temperature {cfg.temperature:g}), kept {stats['kept']} = yield {100 * stats['yield']:.1f}%; "
           f"{stats['covered']} prompts ({100 * stats['covered'] / stats['prompts']:.1f}%) have at least one; "
@@ -255,6 +269,27 @@ def slug(name: str) -> str:
     return "_".join(re.findall(r"[a-z0-9]+", name.lower()))
 
 
+def stage_state(ckpt: Path, script: str, argv: list[str]) -> tuple[str, "float | None"]:
+    """What an earlier run left at `ckpt` for this stage: ("done", seconds) when it holds the finished run of
+    `script` with exactly these flags, ("interrupted", seconds so far) when it holds the same run stopped early
+    (continue with --resume), ("new", None) otherwise (missing, unreadable, or other flags: run it afresh)."""
+    if not ckpt.is_file():
+        return "new", None
+    try:
+        ck = read_checkpoint(ckpt)
+    except CheckpointError:
+        return "new", None
+    if script == "train.py":
+        want, got = asdict(parse_config(train.TrainConfig, argv)), ck.get("config", {})
+        finished = "final" in ck and not ck["final"].get("interrupted")
+    else:
+        want, got = asdict(parse_config(grpo.GRPOConfig, argv)), ck.get("grpo_config", {})
+        finished = ck.get("step") == want["max_iters"]
+    if {k: v for k, v in got.items() if k != "resume"} != {k: v for k, v in want.items() if k != "resume"}:
+        return "new", None
+    return ("done" if finished else "interrupted"), ck.get("elapsed")
+
+
 class Pipeline:
     """Runs stages in order, prints each one's command, accuracy and example, and keeps a results list."""
 
@@ -264,23 +299,25 @@ class Pipeline:
 
     def stage(self, name: str, script: str, argv: list[str], ckpt: "Path | None" = None, run: bool = True) -> dict:
         """Run `script` (train.py / grpo.py) with argv unless run=False (an existing checkpoint), evaluate
-        the checkpoint it wrote, print and record the result."""
+        the checkpoint it wrote, print and record the result. A stage whose checkpoint already holds this
+        finished run is skipped; one that was interrupted continues with --resume (stage_state)."""
         print(f"\n==== stage: {name} ====")
-        print("$ python " + " ".join(shlex.quote(a) for a in [script, *argv]))
-        t0 = time.perf_counter()
-        if run:
-            if script == "train.py":
-                train.main(argv)
-            else:
-                grpo.train(parse_config(grpo.GRPOConfig, argv))
-        seconds = time.perf_counter() - t0
         ckpt = ckpt or Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))) / "ckpt.pt"
+        state, seconds = stage_state(ckpt, script, argv) if run else ("given", None)
+        if state == "done":
+            print(f"skipped: {ckpt} already holds this finished stage (delete it to run the stage again)")
+        elif state != "given":
+            argv = [*argv, "--resume"] if state == "interrupted" else argv
+            print("$ python " + " ".join(shlex.quote(a) for a in [script, *argv]))
+            t0 = time.perf_counter()
+            (train.main if script == "train.py" else grpo.main)(argv)
+            seconds = (seconds or 0.0) + time.perf_counter() - t0
         res = {"stage": name, "command": f"python {script} " + " ".join(argv), "checkpoint": str(ckpt),
-               "seconds": round(seconds, 1) if run else None,
+               "seconds": None if seconds is None else round(seconds, 1),
                **evaluate_stage(ckpt, self.cfg, self.out_dir / f"eval_{slug(name)}.jsonl")}
         ex = res["example"]
         print(f"---- {name}: held-out accuracy {100 * res['accuracy']:.1f}% (format {100 * res['format']:.1f}%, "
-              f"{res['n']} problems, greedy)" + (f"; stage took {seconds:.0f}s" if run else ""))
+              f"{res['n']} problems, greedy)" + (f"; stage took {seconds:.0f}s" if seconds else ""))
         print(f"     example: {ex['question']} -> {ex['completion']!r} "
               f"({'right' if ex['correct'] else 'wrong, expected ' + ex['answer']})")
         self.results.append(res)
@@ -307,7 +344,7 @@ def sft_argv(cfg: R1Config, data: Path, init_from: Path, out_dir: Path, steps: i
 
 def rl_argv(cfg: R1Config, init_from: Path, out_dir: Path) -> list[str]:
     """grpo.py flags for one RL stage (grpo.py's defaults otherwise)."""
-    return [f"--init_from={init_from}", f"--out_dir={out_dir}", f"--max_steps={cfg.rl_steps}", "--max_seconds=0",
+    return [f"--init_from={init_from}", f"--out_dir={out_dir}", f"--max_iters={cfg.rl_steps}", "--max_seconds=0",
             f"--lr={cfg.rl_lr}", "--n_eval=0", f"--ops={cfg.ops}", f"--digits_max={cfg.max_digits}",
             f"--max_new_tokens={cfg.max_new_tokens}", f"--seed={cfg.seed}", f"--device={cfg.device}"]
 
@@ -345,7 +382,7 @@ def recipe(cfg: R1Config) -> list[dict]:
     rs = out / "rejection.jsonl"
     print(f"$ python -m extras.r1 reject --init_from={out / 'rl' / 'ckpt.pt'} --out={rs} --k={cfg.k} "
           f"--n_prompts={cfg.n_prompts}")
-    stats = reject_to_file(cfg, out / "rl" / "ckpt.pt", rs, cfg.seed)
+    stats = reject_to_file(cfg, out / "rl" / "ckpt.pt", rs, cfg.seed)   # skipped when already done (stats file)
     pipe.note("rejection sampling", stats)
     pipe.stage("rejection SFT", "train.py", sft_argv(cfg, rs, base, out / "rejection_sft", cfg.sft_steps))
     if cfg.final_rl:

@@ -29,7 +29,7 @@ from grpo import (
     grpo_step,
     kl_unbiased,
     main,
-    make_optimizer,
+    make_rl_optimizer,
     sample_groups,
     token_logprobs,
 )
@@ -312,7 +312,7 @@ def toy_setup(**cfg_overrides):
     tok = get_tokenizer("char")
     model = Transformer(tiny_args(tok.n_vocab))
     cfg = GRPOConfig(**{"group_size": 8, "prompts_per_step": 8, "max_new_tokens": 2, "lr": 1e-2, "beta": 0.0,
-                        "warmup_steps": 0, "lr_decay": False, "mask_truncated": False, **cfg_overrides})
+                        "warmup_iters": 0, "lr_decay": False, "mask_truncated": False, **cfg_overrides})
 
     def problems(n):
         return [tasks.Problem("hi", "", "toy") for _ in range(n)]
@@ -322,7 +322,7 @@ def toy_setup(**cfg_overrides):
 
 def test_short_grpo_run_increases_reward():
     model, tok, cfg, problems = toy_setup()
-    opt = make_optimizer(model, cfg)
+    opt = make_rl_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(0)
     rewards = []
     for _ in range(30):
@@ -346,7 +346,7 @@ def test_step_with_kl_mu_dynamic_sampling_and_router_bias():
         return update_bias(load)
 
     model.update_bias = recording_update_bias
-    opt = make_optimizer(model, cfg)
+    opt = make_rl_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):
         stats = grpo_step(model, ref, opt, tok, problems, first_char_is_ascii, cfg, generator=gen)
@@ -437,7 +437,7 @@ def test_eval_only_writes_spec_jsonl(tmp_path):
 def test_short_training_run_end_to_end(tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt.pt")
     out = tmp_path / "run"
-    proc = run_script(f"--init_from={ckpt}", f"--out_dir={out}", "--max_steps=2", "--eval_every=1",
+    proc = run_script(f"--init_from={ckpt}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=1",
                       "--n_eval=4", "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=6",
                       "--device=cpu", "--beta=0.04", "--mu=2")
     assert proc.returncode == 0, proc.stderr
@@ -461,7 +461,7 @@ def test_torchrun_two_ranks(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           str(REPO / "grpo.py"), f"--init_from={ckpt}", f"--out_dir={out}", "--max_steps=2",
+                           str(REPO / "grpo.py"), f"--init_from={ckpt}", f"--out_dir={out}", "--max_iters=2",
                            "--n_eval=4", "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=6",
                            "--device=cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
                           check=False)
