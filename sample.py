@@ -705,11 +705,14 @@ def chat(cfg: SampleConfig) -> int:
           f"{chat_settings(cfg)}\n{CHAT_HELP}", flush=True)
     while True:
         try:
-            try:
-                line = input("> ")
-            except EOFError:                               # end of input: Ctrl-D, or the end of a piped file
-                print("\nbye")
-                return 0
+            line = input("> ")
+        except EOFError:                                   # end of input: Ctrl-D, or the end of a piped file
+            print("\nbye")
+            return 0
+        except KeyboardInterrupt:                          # Ctrl-C at the prompt: say how to leave
+            print("\n(/quit or Ctrl-D leaves)", flush=True)
+            continue
+        try:
             if line.startswith("/"):
                 result = chat_command(line, cfg, model)
                 if result is None:
@@ -719,7 +722,7 @@ def chat(cfg: SampleConfig) -> int:
                 print(message, flush=True)
             elif line.strip():
                 chat_answer(model, tok, line.strip() if cfg.template == "r1" else line, cfg, gen)
-        except KeyboardInterrupt:                          # Ctrl-C: drop this answer (or line), keep chatting
+        except KeyboardInterrupt:                          # Ctrl-C during an answer: drop it, keep chatting
             print("\n[stopped]", flush=True)
         except ValueError as e:                            # e.g. max_new_tokens leaves no room for the prompt
             print(f"error: {e}", flush=True)
