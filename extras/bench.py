@@ -1,51 +1,26 @@
 """
 tinyseek/extras/bench.py -- DeepSeek-V3's claims, measured side by side on your own machine.
 
-    python -m extras.bench                          # full run (~15-20 min on 2 CPU cores): docs/bench/results.md + plots
-    python -m extras.bench --quick                  # every row with tiny budgets (~3 min): a smoke test, not a result
+    python -m extras.bench                          # full run: docs/bench/results.md (with its run time) + plots
+    python -m extras.bench --quick                  # every row with tiny budgets (~7 min): a smoke test, not a result
     python -m extras.bench --only=1,3               # a subset of the comparisons
     python -m extras.bench --only=6 --device=cuda   # the GPU row: `small`, bf16 autocast, torch.compile
 
-The DeepSeek reports say each of their ideas pays off at their scale. This script asks whether it does at
-ours. Every comparison runs both sides in this one process, on the same data, with the same seed, and the
-sides differ in exactly the thing compared: `arm_configs()`, `decode_configs()` and `grpo_configs()` build
-every arm from one base, and `check_arms()` refuses to run a pair that differs in anything else (the tests
-check the same). The rows:
+Each row is one short function that measures both arms of a comparison in this process, on the same
+weights, data and seed, and returns its numbers as a dict. The arms differ in exactly the thing compared:
+`arm_configs()`, `decode_configs()` and `grpo_configs()` build them from one base and `check_arms()` refuses
+a pair that differs in anything else. Timed arms run interleaved (A, B, A, B, ...) and report medians.
+The text of results.md -- what each row compares and how to read it -- is docs/bench/template.md, filled
+from the numbers with str.format. Rows: 1a/1b MLA cache size and absorbed-vs-naive decoding, 2a/2b MoE vs
+dense (built-in data, a text file), 3 load balancing, 4a/4b MTP loss and MTP speculative decoding, 5a/5b FP8
+vs BF16 and accumulation precision, 6a/6b training efficiency (CPU, GPU), 7 GRPO step time, 8a/8b against
+transformers' DeepseekV3ForCausalLM.
 
-  1. MLA vs MHA. (a) KV-cache bytes per token and layer, read off the allocated cache tensors: the latent
-     cache (absorbed MLA) against the naive path's per-head keys and values, which is what a multi-head
-     attention with the same heads caches (plus the V2 formula 2 n_h d_h). (b) Greedy decoding tokens/s after
-     a ~1000-token prompt, absorbed vs naive, same weights.
-  2. MoE vs dense at equal activated parameters and equal wall-clock: the `tiny` MoE against a model whose
-     every layer is a dense SwiGLU, its width solved so both activate the same number of parameters per
-     token; both train for the same number of seconds. Val loss reached and tokens/s (moe_vs_dense.png).
-  3. Load balancing: the auxiliary-loss-free bias (V3) vs a classic auxiliary loss vs nothing, at equal
-     steps: expert-load imbalance MaxVio at the end and val loss (balancing.png).
-  4. Multi-Token Prediction: (a) val loss of the main next-token head trained with and without an MTP
-     module, equal steps (mtp.png); (b) the MTP module as a draft model: acceptance rate and speed-up of
-     self-speculative greedy decoding, which must give exactly the plain greedy text.
-  5. FP8 simulation vs fp32: relative val-loss gap after the same number of steps (V3 reports < 0.25% against
-     BF16 at scale) and how much the simulation slows a step (fp8.png).
-  6. Training efficiency: tokens/s and MFU of `tiny` against a matmul peak measured on this machine; on a
-     CUDA GPU, `small` with bf16 autocast and torch.compile against the GPU's spec peak, plus peak memory.
-  7. GRPO: seconds per RL step split into sampling and update, for G = 4, 8, 16 (grpo_time.png).
-  8. tinyseek vs transformers' `DeepseekV3ForCausalLM` with the same weights (exported by extras/hf.py, so both
-     compute the same function): a training step (forward + backward, same batch) and greedy decoding with
-     each one's KV cache. When tinyseek is slower, torch.profiler's top operators of both sides say where
-     the time goes. Skipped, with the reason, when transformers is not installed.
-
-How to read the ratios. Absolute times on a shared machine are noise; a ratio of two arms measured back to
-back is steadier, and timings take the best of several interleaved repeats (other programs only ever slow
-a run down). Still, ratios within 5% of 1 are read as "no clear difference". The training comparisons
-(rows 2-5) cannot interleave their arms, since each is one call of train.main, so they run one after the
-other: a neighbour's job that starts halfway penalises one arm only, and the equal-wall-clock row 2 carries
-the most of that noise. The `--quick` budgets only prove that every row runs; read the full run's table.
-
-Outputs in --out_dir (default docs/bench/ in the repository): results.md (the table with date, machine and command),
-results.json (every number), the plots, profile_*.txt (row 8), and runs/ with each training arm's train.py
-outputs (checkpoint, metrics.jsonl, train.log).
+Outputs in --out_dir (default docs/bench/): results.md, results.json (every number), the plots, profile_*.txt
+(row 8, when tinyseek is the slower side) and runs/ (each training arm's train.py outputs, the text corpus).
 """
 
+import ast
 import contextlib
 import copy
 import functools
@@ -53,10 +28,11 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -64,20 +40,22 @@ import torch
 import torch.nn.functional as F
 
 import grpo
+import sample
 import tasks
 import train
 from checkpoint import load_model, read_checkpoint
 from cli import parse_config, pick_device, print_config
-from model import ModelArgs, Transformer, count_params, kv_cache_numbers_per_token
-from sample import (
-    attention_path,
-    decode_steps,
-    generate_batch,
-    prompt_tokens,
-    speculative_generate,
+from model import (
+    KVCache,
+    ModelArgs,
+    Transformer,
+    count_params,
+    flops_per_token,
+    kv_cache_numbers_per_token,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "docs" / "bench" / "template.md"
 NOISE = 0.05        # ratios within 5% of 1 are read as "no clear difference"
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,21 +63,22 @@ NOISE = 0.05        # ratios within 5% of 1 are read as "no clear difference"
 # ----------------------------------------------------------------------------------------------------
 
 
+def flag(default, help_text: str):
+    """A config field with its --help text."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class BenchConfig:
     """Every flag of `python -m extras.bench`; each field is `--name=value` on the command line."""
-    quick: bool = field(default=False, metadata={"help": "tiny budgets everywhere (~3 min on 2 cores): a smoke test"})
-    out_dir: str = field(default=str(ROOT / "docs" / "bench"), metadata={"help": "where results and plots go "
-                                                                "(a relative path counts from the current folder)"})
-    seconds_per_arm: float = field(default=0.0, metadata={"help": "row 2: seconds each arm trains; 0 = the "
-                                                                  "mode's default (quick 8, full 90)"})
-    steps_per_arm: int = field(default=0, metadata={"help": "rows 3-5: steps each arm trains; 0 = the mode's "
-                                                            "default (quick 24, full 200)"})
-    device: str = field(default="cpu", metadata={"help": "where the comparisons run: cpu, cuda, cuda:N, mps, auto "
-                                                         "(the GPU row runs on CUDA whenever a GPU is visible)"})
-    compile: bool = field(default=True, metadata={"help": "GPU row: torch.compile the model"})
-    seed: int = field(default=1337, metadata={"help": "one seed for every arm"})
-    only: str = field(default="", metadata={"help": "comparisons to run, e.g. 1,3 (empty: all eight)"})
+    quick: bool = flag(False, "tiny budgets everywhere: a smoke test, not a result")
+    out_dir: str = flag(str(ROOT / "docs" / "bench"), "where results and plots go (relative: to the current folder)")
+    seconds_per_arm: float = flag(0.0, "row 2: seconds per arm at equal wall-clock; 0 = quick 8, full 90")
+    steps_per_arm: int = flag(0, "rows 2-5: steps per arm at equal steps; 0 = quick 24, full 200")
+    device: str = flag("cpu", "cpu, cuda, cuda:N, mps, auto (row 6b runs on CUDA whenever a GPU is visible)")
+    compile: bool = flag(True, "row 6b: torch.compile the model")
+    seed: int = flag(1337, "one seed for every arm (row 5a adds seed+1, seed+2)")
+    only: str = flag("", "comparisons to run, e.g. 1,3 (empty: all eight)")
 
     def __post_init__(self):
         """Reject flags that make no sense, saying what is allowed."""
@@ -110,11 +89,11 @@ class BenchConfig:
     def selected(self) -> list[int]:
         """The comparison numbers picked by --only (all of 1..8 when empty)."""
         try:
-            picked = sorted({int(s) for s in self.only.split(",") if s.strip()}) or list(COMPARISONS)
+            picked = sorted({int(s) for s in self.only.split(",") if s.strip()}) or list(range(1, 9))
         except ValueError:
             raise ValueError(f"--only={self.only!r}: give comparison numbers 1-8 separated by commas, "
                              "e.g. --only=1,3") from None
-        if not set(picked) <= set(COMPARISONS):
+        if not set(picked) <= set(range(1, 9)):
             raise ValueError(f"--only={self.only!r}: the comparisons are numbered 1-8")
         return picked
 
@@ -123,29 +102,32 @@ class BenchConfig:
 class Budget:
     """How much work each comparison does; one instance for --quick, one for the full run."""
     seconds_per_arm: float     # row 2, equal wall-clock
-    steps_per_arm: int         # rows 3-5, equal steps
+    steps_per_arm: int         # rows 2-5, equal steps (equal tokens)
     n_examples: int            # documents in the built-in corpus
     batch_size: int
     block_size: int
     eval_iters: int            # val batches for the final val loss (the same fixed batches for every arm)
     log_interval: int
-    decode_prompt: int         # row 1: prompt tokens ("1k context")
-    decode_new: int            # row 1: new tokens timed
-    repeats: int               # timed repeats, interleaved; the best counts
+    tiny_context: int          # row 1b: prompt tokens for `tiny`
+    small_context: int         # row 1b: prompt tokens for `small`
+    decode_new: int            # row 1b: new tokens per timed decode
+    repeats: int               # timed repeats per arm, interleaved; the median counts
+    fp8_seeds: int             # row 5a: seeds per arm
     spec_prompts: int          # row 4b: held-out questions decoded
     new_tokens: int            # rows 4b and 7: completion length limit
     grpo_prompts: int          # row 7: questions per step
     grpo_steps: int            # row 7: steps per G (the first is a warm-up, not counted)
-    hf_decode: int             # row 8: new tokens decoded
-    gpu_steps: int             # row 6: steps of `small` on the GPU
+    hf_decode: int             # row 8b: new tokens decoded
+    gpu_steps: int             # row 6b: steps of `small` on the GPU
 
 
 QUICK = Budget(seconds_per_arm=8, steps_per_arm=24, n_examples=6000, batch_size=8, block_size=64, eval_iters=5,
-               log_interval=2, decode_prompt=1000, decode_new=12, repeats=2, spec_prompts=3, new_tokens=40,
-               grpo_prompts=2, grpo_steps=2, hf_decode=24, gpu_steps=30)
+               log_interval=2, tiny_context=1000, small_context=64, decode_new=4, repeats=2, fp8_seeds=3,
+               spec_prompts=3, new_tokens=40, grpo_prompts=2, grpo_steps=2, hf_decode=24, gpu_steps=30)
 FULL = Budget(seconds_per_arm=90, steps_per_arm=200, n_examples=60000, batch_size=16, block_size=128,
-              eval_iters=20, log_interval=10, decode_prompt=1000, decode_new=64, repeats=3, spec_prompts=10,
-              new_tokens=64, grpo_prompts=8, grpo_steps=3, hf_decode=128, gpu_steps=300)
+              eval_iters=20, log_interval=10, tiny_context=1000, small_context=2048, decode_new=32, repeats=3,
+              fp8_seeds=3, spec_prompts=10, new_tokens=64, grpo_prompts=8, grpo_steps=3, hf_decode=128,
+              gpu_steps=300)
 
 
 def budget(cfg: BenchConfig) -> Budget:
@@ -205,39 +187,39 @@ def dense_inter_dim(moe: ModelArgs) -> int:
     return 1 + round((target - at[1]) / (at[2] - at[1]))
 
 
-AUX_LOSS_ALPHA = 0.01
-# The classic auxiliary-loss arm: no bias, and the balance loss at alpha = 0.01, the weight the Switch
-# Transformer used for the kind of loss V3's bias replaces. V3 itself keeps a 100x smaller term (alpha = 1e-4)
-# only against extreme imbalance within one sequence. The loss is V3's sequence-wise form (eq. 17-20), the
-# one model.py implements; classic MoEs compute the same product f_i P_i over the whole batch instead.
+AUX_LOSS_ALPHA = 0.01   # the classic auxiliary-loss arm's weight (Switch Transformer's); see template.md, row 3
 
 
-def arm_configs(cfg: BenchConfig, vocab_size: int = 512) -> dict[str, list[Arm]]:
-    """The training arms of rows 2-5, keyed by comparison. Arms named 'base' are one and the same run.
+def arm_configs(cfg: BenchConfig, text_file: str = "corpus.txt", vocab_size: int = 512) -> dict[str, list[Arm]]:
+    """The training arms of rows 2-5, keyed by comparison. An arm name always means one and the same run.
 
-    vocab_size only feeds the dense width solver, where it cancels out (embedding and head are equal)."""
-    steps = base_train_config(cfg)                                         # rows 3, 4, 5 (and 6)
-    seconds = replace(steps, max_iters=10**9, max_seconds=budget(cfg).seconds_per_arm)   # row 2
+    Row 2 runs on the built-in corpus and on `text_file` with the byte tokenizer, each at equal seconds
+    and at equal steps (equal tokens). vocab_size only feeds the dense width solver, where it cancels out."""
+    steps = base_train_config(cfg)
+    seconds = replace(steps, max_iters=10**9, max_seconds=budget(cfg).seconds_per_arm)
     moe = train.model_args_from(seconds, vocab_size)
     dense = {"n_dense_layers": moe.n_layers, "inter_dim": dense_inter_dim(moe)}
     no_balance = {"bias_update_speed": 0.0, "seq_aux_alpha": 0.0}
-    return {
-        "moe_vs_dense": [
-            Arm("moe", "MoE (tiny)", seconds),
-            Arm("dense", f"dense SwiGLU (inter_dim {dense['inter_dim']})", with_model(seconds, **dense),
-                frozenset(dense))],
-        "balancing": [
-            Arm("base", "aux-loss-free bias (V3)", steps),
-            Arm("aux_loss", f"auxiliary loss (alpha {AUX_LOSS_ALPHA})",
-                with_model(steps, bias_update_speed=0.0, seq_aux_alpha=AUX_LOSS_ALPHA), frozenset(no_balance)),
-            Arm("no_balance", "no balancing", with_model(steps, **no_balance), frozenset(no_balance))],
-        "mtp": [
-            Arm("base", "with MTP (D=1)", steps),
-            Arm("no_mtp", "without MTP", with_model(steps, mtp_depth=0), frozenset({"mtp_depth"}))],
-        "fp8": [
-            Arm("base", "fp32", steps),
-            Arm("fp8", "FP8 simulation (E4M3, 32-wide blocks)", with_model(steps, fp8=True), frozenset({"fp8"}))],
-    }
+    arms = {}
+    for data, suffix in (("", ""), (text_file, "_text")):
+        for budget_name, base in (("tokens", steps), ("seconds", seconds)):
+            base = replace(base, data=data, tokenizer="char") if data else base
+            moe_name = "base" if (data, budget_name) == ("", "tokens") else f"moe{suffix}_{budget_name}"
+            arms[f"moe_vs_dense{suffix}_{budget_name}"] = [
+                Arm(moe_name, "MoE (tiny)", base),
+                Arm(f"dense{suffix}_{budget_name}", f"dense SwiGLU (inter_dim {dense['inter_dim']})",
+                    with_model(base, **dense), frozenset(dense))]
+    arms["balancing"] = [
+        Arm("base", "aux-loss-free bias (V3)", steps),
+        Arm("aux_loss", f"auxiliary loss (alpha {AUX_LOSS_ALPHA})",
+            with_model(steps, bias_update_speed=0.0, seq_aux_alpha=AUX_LOSS_ALPHA), frozenset(no_balance)),
+        Arm("no_balance", "no balancing", with_model(steps, **no_balance), frozenset(no_balance))]
+    arms["mtp"] = [Arm("base", "with MTP (D=1)", steps),
+                   Arm("no_mtp", "without MTP", with_model(steps, mtp_depth=0), frozenset({"mtp_depth"}))]
+    bf16 = replace(steps, dtype="bfloat16")                  # V3's baseline: bf16 autocast (train.py --dtype)
+    arms["fp8"] = [Arm("bf16", "BF16 autocast", bf16),
+                   Arm("fp8", "FP8 simulation + BF16 autocast", with_model(bf16, fp8=True), frozenset({"fp8"}))]
+    return arms
 
 
 def config_diff(a, b) -> set[str]:
@@ -258,13 +240,10 @@ def check_arms(arms: list[Arm], vocab_size: int = 512) -> None:
                              f"ModelArgs {sorted(model_diff)}")
 
 
-def decode_configs(cfg: BenchConfig, vocab_size: int = 512) -> dict[str, ModelArgs]:
-    """Row 1's two models: `tiny` with room for the long prompt, differing only in the attention path.
-
-    original_seq_len = max_seq_len keeps YaRN off, as in training (both arms alike in any case)."""
-    b = budget(cfg)
-    n = b.decode_prompt + b.decode_new
-    absorb = ModelArgs.preset("tiny", vocab_size=vocab_size, max_seq_len=n, original_seq_len=n, attn_impl="absorb")
+def decode_configs(preset: str, context: int, new_tokens: int, vocab_size: int = 512) -> dict[str, ModelArgs]:
+    """Row 1b's two attention paths of one random model, room for the prompt, no YaRN (as in training)."""
+    n = context + new_tokens
+    absorb = ModelArgs.preset(preset, vocab_size=vocab_size, max_seq_len=n, original_seq_len=n, attn_impl="absorb")
     return {"absorb": absorb, "naive": replace(absorb, attn_impl="naive")}
 
 
@@ -272,80 +251,123 @@ def grpo_configs(cfg: BenchConfig, init_from: str = "") -> dict[int, grpo.GRPOCo
     """Row 7's GRPO settings for G = 4, 8, 16, differing only in group_size."""
     b = budget(cfg)
     base = grpo.GRPOConfig(init_from=init_from, out_dir="", prompts_per_step=b.grpo_prompts,
-                           max_new_tokens=b.new_tokens, max_iters=b.grpo_steps, n_eval=0, device=cfg.device,
-                           seed=cfg.seed)
+                           max_new_tokens=b.new_tokens, n_eval=0, device=cfg.device, seed=cfg.seed)
     return {g: replace(base, group_size=g) for g in (4, 8, 16)}
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Shared machinery: running arms, timing, reading the ratios
+# 3. Shared machinery: progress, training runs, interleaved timing
 # ----------------------------------------------------------------------------------------------------
 
+class Progress:
+    """Prints `<what> N/total (pct%)`, the elapsed time and an ETA (the done items' mean time per item)."""
+
+    def __init__(self, total: int, what: str, indent: str = "  "):
+        self.total, self.what, self.indent, self.done, self.t0 = total, what, indent, 0, time.perf_counter()
+
+    def __call__(self, label: str) -> None:
+        """Announce the next item."""
+        elapsed = time.perf_counter() - self.t0
+        eta = clock(elapsed / self.done * (self.total - self.done)) if self.done else "-"
+        print(f"{self.indent}{self.what} {self.done + 1}/{self.total} ({100 * self.done / self.total:.0f}%) {label}"
+              f" | {clock(elapsed)} elapsed, ETA {eta}", flush=True)
+        self.done += 1
+
+
+def clock(seconds: float) -> str:
+    """m:ss."""
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
 class Bench:
-    """What the comparisons share: flags, budget, device, output folder, and the training runs (each arm is
-    trained once; the 'base' arm serves rows 3, 4, 5, 6, 7 and 8)."""
+    """What the rows share: flags, budget, device, output folder, the training runs (each arm trains once;
+    'base' serves rows 2-8), the plots, and setups that several rows use (memo)."""
 
     def __init__(self, cfg: BenchConfig, device: str, out: Path):
         self.cfg, self.device, self.out, self.budget = cfg, device, out, budget(cfg)
-        self.arms = arm_configs(cfg)
+        self.text_file = out / "runs" / "corpus.txt"
+        self.arms = arm_configs(cfg, str(self.text_file))
         self.runs: dict[str, dict] = {}
         self.plots: list[str] = []
-        self.notes: list[str] = []
-        self.details: dict = {}
+        self.memo: dict = {}
 
     def base_arm(self) -> Arm:
-        """The shared `tiny` run (aux-loss-free balancing, MTP on, fp32)."""
+        """The shared `tiny` run (aux-loss-free balancing, MTP on, fp32, built-in data)."""
         return self.arms["mtp"][0]
 
     def run(self, arm: Arm) -> dict:
-        """Train `arm` with train.main (once; later calls return the stored result) and read back its results.
-
-        train.py's log goes to runs/<arm>/train.log; the console gets one line per arm."""
+        """Train `arm` with train.main (once; later calls return the stored result) and read back its results."""
         if arm.name in self.runs:
             if self.runs[arm.name]["train"] != arm.train:
                 raise ValueError(f"two different configurations are both named '{arm.name}'")
             return self.runs[arm.name]
+        if arm.train.data and not Path(arm.train.data).exists():
+            write_text_corpus(Path(arm.train.data))
         run_dir = self.out / "runs" / arm.name
-        argv = [f"--{f.name}={getattr(arm.train, f.name)}" for f in fields(arm.train) if f.name != "out_dir"]
-        print(f"  training '{arm.name}' ({arm.label}) ...", end=" ", flush=True)
-        summary, log_rows = run_train(argv, run_dir)
+        summary, log_rows = run_train(arm.train, run_dir)
         steady = [r for r in log_rows if r["step"] > 1] or log_rows      # step 1 includes one-off warm-up
-        ckpt = read_checkpoint(run_dir / "ckpt.pt")
-        args = ModelArgs(**ckpt["model_args"])
-        tail = log_rows[-max(1, len(log_rows) // 4):]                     # the last quarter of the run
-        res = {
-            "train": arm.train, "args": args, "ckpt": run_dir / "ckpt.pt", "log": log_rows,
-            "steps": summary["step"], "seconds": summary["seconds"], "val_loss": summary["val_loss"],
-            "tok_per_s": statistics.median(r["tok_per_s"] for r in steady),
-            "mfu": statistics.median(r["mfu"] for r in steady),
-            "max_vio_end": statistics.mean(r["max_vio"] for r in tail),
-            "params": count_params(args),
-        }
-        print(f"{res['steps']} steps in {res['seconds']:.0f} s, val loss {res['val_loss']:.4f}, "
+        args = ModelArgs(**read_checkpoint(run_dir / "ckpt.pt")["model_args"])
+        res = {"train": arm.train, "args": args, "ckpt": run_dir / "ckpt.pt", "log": log_rows,
+               "steps": summary["step"], "seconds": summary["seconds"], "val_loss": summary["val_loss"],
+               "tok_per_s": statistics.median(r["tok_per_s"] for r in steady),
+               "mfu": statistics.median(r["mfu"] for r in steady),
+               "max_vio_end": statistics.mean(r["max_vio"] for r in log_rows[-max(1, len(log_rows) // 4):]),
+               "params": count_params(args)}
+        print(f"    '{arm.name}': {res['steps']} steps in {res['seconds']:.0f} s, val loss {res['val_loss']:.4f}, "
               f"{res['tok_per_s']:,.0f} tok/s", flush=True)
         self.runs[arm.name] = res
         return res
 
-    def run_all(self, arms: list[Arm]) -> dict[str, dict]:
-        """check_arms, then run every arm; {arm name: result}."""
+    def run_all(self, arms: list[Arm], plot: str = "", x: str = "step", y: str = "ce") -> dict[str, dict]:
+        """check_arms, then run every arm (with progress lines); {arm name: result}. With `plot`, save the
+        logged y against x (metrics.jsonl fields) of every arm as out/plot."""
         check_arms(arms)
-        return {arm.name: self.run(arm) for arm in arms}
+        progress, res = Progress(len(arms), "arm", "    "), {}
+        for arm in arms:
+            progress(f"'{arm.name}' ({arm.label})")
+            res[arm.name] = self.run(arm)
+        if plot:
+            self.plot(plot, {a.label: ([r[x] for r in res[a.name]["log"]], [r[y] for r in res[a.name]["log"]])
+                             for a in arms}, LABELS[x], LABELS[y])
+        return res
 
-    def plot(self, name: str, draw) -> None:
-        """Make one figure with draw(plt), save it as out/name, remember it for results.md."""
+    def plot(self, name: str, series: dict, xlabel: str, ylabel: str) -> None:
+        """Save out/name: one line per {label: (xs, ys)}; remember it for results.md."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig = draw(plt)
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, "o-" if len(xs) < 6 else "-", label=label)
+        ax.set(title=name[:-4].replace("_", " "), xlabel=xlabel, ylabel=ylabel)
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(self.out / name, dpi=110)
         plt.close(fig)
         self.plots.append(name)
 
 
-def run_train(argv: list[str], run_dir: Path) -> tuple[dict, list[dict]]:
-    """train.main(argv) writing into run_dir, its log into run_dir/train.log; returns (summary, the logged
-    training rows of metrics.jsonl: step, loss, ce, mtp, balance, lr, tok_per_s, mfu, max_vio, elapsed)."""
+LABELS = {"step": "optimizer step", "elapsed": "wall-clock seconds of training", "ce": "train cross-entropy (nats/token)",
+          "max_vio": "MaxVio = max load / mean load - 1 (mean over MoE layers)"}
+
+
+def write_text_corpus(path: Path) -> Path:
+    """Row 2b's plain text file, made from this repository (no download): README.md and every docstring of
+    the top-level modules, ~90k characters of English prose about the code."""
+    parts = [(ROOT / "README.md").read_text(encoding="utf-8")]
+    for module in sorted(ROOT.glob("*.py")):
+        tree = ast.parse(module.read_text(encoding="utf-8"))
+        parts += [d for node in ast.walk(tree) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+                  and (d := ast.get_docstring(node))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    return path
+
+
+def run_train(cfg: train.TrainConfig, run_dir: Path) -> tuple[dict, list[dict]]:
+    """train.main with cfg as flags, writing into run_dir, its log into run_dir/train.log; returns (summary, the
+    logged training rows of metrics.jsonl: step, loss, ce, mtp, balance, lr, tok_per_s, mfu, max_vio, elapsed)."""
+    argv = [f"--{f.name}={getattr(cfg, f.name)}" for f in fields(cfg) if f.name != "out_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     deterministic = torch.are_deterministic_algorithms_enabled()
     with open(run_dir / "train.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
@@ -357,636 +379,457 @@ def run_train(argv: list[str], run_dir: Path) -> tuple[dict, list[dict]]:
     return summary, [r for r in rows if "loss" in r]
 
 
-def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
-    """Run each fn once to warm up, then `repeats` rounds in turn; returns ({name: best seconds},
-    {name: result of the last call}). Interleaving spreads slow spells of the machine over all of them."""
-    for fn in fns.values():
+def interleaved(fns: dict, repeats: int, warmup: "dict | None" = None) -> tuple[dict, dict]:
+    """Warm up (warmup's fns, else fns themselves), then `repeats` rounds A, B, A, B, ...: ({name: median
+    seconds}, {name: [result of each call]}). Interleaving spreads slow spells of a shared machine over all
+    arms; the median ignores one-off stalls."""
+    for fn in (warmup or fns).values():
         fn()
-    best, results = {}, {}
+    times, results = {name: [] for name in fns}, {name: [] for name in fns}
+    progress = Progress(repeats, "repeat", "    ")
     for _ in range(repeats):
+        progress(" / ".join(fns))
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            results[name] = fn()
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
-    return best, results
+            results[name].append(fn())
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}, results
 
 
-def verdict(ratio: float, better: str, worse: str, same: str = "no clear difference") -> str:
-    """`better` if ratio > 1 + NOISE, `worse` if < 1 - NOISE, else `same`."""
-    return better if ratio > 1 + NOISE else worse if ratio < 1 - NOISE else same
+def sync() -> None:
+    """Wait for queued GPU work, so that a clock read after it measures the work (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def row(rid: str, comparison: str, measured: str, ratio: str, reading: str, **numbers) -> dict:
-    """One line of the results table; `numbers` go to results.json only."""
-    return {"id": rid, "comparison": comparison, "measured": measured, "ratio": ratio, "reading": reading,
-            "numbers": numbers}
+def judge(ratio: float) -> str:
+    """How a ratio reads against the noise band: 'clearly above 1', 'clearly below 1' or 'within 5% of 1'."""
+    return ("clearly above 1" if ratio > 1 + NOISE else "clearly below 1" if ratio < 1 - NOISE
+            else f"within {NOISE:.0%} of 1")
+
+
+def skipped(why: str, how: str) -> dict:
+    """The numbers of a row that could not be measured here: the reason and what would measure it."""
+    return {"skipped": why, "how": how}
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. The comparisons, one function each
+# 4. The rows: one function each, returning numbers
 # ----------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def timed_decode(model: Transformer, prompt: list[int], n_new: int) -> tuple[list[int], float, float]:
-    """Greedy decoding with the KV cache, prefill timed apart from the one-token steps.
-
-    Returns (new tokens, prefill seconds, decode tokens/s). decode_steps yields once after the prefill and
-    then after every one-token step, which is where the clock is read."""
-    t0 = time.perf_counter()
-    steps = decode_steps(model, [prompt], n_new, temperature=0.0)
-    out = [next(steps)]
-    t1 = time.perf_counter()
-    out += list(steps)
-    t2 = time.perf_counter()
-    return torch.cat(out).tolist(), t1 - t0, (len(out) - 1) / (t2 - t1)
-
-
-def compare_mla(bench: Bench) -> list[dict]:
-    """MLA vs MHA: KV-cache bytes per token, decode speed at ~1k context (absorbed vs naive)."""
-    b, confs = bench.budget, decode_configs(bench.cfg)
-    torch.manual_seed(bench.cfg.seed)
-    models = {"absorb": Transformer(confs["absorb"]).to(bench.device).eval()}
-    models["naive"] = Transformer(confs["naive"]).to(bench.device).eval()
-    models["naive"].load_state_dict(models["absorb"].state_dict())          # same weights, other cache
-    a = confs["absorb"]
-    L = a.max_seq_len
-    caches = {k: m.new_cache(1, L) for k, m in models.items()}
-    per = {k: c.bytes_per_token_per_layer() for k, c in caches.items()}
-    total = {k: c.total_bytes() for k, c in caches.items()}
-    elem = caches["absorb"].layers[0]["kv"].element_size()
-    numbers = kv_cache_numbers_per_token(a)
-    mha = numbers["mha"] * elem
+def cache_bytes(b: Bench) -> dict:
+    """1a. KV-cache bytes per token and layer, read off allocated cache tensors: latent vs per-head (MHA-size)."""
+    n = {}
+    for preset in ("tiny", "small"):
+        args = ModelArgs.preset(preset)
+        per = {impl: KVCache(args, 1, 1, attn_impl=impl).bytes_per_token_per_layer() for impl in ("absorb", "naive")}
+        n |= {f"{preset}_absorb": per["absorb"], f"{preset}_naive": per["naive"],
+              f"{preset}_mha_formula": 4 * kv_cache_numbers_per_token(args)["mha"],
+              f"{preset}_ratio": per["absorb"] / per["naive"], f"{preset}_smaller": per["naive"] / per["absorb"]}
     v3 = kv_cache_numbers_per_token(ModelArgs.preset("671B"))
-    rows = [row(
-        "1a", "MLA vs MHA: KV-cache bytes per token and layer (measured from the cache tensors)",
-        f"latent {per['absorb']} B vs naive {per['naive']} B (per-head keys and values, what an MHA with the same "
-        f"heads caches; V2 formula 2·n_h·d_h: {mha} B); a {L}-token cache of all {a.n_layers + a.mtp_depth} "
-        f"layers: {total['absorb'] / 2**20:.2f} vs {total['naive'] / 2**20:.2f} MiB",
-        f"{per['absorb'] / per['naive']:.3f}x",
-        f"the latent cache is {per['naive'] / per['absorb']:.1f}x smaller than the MHA-size one "
-        f"({per['absorb'] / mha:.1%} of the V2 formula); for V3's own shape the formula gives {v3['mla']} vs "
-        f"{v3['mha']} numbers ({v3['mla'] / v3['mha']:.1%})",
-        bytes_absorb=per["absorb"], bytes_naive=per["naive"], bytes_mha_formula=mha,
-        total_absorb=total["absorb"], total_naive=total["naive"])]
-
-    prompt = torch.randint(a.vocab_size, (b.decode_prompt,), generator=torch.Generator().manual_seed(0)).tolist()
-    runs = {k: functools.partial(timed_decode, m, prompt, b.decode_new) for k, m in models.items()}
-    for run in runs.values():
-        run()                                                              # warm-up
-    tps, prefill, tokens = {}, {}, {}
-    for _ in range(b.repeats):                                             # interleaved, best counts
-        for k, run in runs.items():
-            tokens[k], p, t = run()
-            tps[k], prefill[k] = max(t, tps.get(k, 0.0)), min(p, prefill.get(k, float("inf")))
-    ratio = tps["absorb"] / tps["naive"]
-    same = tokens["absorb"] == tokens["naive"]
-    rows.append(row(
-        "1b", f"MLA absorbed vs naive (MHA-size cache): greedy decode tokens/s after a {b.decode_prompt}-token "
-              "prompt, batch 1",
-        f"{tps['absorb']:.1f} vs {tps['naive']:.1f} tok/s over {b.decode_new} new tokens (prefill "
-        f"{prefill['absorb']:.2f} vs {prefill['naive']:.2f} s); same tokens: {'yes' if same else 'no'}",
-        f"{ratio:.2f}x",
-        verdict(ratio, f"absorption decodes {ratio:.2f}x as fast: each step reads the small latent cache instead "
-                       "of per-head keys and values",
-                f"absorption decodes slower here ({ratio:.2f}x); what it buys at this size is memory (row 1a)",
-                "no clear speed difference at this size; what absorption buys here is memory (row 1a)"),
-        tok_s_absorb=tps["absorb"], tok_s_naive=tps["naive"], prefill_s_absorb=prefill["absorb"],
-        prefill_s_naive=prefill["naive"], same_tokens=same))
-    return rows
+    return n | {"v3_mla": v3["mla"], "v3_mha": v3["mha"], "v3_ratio": v3["mla"] / v3["mha"]}
 
 
-def compare_moe_dense(bench: Bench) -> list[dict]:
-    """MoE vs a dense SwiGLU model with the same activated parameters, same wall-clock."""
-    arms = bench.arms["moe_vs_dense"]
-    res = bench.run_all(arms)
-    moe, dense = res["moe"], res["dense"]
-    loss_ratio, speed_ratio = moe["val_loss"] / dense["val_loss"], moe["tok_per_s"] / dense["tok_per_s"]
-    pm, pd = moe["params"], dense["params"]
-
-    def draw(plt):
-        """MoE and dense train CE against seconds, each arm's final val CE as a dot."""
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for arm in arms:
-            r = res[arm.name]
-            line, = ax.plot([x["elapsed"] for x in r["log"]], [x["ce"] for x in r["log"]], label=f"{arm.label}: train CE")
-            ax.plot([r["seconds"]], [r["val_loss"]], "o", color=line.get_color(), label=f"{arm.label}: final val CE")
-        ax.set(xlabel="wall-clock seconds of training", ylabel="cross-entropy (nats/token)",
-               title=f"MoE vs dense at {pm['activated'] / 1e6:.2f}M activated parameters, equal seconds")
-        ax.legend()
-        return fig
-    bench.plot("moe_vs_dense.png", draw)
-    reading = verdict(1 / loss_ratio, "the MoE reaches the lower val loss in the same seconds",
-                      "the dense model reaches the lower val loss in the same seconds",
-                      "both reach about the same val loss in the same seconds")
-    reading += "; " + verdict(speed_ratio, f"the MoE also processes {speed_ratio:.2f}x the tokens/s",
-                              f"the MoE processes only {speed_ratio:.2f}x the dense model's tokens/s (it routes, then "
-                              "runs one small matmul per expert where the dense model runs one wide one)",
-                              "at about the same tokens/s")
-    return [row(
-        "2", "MoE vs dense at equal activated parameters and equal wall-clock (tiny)",
-        f"val loss {moe['val_loss']:.4f} vs {dense['val_loss']:.4f} after {moe['seconds']:.0f} s "
-        f"({moe['steps']} vs {dense['steps']} steps); {moe['tok_per_s']:,.0f} vs {dense['tok_per_s']:,.0f} tok/s; "
-        f"{pm['activated'] / 1e6:.3f}M vs {pd['activated'] / 1e6:.3f}M activated, {pm['total'] / 1e6:.2f}M vs "
-        f"{pd['total'] / 1e6:.2f}M total",
-        f"loss {loss_ratio:.3f}x, tok/s {speed_ratio:.2f}x", reading,
-        val_loss_moe=moe["val_loss"], val_loss_dense=dense["val_loss"], tok_s_moe=moe["tok_per_s"],
-        tok_s_dense=dense["tok_per_s"], steps_moe=moe["steps"], steps_dense=dense["steps"],
-        activated_moe=pm["activated"], activated_dense=pd["activated"], dense_inter_dim=dense["args"].inter_dim)]
+def decode_rate(model: Transformer, prompts: list[list[int]], n_new: int, impl: str) -> tuple[list, float]:
+    """Greedy decoding with sample.decode_steps on attention path `impl`: (new tokens per row, generated
+    tokens/s over all rows, prefill excluded: the clock starts when the first token exists)."""
+    with sample.attention_path(model, impl):
+        steps = sample.decode_steps(model, prompts, n_new, temperature=0.0)
+        first = next(steps)                                                   # (B,) from the prefill
+        sync()
+        t0 = time.perf_counter()
+        rest = list(steps)
+        sync()
+        dt = time.perf_counter() - t0
+    return torch.stack([first, *rest], 1).tolist(), len(prompts) * len(rest) / dt
 
 
-def compare_balancing(bench: Bench) -> list[dict]:
-    """Aux-loss-free bias vs auxiliary loss vs no balancing: MaxVio and val loss at equal steps."""
-    arms = bench.arms["balancing"]
-    res = bench.run_all(arms)
-    free, aux, none = res["base"], res["aux_loss"], res["no_balance"]
-
-    def draw(plt):
-        """MaxVio over steps, one line per balancing arm."""
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for arm in arms:
-            r = res[arm.name]
-            ax.plot([x["step"] for x in r["log"]], [x["max_vio"] for x in r["log"]], label=arm.label)
-        ax.set(xlabel="optimizer step", ylabel="MaxVio = max load / mean load - 1 (mean over MoE layers)",
-               title="Expert-load imbalance during training")
-        ax.legend()
-        return fig
-    bench.plot("balancing.png", draw)
-    vio_gain = none["max_vio_end"] / max(free["max_vio_end"], 1e-9)
-    loss_vs_aux = aux["val_loss"] / free["val_loss"]
-    aux_gain = none["max_vio_end"] / max(aux["max_vio_end"], 1e-9)
-    reading = verdict(vio_gain, f"the bias cuts MaxVio {vio_gain:.1f}x against no balancing",
-                      "the bias leaves the load more imbalanced than no balancing at this budget",
-                      "the bias barely changes MaxVio at this budget")
-    reading += f" (the auxiliary loss: {aux_gain:.1f}x); " + verdict(
-        loss_vs_aux, "its val loss is lower than with the auxiliary loss", "its val loss is higher than with the "
-        "auxiliary loss", "its val loss is about that of the auxiliary loss")
-    return [row(
-        "3", "Load balancing at equal steps: aux-loss-free bias vs auxiliary loss vs none",
-        f"MaxVio at the end (last quarter of the run) {free['max_vio_end']:.2f} / {aux['max_vio_end']:.2f} / "
-        f"{none['max_vio_end']:.2f}; val loss {free['val_loss']:.4f} / {aux['val_loss']:.4f} / "
-        f"{none['val_loss']:.4f} ({free['steps']} steps each)",
-        f"MaxVio none/bias {vio_gain:.2f}x; loss aux/bias {loss_vs_aux:.3f}x", reading,
-        max_vio={k: r["max_vio_end"] for k, r in res.items()}, val_loss={k: r["val_loss"] for k, r in res.items()},
-        aux_alpha=AUX_LOSS_ALPHA)]
+def absorb_decode(b: Bench) -> dict:
+    """1b. Absorbed vs naive MLA cache decoding, same random weights: tiny at ~1K context, small at ~2K, batch 1 and 8."""
+    n, bu = {"new": b.budget.decode_new}, b.budget
+    for preset, context, batches in (("tiny", bu.tiny_context, (1,)), ("small", bu.small_context, (1, 8))):
+        args = decode_configs(preset, context, bu.decode_new)["absorb"]
+        torch.manual_seed(b.cfg.seed)
+        model = Transformer(args).to(b.device).eval()
+        read = {impl: KVCache(args, 1, 1, attn_impl=impl).bytes_per_token_per_layer() * args.n_layers
+                * (context + bu.decode_new / 2) for impl in ("absorb", "naive")}   # bytes per generated token
+        for batch in batches:
+            gen = torch.Generator().manual_seed(0)
+            prompts = torch.randint(args.vocab_size, (batch, context), generator=gen).tolist()
+            fns = {impl: functools.partial(decode_rate, model, prompts, bu.decode_new, impl) for impl in read}
+            warm = {impl: functools.partial(decode_rate, model, [p[:16] for p in prompts], 2, impl) for impl in read}
+            print(f"    {preset}, context {context}, batch {batch}", flush=True)
+            _, runs = interleaved(fns, bu.repeats, warm)
+            tok_s = {impl: statistics.median(r[1] for r in runs[impl]) for impl in fns}
+            ratio, same = tok_s["absorb"] / tok_s["naive"], runs["absorb"][-1][0] == runs["naive"][-1][0]
+            n |= {f"{preset}_b{batch}_{k}": v for k, v in {
+                "context": context, "tok_s_absorb": tok_s["absorb"], "tok_s_naive": tok_s["naive"], "ratio": ratio,
+                "judge": judge(ratio), "read_absorb_kib": read["absorb"] / 2**10, "read_naive_kib": read["naive"] / 2**10,
+                "read_ratio": read["naive"] / read["absorb"], "same_tokens": "yes" if same else "no"}.items()}
+        del model
+    return n
 
 
-def compare_mtp(bench: Bench) -> list[dict]:
-    """MTP: main-head val loss with and without, equal steps; speculative decoding with the MTP draft."""
-    arms = bench.arms["mtp"]
-    res = bench.run_all(arms)
+def moe_dense(b: Bench, text: bool) -> dict:
+    """2a/2b. MoE vs dense SwiGLU at equal activated parameters: equal seconds and equal tokens (steps)."""
+    suffix, n = "_text" if text else "", {"seconds": b.budget.seconds_per_arm, "data": "text" if text else "built-in"}
+    for kind in ("seconds", "tokens"):
+        arms = b.arms[f"moe_vs_dense{suffix}_{kind}"]
+        res = b.run_all(arms, f"moe_vs_dense{suffix}.png" if kind == "seconds" else "", x="elapsed")
+        moe, dense, k = res[arms[0].name], res[arms[1].name], kind[0]
+        n |= {f"{k}_{key}_{arm}": r[src] for arm, r in (("moe", moe), ("dense", dense))
+              for key, src in (("loss", "val_loss"), ("steps", "steps"), ("tok_s", "tok_per_s"))}
+        n |= {f"{k}_loss_ratio": moe["val_loss"] / dense["val_loss"],
+              f"{k}_loss_judge": judge(moe["val_loss"] / dense["val_loss"])}
+    t, pm, pd = arms[0].train, moe["params"], dense["params"]                # the equal-tokens arms
+    return n | {"tokens": t.max_iters * t.batch_size * t.block_size, "tok_ratio": n["s_tok_s_moe"] / n["s_tok_s_dense"],
+                "activated_moe": pm["activated"] / 1e6, "activated_dense": pd["activated"] / 1e6,
+                "total_moe": pm["total"] / 1e6, "total_dense": pd["total"] / 1e6, "dense_inter_dim": dense["args"].inter_dim}
+
+
+def balancing(b: Bench) -> dict:
+    """3. Aux-loss-free bias vs auxiliary loss vs no balancing, equal steps: MaxVio at the end, val loss."""
+    res = b.run_all(b.arms["balancing"], "balancing.png", y="max_vio")
+    vio = {k: r["max_vio_end"] for k, r in res.items()}
+    loss = {k: r["val_loss"] for k, r in res.items()}
+    return {"vio_bias": vio["base"], "vio_aux": vio["aux_loss"], "vio_none": vio["no_balance"],
+            "loss_bias": loss["base"], "loss_aux": loss["aux_loss"], "loss_none": loss["no_balance"],
+            "steps": res["base"]["steps"], "bias_gain": vio["no_balance"] / max(vio["base"], 1e-9),
+            "aux_gain": vio["no_balance"] / max(vio["aux_loss"], 1e-9),
+            "loss_aux_over_bias": loss["aux_loss"] / loss["base"],
+            "loss_judge": judge(loss["aux_loss"] / loss["base"]), "alpha": AUX_LOSS_ALPHA}
+
+
+def mtp_loss(b: Bench) -> dict:
+    """4a. Main-head val loss trained with vs without an MTP module, equal steps."""
+    res = b.run_all(b.arms["mtp"], "mtp.png")
     base, no = res["base"], res["no_mtp"]
+    ratio = base["val_loss"] / no["val_loss"]
+    return {"loss_mtp": base["val_loss"], "loss_no_mtp": no["val_loss"], "steps": base["steps"], "ratio": ratio,
+            "judge": judge(ratio), "step_cost": no["tok_per_s"] / base["tok_per_s"]}
 
-    def draw(plt):
-        """Main-head train CE over steps with and without MTP, final val CE as dots."""
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for arm in arms:
-            r = res[arm.name]
-            line, = ax.plot([x["step"] for x in r["log"]], [x["ce"] for x in r["log"]], label=f"{arm.label}: train CE")
-            ax.plot([r["steps"]], [r["val_loss"]], "o", color=line.get_color(), label=f"{arm.label}: final val CE")
-        ax.set(xlabel="optimizer step", ylabel="next-token cross-entropy (nats/token)",
-               title="Main next-token head, trained with and without MTP")
-        ax.legend()
-        return fig
-    bench.plot("mtp.png", draw)
-    ratio, cost = base["val_loss"] / no["val_loss"], no["tok_per_s"] / base["tok_per_s"]
-    rows = [row(
-        "4a", "MTP: main-head val loss with vs without an MTP module, equal steps",
-        f"val loss {base['val_loss']:.4f} vs {no['val_loss']:.4f} after {base['steps']} steps; a step costs "
-        f"{cost:.2f}x with MTP",
-        f"{ratio:.3f}x",
-        verdict(1 / ratio, "the MTP objective helps the main head at equal steps",
-                "the MTP objective hurts the main head at equal steps",
-                "no clear effect of MTP on the main head at this scale") + f", at {cost:.2f}x the step time",
-        val_loss_mtp=base["val_loss"], val_loss_no_mtp=no["val_loss"], step_cost=cost)]
 
-    # ---- speculative decoding with the trained MTP module as the draft ----
-    b = bench.budget
-    model, tok, _ = load_model(base["ckpt"], bench.device)
-    problems = tasks.heldout_problems(train.corpus_task(base["train"]), b.spec_prompts, seed=0)
-    prompts = [prompt_tokens(tok, p.question) for p in problems]
-    stats = []
+def mtp_speculative(b: Bench) -> dict:
+    """4b. Self-speculative greedy decoding with the trained MTP module vs plain greedy: speed, same tokens."""
+    base, bu = b.run(b.base_arm()), b.budget
+    model, tok, _ = load_model(base["ckpt"], b.device)
+    problems = tasks.heldout_problems(train.corpus_task(base["train"]), bu.spec_prompts, seed=0)
+    prompts = [sample.prompt_tokens(tok, p.question) for p in problems]
 
     def plain():
-        """Plain greedy decoding of every prompt, one at a time, latent cache."""
-        return [generate_batch(model, [p], b.new_tokens, 0.0, eos_id=tok.eos_id, attn_impl="absorb")[0][0]
+        """Plain greedy decoding of every prompt, batch 1, latent cache."""
+        return [sample.generate_batch(model, [p], bu.new_tokens, 0.0, eos_id=tok.eos_id, attn_impl="absorb")[0][0]
                 for p in prompts]
 
     def speculative():
-        """Speculative greedy decoding of every prompt; fills `stats` with one SpecStats each."""
-        stats.clear()
-        with attention_path(model, "absorb"):
-            outs = []
-            for p in prompts:
-                out, s = speculative_generate(model, p, b.new_tokens, 0.0, eos_id=tok.eos_id)
-                outs.append(out)
-                stats.append(s)
-        return outs
+        """Speculative greedy decoding of every prompt: (outputs, SpecStats of each)."""
+        with sample.attention_path(model, "absorb"):
+            return [sample.speculative_generate(model, p, bu.new_tokens, 0.0, eos_id=tok.eos_id) for p in prompts]
 
-    best, outs = best_times({"plain": plain, "speculative": speculative}, b.repeats)
-    drafts, accepted = sum(s.drafts for s in stats), sum(s.accepted for s in stats)
-    forwards, n_tokens = sum(s.forwards for s in stats), sum(s.tokens for s in stats)
-    acceptance, speedup = accepted / max(drafts, 1), best["plain"] / best["speculative"]
-    same = outs["plain"] == outs["speculative"]
-    rows.append(row(
-        "4b", "MTP as a draft model: self-speculative greedy decoding vs plain (absorbed cache, batch 1)",
-        f"{acceptance:.1%} of {drafts} drafts accepted, {n_tokens / max(forwards, 1):.2f} tokens per main-model "
-        f"call; {n_tokens} tokens on {len(prompts)} held-out questions in {best['speculative']:.2f} vs "
-        f"{best['plain']:.2f} s; same text: {'yes' if same else 'no'}",
-        f"{speedup:.2f}x",
-        f"V3 reports 85-90% acceptance and 1.8x tokens/s; here {acceptance:.0%} and {speedup:.2f}x: "
-        + verdict(speedup, "drafting pays off", "drafting costs more than it saves (each round adds an MTP block "
-                  "call to a 2-token verify call)", "drafting breaks even"),
-        acceptance=acceptance, speedup=speedup, drafts=drafts, tokens=n_tokens, same_text=same))
-    return rows
+    t, outs = interleaved({"plain": plain, "speculative": speculative}, bu.repeats)
+    stats = [s for _, s in outs["speculative"][-1]]
+    same = outs["plain"][-1] == [o for o, _ in outs["speculative"][-1]]
+    if not same:
+        print("    WARNING: speculative decoding did not reproduce plain greedy decoding", flush=True)
+    drafts, tokens = sum(s.drafts for s in stats), sum(s.tokens for s in stats)
+    return {"speedup": t["plain"] / t["speculative"], "judge": judge(t["plain"] / t["speculative"]),
+            "acceptance": sum(s.accepted for s in stats) / max(drafts, 1), "drafts": drafts, "tokens": tokens,
+            "tokens_per_call": tokens / max(sum(s.forwards for s in stats), 1), "prompts": len(prompts),
+            "plain_s": t["plain"], "spec_s": t["speculative"], "same_tokens": "yes" if same else "NO"}
 
 
-def compare_fp8(bench: Bench) -> list[dict]:
-    """FP8 simulation vs fp32: relative val-loss gap and step-time overhead at equal steps."""
-    arms = bench.arms["fp8"]
-    res = bench.run_all(arms)
-    base, fp8 = res["base"], res["fp8"]
-    gap = (fp8["val_loss"] - base["val_loss"]) / base["val_loss"]
-    overhead = base["tok_per_s"] / fp8["tok_per_s"]
-
-    def draw(plt):
-        """Train CE of both arms over steps, and their relative gap."""
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for arm in arms:
-            r = res[arm.name]
-            a1.plot([x["step"] for x in r["log"]], [x["ce"] for x in r["log"]], label=arm.label)
-        a1.set(xlabel="optimizer step", ylabel="train cross-entropy (nats/token)", title="FP8 simulation vs fp32")
-        a1.legend()
-        steps = [x["step"] for x in base["log"]]
-        rel = [100 * (f["ce"] - b["ce"]) / b["ce"] for b, f in zip(base["log"], fp8["log"])]
-        a2.plot(steps, rel)
-        a2.axhline(0.25, color="gray", ls=":", label="V3's reported bound at scale (+-0.25%)")
-        a2.axhline(-0.25, color="gray", ls=":")
-        a2.set(xlabel="optimizer step", ylabel="(FP8 - fp32) / fp32 train CE (%)", title="Relative loss gap")
-        a2.legend()
-        return fig
-    bench.plot("fp8.png", draw)
-    within = abs(gap) < 0.0025
-    return [row(
-        "5", "FP8 simulation (E4M3, fine-grained scales) vs fp32, equal steps",
-        f"val loss {fp8['val_loss']:.4f} vs {base['val_loss']:.4f} after {base['steps']} steps; "
-        f"{fp8['tok_per_s']:,.0f} vs {base['tok_per_s']:,.0f} tok/s",
-        f"gap {100 * gap:+.2f}%, step time {overhead:.2f}x",
-        ("within" if within else "outside") + f" V3's < 0.25% (reported against BF16 at scale, where "
-        f"run-to-run noise is smaller than ours); a step takes {overhead:.2f}x as long: the simulation reproduces "
-        "FP8's rounding in software, not its speed",
-        rel_gap=gap, val_loss_fp8=fp8["val_loss"], val_loss_fp32=base["val_loss"], step_time_ratio=overhead)]
+def fp8_vs_bf16(b: Bench) -> dict:
+    """5a. FP8 simulation vs BF16 (V3's baseline) at equal steps, seeds interleaved: relative val-loss gap."""
+    seeds = [b.cfg.seed + i for i in range(b.budget.fp8_seeds)]
+    res = {}
+    for seed in seeds:                                                         # bf16, fp8, bf16, fp8, ...
+        pair = [replace(arm, name=f"{arm.name}_s{seed}", train=replace(arm.train, seed=seed)) for arm in b.arms["fp8"]]
+        res |= b.run_all(pair)
+    bf16, fp8 = ([res[f"{k}_s{s}"]["val_loss"] for s in seeds] for k in ("bf16", "fp8"))
+    gaps = [100 * (f - h) / h for f, h in zip(fp8, bf16)]                   # per seed, percent
+    b.plot("fp8.png", {a.label: (seeds, [res[f"{a.name}_s{s}"]["val_loss"] for s in seeds]) for a in b.arms["fp8"]},
+           "seed", "final val cross-entropy (nats/token)")
+    mean_bf16 = statistics.mean(bf16)
+    return {"seeds": len(seeds), "steps": b.arms["fp8"][0].train.max_iters, "loss_bf16": mean_bf16,
+            "loss_fp8": statistics.mean(fp8), "gap": statistics.mean(gaps), "gap_min": min(gaps), "gap_max": max(gaps),
+            "gap_std": statistics.stdev(gaps) if len(gaps) > 1 else float("nan"),
+            "bf16_spread": 100 * (max(bf16) - min(bf16)) / mean_bf16,
+            "within_v3": "yes" if abs(statistics.mean(gaps)) < 0.25 else "no",
+            "tok_s_bf16": statistics.median(res[f"bf16_s{s}"]["tok_per_s"] for s in seeds),
+            "tok_s_fp8": statistics.median(res[f"fp8_s{s}"]["tok_per_s"] for s in seeds),
+            "per_seed_bf16": bf16, "per_seed_fp8": fp8}
 
 
-def gpu_efficiency(bench: Bench, device: str = "cuda", preset: str = "small", steps: "int | None" = None,
+# Row 5b hook: V3 §3.3.2's accumulation experiment needs a matmul that accumulates like an FP8 tensor core,
+# f(a (M, K), b (K, N), mantissa_bits, n_c) -> (M, N) float32, promoting its partial sum to FP32 every n_c
+# products (n_c=None: never). model.py gets one with the FP8 training work; set ACCUMULATION_MATMUL to it.
+ACCUMULATION_MATMUL = None
+
+
+def accumulation(b: Bench) -> dict:
+    """5b. Max relative error of K-long dot products of E4M3 values accumulated with 14 mantissa bits, without
+    and with promotion to FP32 every N_C = 128 products, for growing K (V3: nearly 2% at K = 4096 without)."""
+    if ACCUMULATION_MATMUL is None:
+        return skipped("not measured: no limited-precision accumulation matmul is wired into bench yet",
+                       "set extras.bench.ACCUMULATION_MATMUL to model.py's limited-accumulation matmul")
+    gen, n, ks = torch.Generator().manual_seed(b.cfg.seed), {}, (256, 1024, 4096, 8192)
+    for k in ks:
+        x = torch.rand(8, k, generator=gen).to(torch.float8_e4m3fn).float()     # (8, K) on the E4M3 grid
+        w = torch.rand(k, 8, generator=gen).to(torch.float8_e4m3fn).float()     # (K, 8)
+        ref = x.double() @ w.double()                                          # (8, 8) exact
+        for name, n_c in (("plain", None), ("promoted", 128)):
+            n[f"{name}_{k}"] = 100 * ((ACCUMULATION_MATMUL(x, w, 14, n_c).double() - ref).abs() / ref).max().item()
+    return n | {"growth": ", ".join(f"K={k}: {n[f'plain_{k}']:.2f}% vs {n[f'promoted_{k}']:.3f}%" for k in ks)}
+
+
+def efficiency(b: Bench) -> dict:
+    """6a. Training tokens/s and MFU of the shared tiny run, as train.py measures them."""
+    base = b.run(b.base_arm())
+    t = base["train"]
+    fpt = flops_per_token(base["args"], t.block_size)
+    return {"tok_s": base["tok_per_s"], "mfu": 100 * base["mfu"], "mflop_per_token": fpt / 1e6,
+            "peak_gflops": base["tok_per_s"] * fpt / base["mfu"] / 1e9 if base["mfu"] else float("nan"),
+            "device": b.device, "batch": t.batch_size, "block": t.block_size, "dim": base["args"].dim}
+
+
+def gpu_efficiency(b: Bench, device: str = "cuda", preset: str = "small", steps: "int | None" = None,
                    batch_size: int = 16, block_size: int = 1024, compile_model: "bool | None" = None,
                    n_examples: int = 60000) -> dict:
-    """Train `preset` for a few hundred steps on `device` (bf16 autocast on CUDA, as train.py does there) and
-    return tokens/s, MFU against the GPU's spec peak, and peak memory. Arguments other than `bench` exist so
-    the same path can be tried on a CPU with a small preset."""
-    steps = steps or bench.budget.gpu_steps
-    compile_model = bench.cfg.compile if compile_model is None else compile_model
-    argv = [f"--preset={preset}", f"--device={device}", f"--compile={compile_model}", f"--max_iters={steps}",
-            "--max_seconds=0", f"--batch_size={batch_size}", f"--block_size={block_size}", "--n_eval=0",
-            "--eval_interval=1000000000", "--eval_iters=5", f"--log_interval={max(1, steps // 12)}",
-            f"--n_examples={n_examples}", f"--seed={bench.cfg.seed}"]
+    """Train `preset` on `device` with train.main (bf16 autocast on CUDA) and return tokens/s, MFU against
+    the GPU's datasheet peak (train.GPUS) and peak memory. The arguments let a test try it on a CPU."""
+    steps = steps or b.budget.gpu_steps
+    compile_model = b.cfg.compile if compile_model is None else compile_model
+    cfg = train.TrainConfig(preset=preset, device=device, compile=compile_model, max_iters=steps, batch_size=batch_size,
+                            block_size=block_size, n_eval=0, eval_interval=10**9, eval_iters=5, seed=b.cfg.seed,
+                            log_interval=max(1, steps // 12), n_examples=n_examples)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    print(f"  training '{preset}' on {device} for {steps} steps ...", flush=True)
-    summary, log_rows = run_train(argv, bench.out / "runs" / f"gpu_{preset}")
+    summary, log_rows = run_train(cfg, b.out / "runs" / f"gpu_{preset}")
     steady = log_rows[len(log_rows) // 4:] or log_rows                  # skip compilation and warm-up
     return {"device": device, "name": torch.cuda.get_device_name(device) if cuda else device,
             "peak_desc": train.peak_flops(device)[1], "steps": summary["step"], "seconds": summary["seconds"],
             "tok_per_s": statistics.median(r["tok_per_s"] for r in steady),
-            "mfu": statistics.median(r["mfu"] for r in steady),
-            "peak_mem": torch.cuda.max_memory_allocated(device) if cuda else None,
+            "mfu": 100 * statistics.median(r["mfu"] for r in steady),
+            "peak_mem": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
             "tokens_per_step": batch_size * block_size, "compile": compile_model, "val_loss": summary["val_loss"]}
 
 
-def compare_efficiency(bench: Bench) -> list[dict]:
-    """Training throughput and MFU: tiny on this run's device; small on a CUDA GPU when there is one."""
-    base = bench.run(bench.base_arm())
-    t = base["train"]
-    fpt = train.flops_per_token(base["args"], t.block_size)
-    steady = [r for r in base["log"] if r["step"] > 1] or base["log"]
-    mid = sorted(steady, key=lambda r: r["tok_per_s"])[len(steady) // 2]
-    peak = mid["tok_per_s"] * fpt / mid["mfu"] if mid["mfu"] else float("nan")   # the peak train.py measured
-    rows = [row(
-        "6a", f"Training efficiency of tiny on {bench.device} (batch {t.batch_size} x {t.block_size} tokens)",
-        f"{base['tok_per_s']:,.0f} tok/s, {fpt / 1e6:.1f} MFLOP per token, MFU {100 * base['mfu']:.2f}% of "
-        f"{peak / 1e9:.1f} GFLOP/s" + (" (fp32 1024x1024 matmul measured on this CPU)" if bench.device == "cpu"
-                                      else ""),
-        f"MFU {100 * base['mfu']:.2f}%",
-        f"training runs at {base['mfu']:.1%} of the rate a 1024x1024 matmul reaches on this machine; tiny's "
-        f"matrices are {base['args'].dim} wide",
-        tok_s=base["tok_per_s"], mfu=base["mfu"], peak_flops=peak, flops_per_token=fpt)]
-    cmd = "python -m extras.bench --only=6 --device=cuda"
+def gpu_mode(b: Bench) -> dict:
+    """6b. The GPU mode: `small` with bf16 autocast + torch.compile, tokens/s and MFU vs the datasheet peak."""
     if not torch.cuda.is_available():
-        rows.append(row("6b", "Training efficiency of small on a CUDA GPU (bf16 autocast, torch.compile)",
-                        "not measured yet: no CUDA GPU on this machine", "-",
-                        f"run `{cmd}` on a machine with a GPU", gpu_measured=False))
-        return rows
-    device = bench.device if bench.device.startswith("cuda") else "cuda"
-    g = gpu_efficiency(bench, device)
-    bench.details["gpu"] = g
-    rows.append(row(
-        "6b", f"Training efficiency of small on {g['name']} (bf16 autocast{', torch.compile' if g['compile'] else ''}, "
-              f"batch {g['tokens_per_step']:,} tokens)",
-        f"{g['tok_per_s']:,.0f} tok/s, MFU {100 * g['mfu']:.1f}% ({g['peak_desc']}); peak memory "
-        f"{g['peak_mem'] / 2**30:.2f} GiB; {g['steps']} steps in {g['seconds']:.0f} s",
-        f"MFU {100 * g['mfu']:.1f}%",
-        "measured on this GPU with `" + cmd + "`; the MoE dispatch loops over experts in Python, which a GPU "
-        "feels more than a CPU", gpu_measured=True, **{k: v for k, v in g.items() if isinstance(v, (int, float))}))
-    return rows
+        return skipped("not measured yet: no CUDA GPU on this machine",
+                       "run `python -m extras.bench --only=6 --device=cuda` on a machine with a GPU")
+    return gpu_efficiency(b, b.device if b.device.startswith("cuda") else "cuda")
 
 
-def compare_grpo(bench: Bench) -> list[dict]:
-    """GRPO: seconds per RL step, split into sampling and update, for G = 4, 8, 16."""
-    base = bench.run(bench.base_arm())
-    confs = grpo_configs(bench.cfg, str(base["ckpt"]))
-    per_g = {}
+def grpo_time(b: Bench) -> dict:
+    """7. GRPO seconds per step, split into sampling and update, for G = 4, 8, 16 (same start, same questions)."""
+    confs = grpo_configs(b.cfg, str(b.run(b.base_arm())["ckpt"]))
+    n, progress = {"prompts": b.budget.grpo_prompts, "new_tokens": b.budget.new_tokens}, Progress(len(confs), "G", "    ")
     for g, gcfg in confs.items():
-        model, tok, _ = load_model(gcfg.init_from, bench.device)               # the same start for every G
+        progress(f"G={g}")
+        model, tok, _ = load_model(gcfg.init_from, b.device)
         ref = copy.deepcopy(model).eval().requires_grad_(False)
         optimizer = grpo.make_rl_optimizer(model, gcfg)
-        task, rng = grpo.make_task(gcfg), random.Random(gcfg.seed)           # the same questions for every G
-        generator = torch.Generator(device=bench.device).manual_seed(gcfg.seed)
+        task, rng = grpo.make_task(gcfg), random.Random(gcfg.seed)
+        generator = torch.Generator(device=b.device).manual_seed(gcfg.seed)
         reward_fn = functools.partial(tasks.reward, w_acc=gcfg.w_acc, w_fmt=gcfg.w_fmt)
 
-        def draw_problems(n, task=task, rng=rng):
-            """n questions from the task's train split, from this G's own copy of the seeded stream."""
-            return [task.sample(rng, split="train") for _ in range(n)]
-        steps = [grpo.grpo_step(model, ref, optimizer, tok, draw_problems, reward_fn, gcfg, generator=generator,
-                                lr=grpo.rl_lr_at(s, gcfg)) for s in range(gcfg.max_iters)]
+        def draw(k, task=task, rng=rng):
+            """k questions from the task's train split, from this G's own copy of the seeded stream."""
+            return [task.sample(rng, split="train") for _ in range(k)]
+        steps = [grpo.grpo_step(model, ref, optimizer, tok, draw, reward_fn, gcfg, generator=generator, lr=gcfg.lr)
+                 for _ in range(b.budget.grpo_steps)]
         timed = steps[1:] or steps                                            # the first step warms up
-        per_g[g] = {k: statistics.mean(s[k] for s in timed) for k in ("sample_s", "update_s", "length", "accuracy")}
-        print(f"  G={g}: sampling {per_g[g]['sample_s']:.2f} s + update {per_g[g]['update_s']:.2f} s per step",
-              flush=True)
-    bench.details["grpo"] = per_g
-
-    def draw(plt):
-        """Stacked bars: sampling and update seconds per step for each G."""
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        names = [f"G={g}" for g in per_g]
-        sample = [v["sample_s"] for v in per_g.values()]
-        ax.bar(names, sample, label="sampling (KV-cache generation)")
-        ax.bar(names, [v["update_s"] for v in per_g.values()], bottom=sample, label="update (forward + backward)")
-        ax.set(xlabel="group size G (completions per question)", ylabel="seconds per GRPO step",
-               title=f"GRPO step time, {bench.budget.grpo_prompts} questions per step")
-        ax.legend()
-        return fig
-    bench.plot("grpo_time.png", draw)
-    total = {g: v["sample_s"] + v["update_s"] for g, v in per_g.items()}
-    scale = total[16] / total[4]
-    share = {g: per_g[g]["sample_s"] / total[g] for g in per_g}
-    p = bench.budget.grpo_prompts
-    return [row(
-        "7", f"GRPO seconds per step, sampling + update ({p} questions x G completions, up to "
-             f"{bench.budget.new_tokens} tokens)",
-        "; ".join(f"G={g}: {v['sample_s']:.2f} + {v['update_s']:.2f} s" for g, v in per_g.items()),
-        f"G=16 / G=4: {scale:.2f}x",
-        f"4x the completions cost {scale:.2f}x the time ("
-        + ("batching makes each completion cheaper" if scale < 4 * (1 - NOISE) else "no batching gain")
-        + f"); sampling takes {min(share.values()):.0%}-{max(share.values()):.0%} of a step",
-        per_g={str(g): v for g, v in per_g.items()}, scale_16_over_4=scale)]
+        n |= {f"g{g}_{k}": statistics.median(s[k] for s in timed) for k in ("sample_s", "update_s")}
+    gs = list(confs)
+    b.plot("grpo_time.png", {part: (gs, [n[f"g{g}_{part}_s"] for g in gs]) for part in ("sample", "update")},
+           "group size G", "seconds per step (median)")
+    total = {g: n[f"g{g}_sample_s"] + n[f"g{g}_update_s"] for g in gs}
+    return n | {"scale_16_over_4": total[16] / total[4],
+                "sample_share_min": 100 * min(n[f"g{g}_sample_s"] / total[g] for g in gs),
+                "sample_share_max": 100 * max(n[f"g{g}_sample_s"] / total[g] for g in gs)}
 
 
-def profile_ops(fn, path: Path) -> tuple[dict[str, tuple[float, int]], float]:
-    """Profile one call of fn with torch.profiler and write its operator table to path.
-
-    Returns ({operator: (self CPU milliseconds, calls)}, wall-clock milliseconds of the call)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        fn()
-        wall = 1e3 * (time.perf_counter() - t0)
-    avg = prof.key_averages()
-    path.write_text(avg.table(sort_by="self_cpu_time_total", row_limit=30))
-    return {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in avg}, wall
-
-
-def where_time_goes(ours: tuple, theirs: tuple, k: int = 4) -> str:
-    """Two profile_ops results side by side: wall time, time inside operators, calls, then the k operators
-    with the most extra time in ours. Wall time not spent in operators is Python and dispatch overhead."""
-    (o, o_wall), (t, t_wall) = ours, theirs
-
-    def ms(ops, op):
-        """Self CPU milliseconds of op in a profile (0 if absent)."""
-        return ops.get(op, (0.0, 0))[0]
-
-    def calls(ops, op):
-        """Calls of op in a profile (0 if absent)."""
-        return ops.get(op, (0.0, 0))[1]
-    extra = [op for op in sorted(set(o) | set(t), key=lambda op: ms(t, op) - ms(o, op))[:k] if ms(o, op) > ms(t, op)]
-    op_ms = [sum(v[0] for v in ops.values()) for ops in (o, t)]
-    n = [sum(v[1] for v in ops.values()) for ops in (o, t)]
-    text = (f"profiled call {o_wall:.0f} vs {t_wall:.0f} ms wall, of which {op_ms[0]:.0f} vs {op_ms[1]:.0f} ms inside "
-            f"{n[0]:,} vs {n[1]:,} operator calls; ")
-    if not extra:
-        return text + "no operator takes longer in tinyseek"
-    return text + "most extra operator time in " + ", ".join(
-        f"{op} {ms(o, op):.1f} vs {ms(t, op):.1f} ms ({calls(o, op)} vs {calls(t, op)} calls)" for op in extra)
-
-
-def compare_transformers(bench: Bench) -> list[dict]:
-    """tinyseek vs transformers' DeepseekV3ForCausalLM, same weights: training step and greedy decoding."""
-    comparison = "tinyseek vs transformers' DeepseekV3ForCausalLM (same weights)"
+def hf_pair(b: Bench) -> "dict | str":
+    """Rows 8a/8b's shared setup (made once): the base checkpoint in tinyseek and, exported by extras/hf.py,
+    in transformers' DeepseekV3ForCausalLM, plus a val batch; or a string saying why that is impossible here."""
+    if "hf" in b.memo:
+        return b.memo["hf"]
     try:
         import transformers
 
         from extras import hf
     except ImportError as e:
-        return [row("8", comparison, f"skipped: {e}", "-", "pip install transformers safetensors to compare")]
-    base = bench.run(bench.base_arm())
-    b, device = bench.budget, bench.device
-    ours, tok, ckpt = load_model(base["ckpt"], device)
-    export_dir = bench.out / "runs" / "hf_export"
+        return b.memo.setdefault("hf", f"skipped: {e}")
+    base = b.run(b.base_arm())
+    ours, tok, ckpt = load_model(base["ckpt"], b.device)
     try:
-        hf.export_hf(ckpt, export_dir)                                       # needs safetensors too
+        hf.export_hf(ckpt, b.out / "runs" / "hf_export")
     except hf.HFConversionError as e:
-        return [row("8", comparison, f"skipped: {e}", "-", "the export to the Hugging Face format failed")]
-    log = transformers.utils.logging
-    level, bar = log.get_verbosity(), log.is_progress_bar_enabled()
-    log.set_verbosity_error()        # the load report lists the MTP layers, which DeepseekV3ForCausalLM skips
-    log.disable_progress_bar()
-    try:
-        # from_pretrained's defaults, as a user would call it (it picks the attention and experts kernels)
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32).to(device)
-        theirs.eval()
-        kernels = (f"attention '{theirs.config._attn_implementation}', experts "
-                   f"'{getattr(theirs.config, '_experts_implementation', 'eager')}'")
-        _, _, val, _ = train.load_data(base["train"])
-        x, y = train.get_batch(val, base["train"], torch.Generator().manual_seed(0), device)
-        diff = hf.max_logit_diff(ours.eval(), theirs, x)
-
-        # ---- training step: forward, cross-entropy, backward; the same batch; no optimizer ----
-        def train_ours():
-            """tinyseek: logits -> cross-entropy -> backward."""
-            ours.train()
-            ours.zero_grad(set_to_none=True)
-            logits, _ = ours(x)                                              # (B, T, V); no MTP without targets
-            F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
-
-        def train_theirs():
-            """transformers: the same, without its KV cache."""
-            theirs.train()
-            theirs.zero_grad(set_to_none=True)
-            logits = theirs(input_ids=x, use_cache=False).logits             # (B, T, V)
-            F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
-
-        train_fns = {"ours": train_ours, "theirs": train_theirs}
-        t_train, _ = best_times(train_fns, 2 * b.repeats)                     # cheap calls: more repeats
-
-        # ---- greedy decoding with each one's KV cache ----
-        ours.eval()
-        theirs.eval()
-        prompt = x[0, :32].tolist()
-        n = b.hf_decode
-
-        def decode_ours():
-            """tinyseek's greedy decoding with the latent KV cache."""
-            return generate_batch(ours, [prompt], n, 0.0)[0][0]
-
-        @torch.no_grad()
-        def decode_theirs():
-            """transformers' greedy generate() with its own cache, forced to produce n tokens."""
-            out = theirs.generate(torch.tensor([prompt], device=device), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=tok.eos_id)
-            return out[0, len(prompt):].tolist()
-        t_dec, outs = best_times({"ours": decode_ours, "theirs": decode_theirs}, b.repeats)
-        same = outs["ours"] == outs["theirs"]
-
-        # ---- where the time goes, when tinyseek is the slower one ----
-        notes = []
-        for what, fns, t in (("train", train_fns, t_train),
-                             ("decode", {"ours": decode_ours, "theirs": decode_theirs}, t_dec)):
-            if t["ours"] > t["theirs"] * (1 + NOISE):
-                ops = {side: profile_ops(fn, bench.out / f"profile_{what}_{side}.txt") for side, fn in fns.items()}
-                notes.append(f"Row 8 ({what}): tinyseek is slower. torch.profiler, tinyseek vs transformers: "
-                             f"{where_time_goes(ops['ours'], ops['theirs'])}. Tables: profile_{what}_*.txt.")
-    finally:
-        log.set_verbosity(level)
-        if bar:
-            log.enable_progress_bar()
-    bench.notes += notes
-    speed_train, speed_dec = t_train["theirs"] / t_train["ours"], t_dec["theirs"] / t_dec["ours"]
-    t = base["train"]
-    tokens = t.batch_size * t.block_size
-
-    def reading(speed):
-        """The reading for a speed ratio (transformers' time / ours)."""
-        return verdict(speed, f"tinyseek is {speed:.2f}x as fast", f"tinyseek is slower, {speed:.2f}x: where the "
-                       "time goes is in the notes below", "about the same speed")
-    bench.details["transformers"] = {"version": transformers.__version__, "kernels": kernels}
-    return [
-        row("8a", f"{comparison}: training step, forward + backward of {t.batch_size} x {t.block_size} tokens "
-                  f"(transformers {transformers.__version__}: {kernels})",
-            f"{tokens / t_train['ours']:,.0f} vs {tokens / t_train['theirs']:,.0f} tok/s; max |logit difference| "
-            f"{diff:.1e}", f"{speed_train:.2f}x", reading(speed_train),
-            tok_s_ours=tokens / t_train["ours"], tok_s_theirs=tokens / t_train["theirs"], max_logit_diff=diff),
-        row("8b", f"{comparison}: greedy decoding of {n} tokens after {len(prompt)}, batch 1, KV caches",
-            f"{n / t_dec['ours']:.1f} vs {n / t_dec['theirs']:.1f} tok/s; same tokens: {'yes' if same else 'no'}",
-            f"{speed_dec:.2f}x", reading(speed_dec),
-            tok_s_ours=n / t_dec["ours"], tok_s_theirs=n / t_dec["theirs"], same_tokens=same)]
+        return b.memo.setdefault("hf", f"skipped: the export to the Hugging Face format failed: {e}")
+    transformers.logging.set_verbosity_error()      # its load report lists the MTP layers, which it skips
+    # from_pretrained's defaults, as a user would call it (it picks the attention and experts kernels)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(b.out / "runs" / "hf_export"),
+                                                               dtype=torch.float32).to(b.device)
+    _, _, val, _ = train.load_data(base["train"])
+    x, y = train.get_batch(val, base["train"], torch.Generator().manual_seed(0), b.device)   # (B, T), (B, T)
+    kernels = (f"attention '{theirs.config._attn_implementation}', experts "
+               f"'{getattr(theirs.config, '_experts_implementation', 'eager')}'")
+    return b.memo.setdefault("hf", {"ours": ours, "theirs": theirs, "tok": tok, "x": x, "y": y, "kernels": kernels,
+                                    "version": transformers.__version__, "diff": hf.max_logit_diff(ours.eval(), theirs, x)})
 
 
-COMPARISONS = {1: compare_mla, 2: compare_moe_dense, 3: compare_balancing, 4: compare_mtp, 5: compare_fp8,
-               6: compare_efficiency, 7: compare_grpo, 8: compare_transformers}
+def ours_vs_theirs(b: Bench, what: str, fns: dict, tokens: int, repeats: int) -> dict:
+    """Time fns {'ours', 'theirs'} interleaved: tokens/s of both and the speed ratio. When ours is slower,
+    profile one call of each (tables in profile_<what>_*.txt) and name the operators with most extra time."""
+    t, outs = interleaved(fns, repeats)
+    n = {"tok_s_ours": tokens / t["ours"], "tok_s_theirs": tokens / t["theirs"], "speed": t["theirs"] / t["ours"],
+         "judge": judge(t["theirs"] / t["ours"]), "outs": outs, "profile": "not profiled (not slower)"}
+    if t["ours"] > t["theirs"] * (1 + NOISE):
+        from torch.profiler import profile
+        ms = {}
+        for side, fn in fns.items():
+            with profile() as prof:
+                fn()
+            avg = prof.key_averages()
+            (b.out / f"profile_{what}_{side}.txt").write_text(avg.table(sort_by="self_cpu_time_total", row_limit=30))
+            ms[side] = {e.key: e.self_cpu_time_total / 1e3 for e in avg}
+        o, th = ms["ours"], ms["theirs"]
+        n["profile"] = "; ".join(f"{op} {o[op]:.1f} vs {th.get(op, 0):.1f} ms" for op in sorted(
+            o, key=lambda op: th.get(op, 0) - o[op])[:4] if o[op] > th.get(op, 0)) + f" (tables: profile_{what}_*.txt)"
+    return n
+
+
+def hf_train(b: Bench) -> dict:
+    """8a. A training step (forward, cross-entropy, backward; same batch, same weights) vs transformers."""
+    p = hf_pair(b)
+    if isinstance(p, str):
+        return skipped(p, "install the development requirements (transformers, safetensors)")
+    x, y = p["x"], p["y"]
+
+    def step(model, **kw):
+        """logits -> cross-entropy -> backward; no optimizer."""
+        model.train()
+        model.zero_grad(set_to_none=True)
+        out = model(x, **kw)
+        logits = out[0] if isinstance(out, tuple) else out.logits              # (B, T, V)
+        F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+    fns = {"ours": functools.partial(step, p["ours"]), "theirs": functools.partial(step, p["theirs"], use_cache=False)}
+    n = ours_vs_theirs(b, "train", fns, x.numel(), 2 * b.budget.repeats)      # cheap calls: more repeats
+    return {k: v for k, v in n.items() if k != "outs"} | {"batch": x.shape[0], "block": x.shape[1], "diff": p["diff"],
+                                                          "version": p["version"], "kernels": p["kernels"]}
+
+
+def hf_decode(b: Bench) -> dict:
+    """8b. Greedy decoding, batch 1, each side with its own KV cache, vs transformers' generate()."""
+    p = hf_pair(b)
+    if isinstance(p, str):
+        return skipped(p, "install the development requirements (transformers, safetensors)")
+    ours, theirs, n = p["ours"].eval(), p["theirs"].eval(), b.budget.hf_decode
+    prompt = p["x"][0, :32].tolist()
+
+    @torch.no_grad()
+    def decode_theirs():
+        """transformers' greedy generate() with its own cache, forced to produce n tokens."""
+        out = theirs.generate(torch.tensor([prompt], device=b.device), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=p["tok"].eos_id)
+        return out[0, len(prompt):].tolist()
+    fns = {"ours": lambda: sample.generate_batch(ours, [prompt], n, 0.0)[0][0], "theirs": decode_theirs}
+    r = ours_vs_theirs(b, "decode", fns, n, b.budget.repeats)
+    same = r.pop("outs")
+    return r | {"new": n, "prompt": len(prompt), "same_tokens": "yes" if same["ours"][-1] == same["theirs"][-1] else "no"}
+
+
+ROWS = {"1a": cache_bytes, "1b": absorb_decode, "2a": functools.partial(moe_dense, text=False),
+        "2b": functools.partial(moe_dense, text=True), "3": balancing, "4a": mtp_loss, "4b": mtp_speculative,
+        "5a": fp8_vs_bf16, "5b": accumulation, "6a": efficiency, "6b": gpu_mode, "7": grpo_time,
+        "8a": hf_train, "8b": hf_decode}
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Report: results.md, results.json
+# 5. Report: the template filled from the numbers -> results.md; the numbers -> results.json
 # ----------------------------------------------------------------------------------------------------
+
+def read_template(path: Path = TEMPLATE) -> dict[str, dict[str, str]]:
+    """template.md as {section: {key: text}}: a section starts with '## name', then 'key: text' lines."""
+    sections, current = {}, None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if m := re.match(r"^## (\S+)\s*$", line):
+            current = sections.setdefault(m.group(1), {})
+        elif current is not None and (m := re.match(r"^(\w+): (.*)$", line)):
+            current[m.group(1)] = m.group(2)
+        elif current is not None and line.startswith("- "):
+            current.setdefault("items", []).append(line[2:])
+    return sections
+
+
+def fill(template: dict, rid: str, numbers: dict) -> dict:
+    """One table row: the row's template section (the 'skipped' one for a skipped row) filled from numbers."""
+    section = template["skipped" if "skipped" in numbers else rid]
+    return {"id": rid, "comparison": template[rid]["comparison"].format(**numbers),
+            **{k: section[k].format(**numbers) for k in ("measured", "ratio", "reading")}}
+
 
 def machine() -> dict:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "os": platform.platform(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def cell(text) -> str:
-    """Text safe inside a markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
+            "python": platform.python_version(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def markdown(rows: list[dict], meta: dict, notes: list[str], plots: list[str]) -> str:
-    """The results table with its date, machine and command, the notes and the plots."""
+    """The results table with its date, machine and command, then the notes and the plots."""
     m = meta["machine"]
-    lines = [
-        "# tinyseek benchmark: DeepSeek-V3's ideas measured at toy scale", "",
-        f"- date: {meta['date']}",
-        f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads)"
-        + (f", GPU {m['gpu']}" if m["gpu"] else "") + f"; torch {m['torch']}, Python {m['python']}, {m['os']}",
-        f"- command: `{meta['command']}`",
-        f"- mode: {meta['mode']}; total time {meta['seconds'] / 60:.1f} min", "",
-        "| # | comparison | measured | ratio | reading |", "|---|---|---|---|---|"]
-    lines += [f"| {r['id']} | {cell(r['comparison'])} | {cell(r['measured'])} | {cell(r['ratio'])} | "
-              f"{cell(r['reading'])} |" for r in rows]
+    cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
+    lines = ["# tinyseek benchmark: DeepSeek-V3's ideas measured at toy scale", "", f"- date: {meta['date']}",
+             f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads)"
+             + (f", GPU {m['gpu']}" if m["gpu"] else "") + f"; torch {m['torch']}, Python {m['python']}",
+             f"- command: `{meta['command']}`", f"- mode: {meta['mode']}; total time {meta['seconds'] / 60:.1f} min",
+             "", "| # | comparison | measured | ratio | reading |", "|---|---|---|---|---|"]
+    lines += [f"| {r['id']} | " + " | ".join(cell(r[k]) for k in ("comparison", "measured", "ratio", "reading")) + " |"
+              for r in rows]
     lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     if plots:
         lines += ["", "Plots:", ""] + [f"![{p[:-4]}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
-def standard_notes(cfg: BenchConfig) -> list[str]:
-    """What every reader of the table should know."""
-    notes = [
-        ("Each comparison runs its arms in one process, on the same data and seed, differing only in the thing "
-         "compared (bench.check_arms). Times are best-of interleaved repeats where the arms can be interleaved; "
-         "training arms run one after the other, so a busy machine can penalise one arm only (row 2 most). "
-         f"Ratios within {NOISE:.0%} of 1 are read as no clear difference."),
-        ("Row 2: the MTP module is the same MoE block in both arms (model.py builds MTP blocks as MoE blocks); "
-         "count_params leaves it out of the activated parameters of both."),
-        (f"Row 3: the auxiliary-loss arm uses V3's sequence-wise balance loss (eq. 17-20) at alpha={AUX_LOSS_ALPHA} "
-         "without the bias; MaxVio is the mean over MoE layers of one step's max load / mean load - 1, averaged "
-         "over the last quarter of the logged steps."),
-        "Rows 4b, 7, 8 use the checkpoint of the shared `tiny` run of rows 3-5 (runs/base).",
-    ]
-    if cfg.quick:
-        notes.insert(0, "QUICK MODE: tiny budgets that only prove every row runs; these numbers are not results.")
-    return notes
-
-
 def main(argv: "list[str] | None" = None) -> dict:
-    """Parse flags, run the selected comparisons, write results.md, results.json and the plots."""
+    """Parse flags, run the selected rows, write results.md, results.json and the plots."""
     cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n\n")[0])
     print_config(cfg, "bench config")
-    device = pick_device(cfg.device)
+    template = read_template()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(cfg, device, out)
+    b = Bench(cfg, pick_device(cfg.device), out)
     t0 = time.perf_counter()
-    rows = []
-    for number in cfg.selected():
-        fn = COMPARISONS[number]
-        print(f"==== {number}. {fn.__doc__.splitlines()[0]}", flush=True)
-        t = time.perf_counter()
-        new = fn(bench)
-        for r in new:
-            print(f"  {r['id']}: {r['measured']}  ->  {r['ratio']}", flush=True)
-        print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
-        rows += new
+    picked = [rid for rid in ROWS if int(rid[0]) in cfg.selected()]
+    progress, rows, numbers = Progress(len(picked), "row", ""), [], {}
+    for rid in picked:
+        progress(f"{rid}: {template[rid]['comparison'][:60]}...")
+        numbers[rid] = ROWS[rid](b)
+        rows.append(fill(template, rid, numbers[rid]))
+        print(f"  {rid}: {rows[-1]['measured']}  ->  {rows[-1]['ratio']}", flush=True)
     args = sys.argv[1:] if argv is None else argv
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
             "command": " ".join(["python -m extras.bench", *args]), "mode": "quick" if cfg.quick else "full",
-            "seconds": time.perf_counter() - t0, "budget": budget(cfg).__dict__}
-    notes = standard_notes(cfg) + bench.notes
-    text = markdown(rows, meta, notes, bench.plots)
+            "seconds": time.perf_counter() - t0, "budget": asdict(budget(cfg))}
+    notes = (template["quick"]["items"] if cfg.quick else []) + [
+        n.format(noise=NOISE, alpha=AUX_LOSS_ALPHA) for n in template["notes"]["items"]]
+    text = markdown(rows, meta, notes, b.plots)
     (out / "results.md").write_text(text, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "notes": notes, "plots": bench.plots,
-                                                  "details": bench.details}, indent=2, default=str) + "\n")
-    print("\n" + text)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {len(bench.plots)} plots in {out} "
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "numbers": numbers, "notes": notes,
+                                                  "plots": b.plots}, indent=2, default=str) + "\n")
+    print("\n" + text + f"\nwrote {out / 'results.md'}, {out / 'results.json'} and {len(b.plots)} plots in {out} "
           f"({meta['seconds'] / 60:.1f} min)")
-    return {"rows": rows, "meta": meta}
+    return {"rows": rows, "numbers": numbers, "meta": meta}
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ import grpo
 import tasks
 import train
 from checkpoint import CheckpointError, load_model, read_checkpoint, write_jsonl
-from cli import parse_config, pick_device, print_config
+from cli import parse_config, pick_device, print_config, progress
 from sample import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,15 +293,24 @@ def stage_state(ckpt: Path, script: str, argv: list[str]) -> tuple[str, "float |
 class Pipeline:
     """Runs stages in order, prints each one's command, accuracy and example, and keeps a results list."""
 
-    def __init__(self, cfg: R1Config, out_dir: Path, results_name: str):
+    def __init__(self, cfg: R1Config, out_dir: Path, results_name: str, n_stages: int = 0):
         self.cfg, self.out_dir, self.results = cfg, out_dir, []
         self.results_path = out_dir / results_name
+        self.n_stages, self.done, self.t_start = n_stages, 0, time.perf_counter()
+
+    def header(self, name: str) -> None:
+        """'==== stage 3/7: RL | 2 done, ETA 6m10s ====': where the pipeline stands (ETA at its pace so far)."""
+        where = ""
+        if self.n_stages:
+            eta = progress(self.done, self.n_stages, time.perf_counter() - self.t_start).split("| ")[1]
+            where = f" ({self.done + 1}/{self.n_stages}, {eta})"
+        print(f"\n==== stage: {name}{where} ====")
 
     def stage(self, name: str, script: str, argv: list[str], ckpt: "Path | None" = None, run: bool = True) -> dict:
         """Run `script` (train.py / grpo.py) with argv unless run=False (an existing checkpoint), evaluate
         the checkpoint it wrote, print and record the result. A stage whose checkpoint already holds this
         finished run is skipped; one that was interrupted continues with --resume (stage_state)."""
-        print(f"\n==== stage: {name} ====")
+        self.header(name)
         ckpt = ckpt or Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))) / "ckpt.pt"
         state, seconds = stage_state(ckpt, script, argv) if run else ("given", None)
         if state == "done":
@@ -322,6 +331,7 @@ class Pipeline:
               f"({'right' if ex['correct'] else 'wrong, expected ' + ex['answer']})")
         self.results.append(res)
         self.save()
+        self.done += 1
         return res
 
     def note(self, name: str, info: dict) -> None:
@@ -362,7 +372,7 @@ def recipe(cfg: R1Config) -> list[dict]:
     out_dir/results.jsonl (one JSON line per stage) and r1_stages.png."""
     out = resolve(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline(cfg, out, "results.jsonl")
+    pipe = Pipeline(cfg, out, "results.jsonl", n_stages=4 + cfg.final_rl + cfg.zero_baseline)
     t_start = time.perf_counter()
     if cfg.base:
         base = resolve(cfg.base)
@@ -406,7 +416,7 @@ def distill(cfg: R1Config) -> list[dict]:
         raise SystemExit(f"no teacher data at {data}: run `python -m extras.r1 recipe` first (it writes "
                          "rejection.jsonl) or pass --teacher_data=FILE")
     n_rows = len(train.read_sft_jsonl(data))
-    pipe = Pipeline(cfg, out, "distill.jsonl")
+    pipe = Pipeline(cfg, out, "distill.jsonl", n_stages=3)
     student = out / "student_base"
     pipe.stage(f"student ({cfg.student_preset}) pretrained", "train.py",
                pretrain_argv(cfg, student, cfg.student_preset))
