@@ -5,7 +5,7 @@ The notebooks import the real code (model.py, train.py, sample.py, ...), so this
 rotting when that code changes. Each notebook is read into memory and executed there: the committed file,
 with its saved plots, is never modified. Each run's wall-clock seconds and the kernel's CPU seconds are
 printed (`-s` shows them) and written to notebook_times.json in pytest's temporary folder (the path is
-printed too); on a quiet 2-core machine each notebook takes at most about two minutes:
+printed too). Each notebook is meant to take at most about two minutes on a quiet 2-core machine:
 
     python -m pytest tests/test_notebooks.py -s          # needs nbclient, nbformat, ipykernel (requirements-dev.txt)
     python -m pytest tests/test_notebooks.py -k 02_mla   # one notebook
