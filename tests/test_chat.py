@@ -28,6 +28,7 @@ from sample import (
     chat_template,
     completion_text,
     encode_prompt,
+    generate_batch,
     generate_uncached,
     prompt_tokens,
 )
@@ -151,9 +152,12 @@ def test_chat_without_a_checkpoint_says_how_to_make_one(tmp_path):
 def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path):
     """SIGINT while an answer streams prints [stopped] and returns to the prompt; the chat goes on."""
     path = tmp_path / "ckpt.pt"
-    make_checkpoint(path, {"data": "long.txt"}, max_seq_len=4096, original_seq_len=4096)
+    model = make_checkpoint(path, {"data": "long.txt"}, max_seq_len=4096, original_seq_len=4096)
+    # greedy, so the answer is known to run on: no EOS in its first 1000 tokens (Ctrl-C comes long before)
+    prompt = encode_prompt(TOK, "Once upon a time", bos=False)
+    assert TOK.eos_id not in generate_batch(model, [prompt], 1000, temperature=0.0)[0][0]
     proc = subprocess.Popen([sys.executable, "sample.py", "--interactive", f"--init_from={path}",
-                             "--max_new_tokens=4000", "--temperature=1.0"], cwd=ROOT, env=env(),
+                             "--max_new_tokens=4000", "--temperature=0"], cwd=ROOT, env=env(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, encoding="utf-8", errors="replace")
     chunks = []
@@ -163,7 +167,9 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path):
     def wait_for(text: str, timeout: float = 120.0) -> None:
         t0 = time.time()
         while text not in "".join(chunks):
-            assert proc.poll() is None and time.time() - t0 < timeout, ("".join(chunks), proc.stderr.read())
+            if proc.poll() is not None or time.time() - t0 > timeout:
+                proc.kill()
+                pytest.fail(f"waited for {text!r}; got {''.join(chunks)[-500:]!r}; stderr {proc.stderr.read()[-500:]!r}")
             time.sleep(0.02)
 
     try:
@@ -171,7 +177,7 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path):
         proc.stdin.write("Once upon a time\n")
         proc.stdin.flush()
         wait_for("Once upon a time")                       # the answer has started streaming
-        time.sleep(0.3)
+        time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         wait_for("[stopped]")
         proc.stdin.write("/quit\n")
