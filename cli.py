@@ -32,13 +32,12 @@ def parse_config(cls, argv=None, description: str = ""):
 
     Every field becomes a flag of its own type (bools accept true/false; `--flag` alone means true;
     `int | None` style fields accept 'none'). Unknown flags or wrong types exit with argparse's usage message,
-    which lists every valid flag.
+    which lists every valid flag. `--help` shows each field's metadata["help"] and its default.
     """
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", " ")
+        help_text = _help_with_default(f.metadata.get("help", ""), default)
         kind = f.type if isinstance(f.type, type) else type(default)
         if kind is bool:
             parser.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=default,
@@ -52,6 +51,15 @@ def parse_config(cls, argv=None, description: str = ""):
         return cls(**vars(ns))
     except ValueError as e:
         parser.error(str(e))
+
+
+def _help_with_default(help_text: str, default) -> str:
+    """The help text followed by '(default: X)'. Built here rather than by ArgumentDefaultsHelpFormatter,
+    which shows no default at all for a field without a help text, and an empty string as nothing."""
+    if "(default" in help_text:                        # the text already says what the default means
+        return help_text
+    shown = repr(default) if default == "" else str(default)
+    return f"{help_text} (default: {shown.replace('%', '%%')})".lstrip()
 
 
 def _optional(annotation):

@@ -45,7 +45,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -66,7 +66,7 @@ from model import (
     sample_next,
     sampling_probs,
 )
-from tasks import eval_record, format_prompt
+from tasks import THINK_OPEN, eval_record, format_prompt
 from tokenizer import Tokenizer, get_tokenizer
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,6 +96,9 @@ class SampleConfig:
     attn_impl: str = field(default="absorb", metadata={"help": "absorb (latent cache) or naive (per-head k, v)"})
     speculative: bool = field(default=False, metadata={"help": "MTP drafts, the main model verifies"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the per-step decoding path (run_blocks)"})
+    interactive: bool = field(default=False, metadata={"help": "chat: a prompt loop that streams answers (/help)"})
+    template: str = field(default="auto", metadata={"help": "chat prompt format: auto (from the checkpoint), r1 "
+                                                            "(the R1-Zero template) or raw (text continued as is)"})
 
     def __post_init__(self):
         """Reject values that make no sense, with a message saying what is allowed."""
@@ -545,6 +548,148 @@ def cache_sizes(model: Transformer, max_len: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# 7b. Chat: `python sample.py --interactive`
+# ----------------------------------------------------------------------------------------------------
+# A prompt loop around the same streaming decoders: every question is a fresh prompt (no history; the
+# models here were trained on single questions or plain text), and the answer is printed token by token.
+# Settings change between questions with slash commands. Ctrl-C stops the answer being written and
+# returns to the prompt; Ctrl-D (end of input) or /quit leaves.
+
+CHAT_HELP = ("commands: /temperature T (0 = greedy) | /top_k K or none | /top_p P | /max_new_tokens N | "
+             "/speculative on|off | /template r1|raw | /settings | /help | /quit (or Ctrl-D); "
+             "Ctrl-C stops an answer")
+
+
+def chat_template(ckpt: dict) -> tuple[str, str]:
+    """('r1' or 'raw', why): which prompt format the checkpoint's model was trained on.
+
+    Reasoning checkpoints (GRPO, SFT on worked solutions, pretraining on the built-in arithmetic corpus,
+    whose documents all start with the R1-Zero prompt) get tasks.format_prompt around the question; a model
+    pretrained on a text file (--data) just continues the text it is given (without BOS, as in training)."""
+    kind, data = ckpt.get("kind", "?"), (ckpt.get("config") or {}).get("data", "")
+    if kind in ("grpo", "sft"):
+        return "r1", f"a {kind} checkpoint"
+    if kind == "pretrain" and not data:
+        return "r1", "pretrained on the built-in arithmetic corpus"
+    if kind == "pretrain":
+        return "raw", f"pretrained on the text file {data}"
+    return "raw", f"a checkpoint of kind {kind!r}"
+
+
+def chat_command(line: str, cfg: SampleConfig, model: Transformer) -> "tuple[SampleConfig, str] | None":
+    """Apply one slash command to the settings: (new settings, message to print), or None for /quit.
+
+    Invalid commands or values leave the settings unchanged and return a one-line explanation."""
+    name, _, value = line[1:].strip().partition(" ")
+    value = value.strip()
+    if name in ("quit", "exit", "q"):
+        return None
+    if name == "help":
+        return cfg, CHAT_HELP
+    if name == "settings":
+        return cfg, chat_settings(cfg)
+    if name == "speculative" and value in ("on", "off"):
+        if value == "on" and len(model.mtp) == 0:
+            return cfg, "this checkpoint has no MTP module (mtp_depth=0), so speculative decoding is unavailable"
+        new = replace(cfg, speculative=value == "on")
+    elif name == "template" and value in ("r1", "raw"):
+        new = replace(cfg, template=value)
+    elif name in ("temperature", "top_p", "top_k", "max_new_tokens") and value:
+        kind = float if name in ("temperature", "top_p") else int
+        try:
+            parsed = None if name == "top_k" and value.lower() == "none" else kind(value)
+            new = replace(cfg, **{name: parsed})              # SampleConfig checks the range
+        except ValueError as e:
+            reason = str(e).split(" ", 1)[1] if str(e).startswith("--") else f"expects {kind.__name__}"
+            return cfg, f"/{name} {value}: {reason}; e.g. {CHAT_EXAMPLES[name]}"
+    else:
+        return cfg, f"unknown command or value: {line.strip()!r}; {CHAT_HELP}"
+    return new, chat_settings(new)
+
+
+CHAT_EXAMPLES = {"temperature": "/temperature 0.7", "top_p": "/top_p 0.9", "top_k": "/top_k 10 or /top_k none",
+                 "max_new_tokens": "/max_new_tokens 64"}
+
+
+def chat_settings(cfg: SampleConfig) -> str:
+    """The sampling settings in effect, on one line."""
+    return (f"settings: template={cfg.template} temperature={cfg.temperature} top_k={cfg.top_k} "
+            f"top_p={cfg.top_p} max_new_tokens={cfg.max_new_tokens} "
+            f"speculative={'on' if cfg.speculative else 'off'}")
+
+
+def chat_answer(model: Transformer, tok: Tokenizer, question: str, cfg: SampleConfig,
+                gen: torch.Generator) -> None:
+    """Stream one answer to `question` under the current settings, then a line with its speed."""
+    if cfg.template == "r1":                               # the answer starts inside the template's <think>
+        prompt, stop, shown = prompt_tokens(tok, question), cfg.stop, THINK_OPEN
+    else:                                                  # text files are trained on without BOS
+        prompt, stop, shown = encode_prompt(tok, question, bos=False), "", question
+    prompt = fit_prompt(prompt, model.args.max_seq_len, cfg.max_new_tokens)
+    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "eos_id": tok.eos_id,
+                "generator": gen}
+    stats, t0 = SpecStats(), time.perf_counter()
+    tokens = (speculative_stream(model, prompt, cfg.max_new_tokens, stats=stats, **sampling)
+              if cfg.speculative else stream(model, prompt, cfg.max_new_tokens, **sampling))
+    print(shown, end="", flush=True)
+    n = len(print_stream(tokens, tok, stop))
+    seconds = time.perf_counter() - t0
+    spec = f", {stats.acceptance:.0%} of MTP drafts accepted" if cfg.speculative else ""
+    print(f"[{n} tokens, {n / seconds:.1f} tokens/s{spec}]", flush=True)
+
+
+def chat(cfg: SampleConfig) -> int:
+    """The prompt loop of `python sample.py --interactive`: read a line, answer it or run a /command.
+
+    Returns the exit status: 0 after /quit or end of input, 1 if the checkpoint cannot be loaded."""
+    try:
+        import readline  # noqa: F401  (arrow keys and history for input() in a terminal, where available)
+    except ImportError:
+        pass
+    if cfg.template not in ("auto", "r1", "raw"):
+        print(f"error: --template={cfg.template!r} must be auto, r1 or raw", file=sys.stderr)
+        return 1
+    device = pick_device(cfg.device)
+    try:
+        model, tok, ckpt = load_model(cfg.checkpoint_path(), device, hint="python train.py",
+                                      attn_impl=cfg.attn_impl)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    template, why = chat_template(ckpt)
+    if cfg.template != "auto":
+        template, why = cfg.template, f"--template={cfg.template}"
+    cfg = replace(cfg, template=template, speculative=cfg.speculative and len(model.mtp) > 0)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    print(f"tinyseek chat: {model.args.n_layers} layers, dim {model.args.dim}, device {device}; {why}, so "
+          f"{'questions get the R1-Zero prompt' if template == 'r1' else 'your text is continued as is'}\n"
+          f"{chat_settings(cfg)}\n{CHAT_HELP}", flush=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:                                   # end of input: Ctrl-D, or the end of a piped file
+            print("\nbye")
+            return 0
+        except KeyboardInterrupt:                          # Ctrl-C at the prompt: say how to leave
+            print("\n(/quit or Ctrl-D leaves)", flush=True)
+            continue
+        try:
+            if line.startswith("/"):
+                result = chat_command(line, cfg, model)
+                if result is None:
+                    print("bye")
+                    return 0
+                cfg, message = result
+                print(message, flush=True)
+            elif line.strip():
+                chat_answer(model, tok, line.strip() if cfg.template == "r1" else line, cfg, gen)
+        except KeyboardInterrupt:                          # Ctrl-C during an answer: drop it, keep chatting
+            print("\n[stopped]", flush=True)
+        except ValueError as e:                            # e.g. max_new_tokens leaves no room for the prompt
+            print(f"error: {e}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
 # 8. Main
 # ----------------------------------------------------------------------------------------------------
 
@@ -571,6 +716,8 @@ def print_stream(tokens: Iterable[int], tok: Tokenizer, stop: str) -> list[int]:
 def main(argv: "list[str] | None" = None) -> int:
     """Parse flags, load the checkpoint, then generate (streaming for one sample, batched for several)."""
     cfg = parse_config(SampleConfig, argv, description=__doc__.split("\n\n")[0])
+    if cfg.interactive:
+        return chat(cfg)
     print_config(cfg, "sample")
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)

@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -828,7 +828,7 @@ def main(argv: "list[str] | None" = None) -> dict:
         rows.append(fill(template, rid, numbers[rid]))
         print(f"  {rid}: {rows[-1]['measured']}  ->  {rows[-1]['ratio']}", flush=True)
     args = sys.argv[1:] if argv is None else argv
-    meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
             "command": " ".join(["python -m extras.bench", *args]), "mode": "quick" if cfg.quick else "full",
             "seconds": time.perf_counter() - t0, "budget": asdict(budget(cfg))}
     notes = (template["quick"]["items"] if cfg.quick else []) + [

@@ -1,13 +1,21 @@
-"""Execute every notebook in notebooks/ from top to bottom and fail on any cell error.
+"""Execute every notebook in notebooks/ from top to bottom, fail on any cell error, and record how long each
+took; check that every notebook finds the repository from any working directory.
 
 The notebooks import the real code (model.py, train.py, sample.py, ...), so this is what keeps them from
 rotting when that code changes. Each notebook is read into memory and executed there: the committed file,
-with its saved plots, is never modified. Slow (each notebook runs for up to a few minutes on a CPU):
+with its saved plots, is never modified. Each run's wall-clock seconds and the kernel's CPU seconds are
+printed (`-s` shows them) and written to notebook_times.json in pytest's temporary folder (the path is
+printed too). Each notebook is meant to take at most about two minutes on a quiet 2-core machine:
 
-    python -m pytest tests/test_notebooks.py            # needs nbclient, nbformat, ipykernel (requirements-dev.txt)
-    python -m pytest tests/test_notebooks.py -k 02_mla  # one notebook
+    python -m pytest tests/test_notebooks.py -s          # needs nbclient, nbformat, ipykernel (requirements-dev.txt)
+    python -m pytest tests/test_notebooks.py -k 02_mla   # one notebook
 """
 
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,18 +29,71 @@ nbclient = pytest.importorskip("nbclient", reason="notebook tests need nbclient 
 pytest.importorskip("ipykernel", reason="notebook tests need ipykernel for the python3 kernel "
                                         "(pip install -r requirements-dev.txt)")
 
+# Appended to the in-memory copy: the kernel's own CPU seconds (user + system), which depend much less than
+# wall-clock seconds on other jobs sharing the machine.
+CPU_PROBE = "import resource as _r\n_u = _r.getrusage(_r.RUSAGE_SELF)\nprint(f'kernel cpu seconds: {_u.ru_utime + _u.ru_stime:.1f}')"
+
+
+@pytest.fixture(scope="session")
+def times_file(tmp_path_factory) -> Path:
+    """notebook_times.json in pytest's temporary folder, filled in by each notebook's test."""
+    path = tmp_path_factory.getbasetemp() / "notebook_times.json"
+    path.write_text("{}")
+    return path
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_executes_without_errors(path):
+def test_notebook_executes_without_errors(path, times_file):
     nb = nbformat.read(path, as_version=4)              # an in-memory copy; the file on disk stays untouched
+    nb.cells.append(nbformat.v4.new_code_cell(CPU_PROBE))
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                                      resources={"metadata": {"path": str(path.parent)}})
+    t0 = time.perf_counter()
     client.execute()                                    # raises CellExecutionError on the first failing cell
+    seconds = time.perf_counter() - t0
     errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors, f"{path.name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+    probe = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+    cpu = float(probe.split(":")[1])
+    record = {"wall_s": round(seconds, 1), "kernel_cpu_s": cpu, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+              "load_avg_1min_at_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+    times = json.loads(times_file.read_text())
+    times[path.name] = record
+    times_file.write_text(json.dumps(times, indent=1))
+    print(f"\n{path.name}: {seconds:.1f} s wall, {cpu:.1f} s kernel CPU ({times_file})")
+    assert nb.cells[-2].cell_type == "markdown" and nb.cells[-2].source.startswith("## Exercises"), \
+        f"{path.name} should end with its exercises"
 
 
 def test_notebooks_exist():
     assert NOTEBOOKS, f"no notebooks found in {ROOT / 'notebooks'}"
+
+
+def first_code_cell(path: Path) -> str:
+    """The source of the notebook's first code cell (the one that finds the repository)."""
+    nb = nbformat.read(path, as_version=4)
+    return next(c.source for c in nb.cells if c.cell_type == "code")
+
+
+# 02 and 05 are being edited elsewhere; their first cell gets the same change there. strict: once it has it,
+# the expected failure turns into a failure that says to drop this marker.
+OLD_FIRST_CELL = {"02_mla.ipynb", "05_fp8.ipynb"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(
+    strict=True, reason="first cell not yet updated (TINYSEEK_ROOT)")) if p.name in OLD_FIRST_CELL else p
+    for p in NOTEBOOKS], ids=[p.name for p in NOTEBOOKS])
+def test_first_cell_finds_the_repository_from_anywhere(path, tmp_path):
+    """From a folder outside the repository: with TINYSEEK_ROOT set, the cell makes the code importable;
+    without it, it stops with a one-line message saying what to do."""
+    code = first_code_cell(path) + "\nimport model\nprint('ROOT', ROOT)\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("TINYSEEK_ROOT", "PYTHONPATH")}
+    found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "TINYSEEK_ROOT": str(ROOT)},
+                           check=False, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0 and f"ROOT {ROOT}" in found.stdout, found.stderr
+    lost = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=False, capture_output=True,
+                          text=True, timeout=120)
+    message = lost.stderr.strip().splitlines()[-1]
+    assert lost.returncode != 0 and "TINYSEEK_ROOT" in message and len(message) < 200, lost.stderr
