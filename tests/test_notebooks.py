@@ -77,14 +77,7 @@ def first_code_cell(path: Path) -> str:
     return next(c.source for c in nb.cells if c.cell_type == "code")
 
 
-# 02 and 05 are being edited elsewhere; their first cell gets the same change there. strict: once it has it,
-# the expected failure turns into a failure that says to drop this marker.
-OLD_FIRST_CELL = {"02_mla.ipynb", "05_fp8.ipynb"}
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(
-    strict=True, reason="first cell not yet updated (TINYSEEK_ROOT)")) if p.name in OLD_FIRST_CELL else p
-    for p in NOTEBOOKS], ids=[p.name for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_first_cell_finds_the_repository_from_anywhere(path, tmp_path):
     """From a folder outside the repository: with TINYSEEK_ROOT set, the cell makes the code importable;
     without it, it stops with a one-line message saying what to do."""
