@@ -866,6 +866,12 @@ grouped_mm.register_autograd(_grouped_mm_backward,
                              setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
+# How many of a group's highest biased scores make its group score: the official code's hard-coded 2. V3's
+# rule is K_r / M (n_activated_experts / n_limited_groups); tests/test_model.py checks that every preset has
+# K_r / M == GROUP_SCORE_TOPK, so for them the two rules agree.
+GROUP_SCORE_TOPK = 2
+
+
 class Gate(Float32Buffers):
     """The router: which K experts each token uses and with what weight (V3 eq. 13-16).
 
@@ -902,7 +908,7 @@ class Gate(Float32Buffers):
         if self.n_groups > 1:
             N = x.shape[0]
             grouped = biased.view(N, self.n_groups, -1)                        # (N, G, E/G)
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # (N, G)
+            group_scores = grouped.topk(min(GROUP_SCORE_TOPK, grouped.shape[-1]), dim=-1).values.sum(-1)  # (N, G)
             keep = group_scores.topk(self.topk_groups, dim=-1).indices         # (N, M)
             drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)  # (N, G)
             # -inf, not 0: a biased score can be negative, and 0 could then beat an allowed expert

@@ -434,3 +434,12 @@ def test_generate_greedy_equals_argmax_of_full_forward():
     for t in range(5, 13):
         logits, _ = m(out[:, :t])
         assert torch.equal(logits[:, -1].argmax(-1), out[:, t])
+
+
+def test_group_score_rule_matches_v3_for_every_preset():
+    """Gate scores a group by its GROUP_SCORE_TOPK highest biased scores (the official code's 2); V3 §2.1.2 sums
+    the top K_r / M. Every preset with groups must have K_r / M equal to it, so the two rules agree."""
+    from model import GROUP_SCORE_TOPK, PRESETS
+    for name, a in PRESETS.items():
+        if a.n_expert_groups > 1:
+            assert a.n_activated_experts / a.n_limited_groups == GROUP_SCORE_TOPK, name
