@@ -55,7 +55,9 @@ def parse_config(cls, argv=None, description: str = ""):
 
 def _help_with_default(help_text: str, default) -> str:
     """The help text followed by '(default: X)'. Built here rather than by ArgumentDefaultsHelpFormatter,
-    which shows no default at all for a field without a help text, and an empty string as nothing."""
+    which shows no default at all for a field without a help text, and an empty string as nothing. A '%'
+    is doubled: argparse reads help texts as %-format strings."""
+    help_text = help_text.replace("%", "%%")
     if "(default" in help_text:                        # the text already says what the default means
         return help_text
     shown = repr(default) if default == "" else str(default)
