@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_sample import TOK, small_args
 
 from checkpoint import save_checkpoint
-from model import ModelArgs, Transformer
+from model import Transformer
 from sample import (
     SampleConfig,
     chat_command,
@@ -32,19 +33,8 @@ from sample import (
     generate_uncached,
     prompt_tokens,
 )
-from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-TOK = get_tokenizer("char")
-
-
-def small_args(**kw) -> ModelArgs:
-    """The tiny preset shrunk further (as in test_sample.py) so a chat answer takes milliseconds."""
-    base = {"vocab_size": TOK.n_vocab, "dim": 64, "inter_dim": 128, "moe_inter_dim": 32, "n_layers": 3,
-            "n_routed_experts": 4, "n_expert_groups": 2, "n_limited_groups": 1, "q_lora_rank": 32,
-            "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-            "max_seq_len": 96, "original_seq_len": 96, "init_std": 0.1}
-    return ModelArgs.preset("tiny", **{**base, **kw})
 
 
 def make_checkpoint(path: Path, config: dict, kind: str = "pretrain", **arg_kw) -> Transformer:

@@ -8,6 +8,7 @@ Run: python -m pytest tests/test_fp8.py -q
 
 import pytest
 import torch
+from test_model import tiny
 
 from model import (
     BIAS_FREEZE_SWITCH,
@@ -25,16 +26,6 @@ from model import (
     precompute_rope,
     round_mantissa,
 )
-
-
-def tiny(**kw) -> ModelArgs:
-    """A very small config with every feature on (the one of tests/test_model.py)."""
-    base = {"vocab_size": 64, "dim": 32, "inter_dim": 64, "moe_inter_dim": 16, "n_layers": 3, "n_dense_layers": 1,
-            "n_heads": 2, "n_routed_experts": 8, "n_shared_experts": 1, "n_activated_experts": 2, "n_expert_groups": 4,
-            "n_limited_groups": 2, "q_lora_rank": 16, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
-            "v_head_dim": 8, "max_seq_len": 64, "original_seq_len": 64, "mtp_depth": 1, "init_std": 0.1, "fp8_block": 8}
-    base.update(kw)
-    return ModelArgs(**base)
 
 
 def on_e4m3_grid(d: torch.Tensor, block, scale_fmt=None) -> bool:
