@@ -238,6 +238,7 @@ def decoding(fn):
     the mode holds inside each step only, never in the caller's code between steps."""
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
+        """fn wrapped by this model's decoding mode, chosen at call time (compiling may change it)."""
         return model.decoding_mode()(fn)(model, *args, **kwargs)
     return wrapper
 
