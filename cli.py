@@ -53,6 +53,12 @@ def parse_config(cls, argv=None, description: str = ""):
         parser.error(str(e))
 
 
+def invalid_flag(cfg, name: str, rule: str):
+    """Raise the ValueError a config's __post_init__ uses for a bad flag: '--name=value is invalid: rule'
+    (parse_config turns it into one usage line, no traceback)."""
+    raise ValueError(f"--{name}={getattr(cfg, name)!r} is invalid: {rule}")
+
+
 def _help_with_default(help_text: str, default) -> str:
     """The help text followed by '(default: X)'. Built here rather than by ArgumentDefaultsHelpFormatter,
     which shows no default at all for a field without a help text, and an empty string as nothing. A '%'

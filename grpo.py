@@ -141,6 +141,7 @@ from cli import (
     autocast_context,
     cleanup_distributed,
     format_seconds,
+    invalid_flag,
     parse_config,
     pick_device,
     print_config,
@@ -224,10 +225,7 @@ class GRPOConfig:
     def __post_init__(self):
         """Reject impossible settings before anything is loaded (argparse turns the ValueError into one line
         naming the flag, its value and the rule)."""
-        def bad(name, rule):
-            """Raise the ValueError for --name breaking `rule`."""
-            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {rule}")
-
+        bad = functools.partial(invalid_flag, self)     # bad(name, rule) raises the one-line error
         if self.group_size < 2:
             bad("group_size", "GRPO needs G >= 2 completions per question; the advantage compares each "
                 "completion with the others of its group")

@@ -36,6 +36,7 @@ What is left out on purpose: dropout (V3 uses none), pipeline/expert parallelism
 """
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -65,6 +66,7 @@ from cli import (
     autocast_context,
     cleanup_distributed,
     format_seconds,
+    invalid_flag,
     parse_config,
     pick_device,
     print_config,
@@ -155,10 +157,7 @@ class TrainConfig:
     def __post_init__(self):
         """Check every setting right after parsing, before any data is built (argparse turns the ValueError
         into one line naming the flag, its value and the rule)."""
-        def bad(name, rule):
-            """Raise the ValueError for --name breaking `rule`."""
-            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {rule}")
-
+        bad = functools.partial(invalid_flag, self)     # bad(name, rule) raises the one-line error
         for name in ("batch_size", "block_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
                      "log_interval", "vocab_size", "n_examples", "max_digits"):
             if getattr(self, name) < 1:
