@@ -368,3 +368,24 @@ def test_grpo_update_counts_no_padding_in_the_expert_load():
     grpo.policy_update(m, None, opt, groups, cfg, pad_id=0)
     real = (3 + 2) + (3 + 5)
     assert seen[0].sum(-1).tolist() == [real * args.n_activated_experts] * len(m.moe_layers())
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_per_token_path_for_a_handful_of_tokens_equals_the_sorted_loop(n_tokens):
+    """Decoding a token or two calls each token's chosen experts directly (MoE._per_token); it must give what
+    the sorted per-expert loop gives, in values and in gradients."""
+    args = tiny()
+    torch.manual_seed(2)
+    moe = MoE(args).eval()
+    moe.gate.bias.uniform_(-0.1, 0.1)
+    flat = torch.randn(n_tokens, args.dim, requires_grad=True)
+    gates, idx, _ = moe.gate(flat)
+    assert idx.numel() < args.n_routed_experts                # the case forward() sends to _per_token
+    want = moe._loop(flat, gates, idx, idx.flatten().argsort(stable=True)) + moe.shared_experts(flat)
+    got = moe(flat.view(1, n_tokens, -1)).view(n_tokens, -1)
+    assert torch.allclose(got, want, atol=1e-6)
+    g = torch.randn_like(want)
+    gw = torch.autograd.grad((want * g).sum(), [flat, *moe.parameters()], allow_unused=True)
+    gg = torch.autograd.grad((got * g).sum(), [flat, *moe.parameters()], allow_unused=True)
+    for a, b in zip(gw, gg):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
