@@ -940,9 +940,11 @@ class MoE(Float32Buffers):
 
     The residual add happens in Block. Routed experts are fine-grained SwiGLU MLPs of width
     moe_inter_dim; every expert runs only on the tokens routed to it. Two implementations, same weights,
-    same outputs (a test compares values and gradients):
+    same outputs (a test compares values and gradients), and a shortcut for decoding:
       loop:    tokens sorted by expert, one small MLP call per expert on its contiguous slice (the plain
                reference; also the FP8 path, whose per-expert Linear layers simulate FP8 matmuls).
+      per-token: with fewer (token, expert) pairs than experts -- decoding a token or two -- each token's
+               K experts are called on it directly: no sort, no gather, no weight stacking (`_per_token`).
       grouped: the same sorted slices, but all experts in one grouped matmul per projection
                (torch._grouped_mm over the experts' weights stacked to (E, ...)), gate and up projection
                fused into one. No Python loop over experts and no host sync, so the graph has fixed

@@ -749,8 +749,14 @@ def hf_decode(b: Bench) -> dict:
         return out[0, len(prompt):].tolist()
     fns = {"ours": lambda: sample.generate_batch(ours, [prompt], n, 0.0)[0][0], "theirs": decode_theirs}
     r = ours_vs_theirs(b, "decode", fns, n, b.budget.repeats)
-    same = r.pop("outs")
-    return r | {"new": n, "prompt": len(prompt), "same_tokens": "yes" if same["ours"][-1] == same["theirs"][-1] else "no"}
+    ours_out, theirs_out = (r["outs"][side][-1] for side in ("ours", "theirs"))
+    r.pop("outs")
+    # min_new_tokens makes transformers forbid EOS until n tokens exist, so it picks another token where we
+    # produce EOS: the two greedy outputs are comparable up to our first EOS
+    eos = p["tok"].eos_id
+    upto = ours_out.index(eos) if eos in ours_out else n
+    return r | {"new": n, "prompt": len(prompt), "same_upto": upto,
+                "same_tokens": "yes" if ours_out[:upto] == theirs_out[:upto] else "no"}
 
 
 ROWS = {"1a": cache_bytes, "1b": absorb_decode, "2a": functools.partial(moe_dense, text=False),
