@@ -12,6 +12,7 @@ marked slow: about 40 s of compiling). About half a minute without it:
 
 import pytest
 import torch
+from test_model import tiny
 
 from model import (
     ModelArgs,
@@ -32,13 +33,9 @@ from sample import (
 
 
 def small_args(**kw) -> ModelArgs:
-    """A very small config with every feature on (MoE, MTP, q compression), short context."""
-    base = {"vocab_size": 64, "dim": 32, "inter_dim": 64, "moe_inter_dim": 16, "n_layers": 3, "n_dense_layers": 1,
-            "n_heads": 3, "n_routed_experts": 4, "n_shared_experts": 1, "n_activated_experts": 2,
-            "n_expert_groups": 2, "n_limited_groups": 1, "q_lora_rank": 16, "kv_lora_rank": 8,
-            "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "max_seq_len": 64,
-            "original_seq_len": 64, "mtp_depth": 1, "init_std": 0.1}
-    return ModelArgs(**{**base, **kw})
+    """test_model's tiny config (every feature on: MoE, MTP, q compression; short context) with 3 heads and
+    4 routed experts in 2 groups."""
+    return tiny(**{"n_heads": 3, "n_routed_experts": 4, "n_expert_groups": 2, "n_limited_groups": 1, **kw})
 
 
 @pytest.fixture(scope="module")
