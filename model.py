@@ -906,8 +906,8 @@ class Gate(Float32Buffers):
         Returns: gates (N, K) float32, indices (N, K) int64, scores (N, E) float32 unbiased affinities.
         """
         # float32 even under autocast; entering the context costs microseconds per call, so only when needed
-        off = torch.is_autocast_enabled(x.device.type)
-        with torch.autocast(device_type=x.device.type, enabled=False) if off else contextlib.nullcontext():
+        autocast_on = torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(device_type=x.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
             logits = F.linear(x.float(), self.weight.float())                 # (N, E)
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         biased = scores + self.bias                                            # (N, E) selection scores
