@@ -870,6 +870,37 @@ grouped_mm.register_autograd(_grouped_mm_backward,
                              setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
+# Decoding a token or two routes fewer (token, expert) pairs than there are experts; then each token's K experts
+# are best called on it directly (MoE._per_token). Which experts that is depends on the router's values, so a
+# compiled graph cannot trace it; registered as an operator of our own, it stays one opaque call in the graph.
+# (torch.library.define, not the custom_op decorator: a call through it costs ~30 us less, measured, and decoding
+# makes one per MoE layer and token; the operator has no gradient, so it is used under no_grad only.)
+
+def experts_per_token(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, w1: list[torch.Tensor],
+                      w2: list[torch.Tensor], w3: list[torch.Tensor]) -> torch.Tensor:
+    """The routed experts of a handful of tokens, the way eq. 12 reads: x (N, D), gates (N, K) float32, indices
+    (N, K), expert e's SwiGLU weights w1[e], w3[e] (I, D) and w2[e] (D, I) -> (N, D) float32, the sum over k of
+    gates[:, k] * FFN_{indices[:, k]}(x) with FFN(x) = w2 (silu(w1 x) * w3 x) as in MLP."""
+    rows = []
+    for t, chosen in enumerate(indices.tolist()):                  # N tokens, K expert ids each
+        xt = x[t:t + 1]                                            # (1, D)
+        outs = [F.linear(F.silu(F.linear(xt, w1[e].to(xt.dtype))) * F.linear(xt, w3[e].to(xt.dtype)),
+                         w2[e].to(xt.dtype)).float() for e in chosen]            # (1, D) each
+        rows.append(sum(gates[t:t + 1, k:k + 1] * out for k, out in enumerate(outs)))   # (1, D)
+    return torch.cat(rows)                                         # (N, D)
+
+
+torch.library.define("tinyseek::experts_per_token",
+                     "(Tensor x, Tensor gates, Tensor indices, Tensor[] w1, Tensor[] w2, Tensor[] w3) -> Tensor")
+torch.library.impl("tinyseek::experts_per_token", "CompositeExplicitAutograd", experts_per_token)
+
+
+@torch.library.register_fake("tinyseek::experts_per_token")
+def _experts_per_token_shape(x, gates, indices, w1, w2, w3):
+    """Output shape and dtype for tracing: (N, D) float32."""
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
 # How many of a group's highest biased scores make its group score: the official code's hard-coded 2. V3's
 # rule is K_r / M (n_activated_experts / n_limited_groups); tests/test_model.py checks that every preset has
 # K_r / M == GROUP_SCORE_TOPK, so for them the two rules agree.
@@ -991,9 +1022,17 @@ class MoE(Float32Buffers):
         # With fewer assignments than experts (decoding a token or two), sorting the assignments and stacking
         # every expert's weights cost more than the work itself: call the K chosen experts of each token
         # directly (measured on tiny: one token 0.06 vs 0.10 ms for the sorted loop, two tokens 0.13 vs
-        # 0.22 ms). A compiled graph always takes the grouped path, whose shapes are fixed.
-        if indices.numel() < self.n_routed_experts and not torch.compiler.is_compiling():
-            y = self._per_token(flat, gates, indices)                  # (N, D)
+        # 0.22 ms). Without gradients (decoding) that is experts_per_token on the plain weights, an operator a
+        # compiled graph keeps as one call; with gradients or FP8 it goes through the expert modules, which a
+        # compiled graph cannot trace (the chosen experts are values), so a compiled graph then sorts.
+        few = indices.numel() < self.n_routed_experts
+        if few and self.impl == "grouped" and not torch.is_grad_enabled():   # decoding, plain Linear weights
+            w = [[getattr(e, name).weight for e in self.experts] for name in ("w1", "w2", "w3")]
+            # compiled: one opaque call in the graph; eager: the same function, without the module calls
+            fn = torch.ops.tinyseek.experts_per_token if torch.compiler.is_compiling() else experts_per_token
+            y = fn(flat, gates, indices, *w).to(flat.dtype)            # (N, D)
+        elif few and not torch.compiler.is_compiling():
+            y = self._per_token(flat, gates, indices)                  # (N, D) through the expert modules
         else:
             order = indices.flatten().argsort(stable=True)             # (N*K,) assignments sorted by expert
             y = (self._grouped if self.impl == "grouped" else self._loop)(flat, gates, indices, order)  # (N, D)

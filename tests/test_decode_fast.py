@@ -201,7 +201,8 @@ def test_bf16_autocast_decoding_runs_on_cpu(model):
 
 def test_per_step_decoding_path_has_no_graph_break():
     """Transformer.run_blocks (what --compile captures) traces into one graph, with dense FFNs and with MoE
-    layers (the compiled MoE dispatches through the grouped-matmul op, no host sync)."""
+    layers (one token's MoE runs as the experts_per_token operator, a prefill's through the grouped-matmul
+    operator: no host sync in the graph either way)."""
     import torch._dynamo
     for kw in ({"n_dense_layers": 3}, {}):
         torch._dynamo.reset()
@@ -217,14 +218,40 @@ def test_per_step_decoding_path_has_no_graph_break():
 
 @pytest.mark.slow
 def test_compiled_decoding_gives_the_same_tokens():
-    """compile_decoding (sample.py --compile) changes speed, not tokens: greedy, dense FFNs, aot_eager."""
+    """compile_decoding (sample.py --compile) changes speed, not tokens: plain and speculative greedy decoding
+    of a model with MoE layers and an MTP module (aot_eager: the traced graphs run eagerly); the decoding step's
+    MoE layers run the experts_per_token operator inside the one graph."""
     import torch._dynamo
     torch._dynamo.reset()
     torch.manual_seed(0)
-    args = small_args(n_dense_layers=3, n_layers=3)
+    args = small_args(n_layers=2)
     eager = Transformer(args).eval()
     compiled = Transformer(args).eval()
     compiled.load_state_dict(eager.state_dict())
     compile_decoding(compiled, backend="aot_eager")
-    ps = prompts(1, seed=4)
+    ps = prompts(2, seed=4)
     assert generate_batch(compiled, ps, 5, 0.0)[0] == generate_batch(eager, ps, 5, 0.0)[0]
+    assert speculative_generate(compiled, ps[1], 6)[0] == speculative_generate(eager, ps[1], 6)[0]
+    with torch.no_grad():
+        cache = compiled.new_cache(1, 16)
+        compiled.next_logits(torch.tensor([ps[0]]), cache)
+        ex = torch._dynamo.explain(eager.run_blocks)(torch.tensor([[3]]), cache.layers, cache.pos,
+                                                     cache.attn_mask(cache.pos, 1))
+    assert ex.graph_break_count == 0
+    assert any("experts_per_token" in str(n.target) for g in ex.graphs for n in g.graph.nodes)
+
+
+@pytest.mark.slow
+def test_default_compile_on_cpu_gives_the_same_tokens():
+    """The default compile on a CPU (inductor's generated C++ kernels, launched from its C++ wrapper): same
+    greedy tokens as eager decoding, MoE layers included (~30 s of compiling)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    args = small_args(n_layers=2, mtp_depth=0)
+    eager = Transformer(args).eval()
+    compiled = Transformer(args).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compile_decoding(compiled)
+    ps = prompts(1, seed=5)
+    assert generate_batch(compiled, ps, 6, 0.0)[0] == generate_batch(eager, ps, 6, 0.0)[0]

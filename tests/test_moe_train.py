@@ -371,6 +371,28 @@ def test_grpo_update_counts_no_padding_in_the_expert_load():
 
 
 @pytest.mark.parametrize("n_tokens", [1, 3])
+def test_decoding_per_token_operator_equals_the_sorted_loop(n_tokens):
+    """Without gradients (decoding) the handful-of-tokens case runs experts_per_token on the plain weights, as a
+    function in eager mode and as the registered operator inside a compiled graph: both must give what the
+    sorted per-expert loop and the expert modules (_per_token) give."""
+    from model import experts_per_token
+    args = tiny()
+    torch.manual_seed(3)
+    moe = MoE(args).eval()
+    moe.gate.bias.uniform_(-0.1, 0.1)
+    with torch.no_grad():
+        flat = torch.randn(n_tokens, args.dim)
+        gates, idx, _ = moe.gate(flat)
+        want = moe._loop(flat, gates, idx, idx.flatten().argsort(stable=True))
+        w = [[getattr(e, name).weight for e in moe.experts] for name in ("w1", "w2", "w3")]
+        for got in (experts_per_token(flat, gates, idx, *w), torch.ops.tinyseek.experts_per_token(flat, gates, idx, *w),
+                    moe._per_token(flat, gates, idx)):
+            assert torch.allclose(got, want, atol=1e-6)
+        full = moe(flat.view(1, n_tokens, -1)).view(n_tokens, -1)          # forward() takes the operator path
+        assert torch.allclose(full, want + moe.shared_experts(flat), atol=1e-6)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3])
 def test_per_token_path_for_a_handful_of_tokens_equals_the_sorted_loop(n_tokens):
     """Decoding a token or two calls each token's chosen experts directly (MoE._per_token); it must give what
     the sorted per-expert loop gives, in values and in gradients."""
