@@ -215,10 +215,9 @@ def attention_path(model: Transformer, attn_impl: "str | None"):
 
 
 def compile_decoding(model: Transformer, **compile_kwargs) -> Transformer:
-    """torch.compile the per-step path of decoding, in place: Transformer.run_blocks (embedding and blocks)
-    and the MTP modules that draft for speculative decoding, with dynamic shapes since the cache grows by one
-    position per step. The host-side decisions of a step (position, mask, which rows are still running) stay
-    in Python around it. On a CPU, inductor's default is a Python wrapper that launches the generated kernels
+    """torch.compile the per-step path of decoding, in place: Transformer.run_blocks (embedding and blocks),
+    with dynamic shapes since the cache grows by one position per step. The host-side decisions of a step
+    (position, mask, which rows are still running) stay in Python around it. On a CPU, inductor's default is a Python wrapper that launches the generated kernels
     one by one; its C++ wrapper (cpp_wrapper) launches them from compiled code, which is what a decoding step
     of a small model, hundreds of tiny kernels, is made of (measured on tiny, greedy, 1 thread: 1.71x eager
     with the C++ wrapper, 1.26x with the Python one). Returns the model."""
@@ -226,8 +225,6 @@ def compile_decoding(model: Transformer, **compile_kwargs) -> Transformer:
     if model.embed.weight.device.type == "cpu" and inductor and not {"mode", "options"} & set(compile_kwargs):
         compile_kwargs["options"] = {"cpp_wrapper": True}
     model.run_blocks = torch.compile(model.run_blocks, dynamic=True, **compile_kwargs)
-    for module in model.mtp:
-        module.forward = torch.compile(module.forward, dynamic=True, **compile_kwargs)
     model.compiled_decoding = True                   # decode under no_grad: compile cannot take inference tensors
     return model
 

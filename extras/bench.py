@@ -128,16 +128,18 @@ class Budget:
     grpo_prompts: int          # row 7: questions per step
     grpo_steps: int            # row 7: steps per G (the first is a warm-up, not counted)
     hf_decode: int             # row 8b: new tokens decoded
+    compile_decode: bool       # row 8b: also time tinyseek's decoding step compiled (about a minute to compile)
     gpu_steps: int             # row 6b: steps of `small` on the GPU
 
 
 QUICK = Budget(seconds_per_arm=8, steps_per_arm=24, n_examples=6000, batch_size=8, block_size=64, eval_iters=5,
                log_interval=2, tiny_context=1000, small_context=64, decode_new=4, repeats=2, fp8_seeds=3,
-               spec_prompts=3, new_tokens=40, grpo_prompts=2, grpo_steps=2, hf_decode=24, gpu_steps=30)
+               spec_prompts=3, new_tokens=40, grpo_prompts=2, grpo_steps=2, hf_decode=24, gpu_steps=30,
+               compile_decode=False)
 FULL = Budget(seconds_per_arm=90, steps_per_arm=200, n_examples=60000, batch_size=16, block_size=128,
               eval_iters=20, log_interval=10, tiny_context=1000, small_context=2048, decode_new=32, repeats=3,
               fp8_seeds=3, spec_prompts=10, new_tokens=64, grpo_prompts=8, grpo_steps=3, hf_decode=128,
-              gpu_steps=300)
+              gpu_steps=300, compile_decode=True)
 
 
 def budget(cfg: BenchConfig) -> Budget:
@@ -755,8 +757,41 @@ def hf_decode(b: Bench) -> dict:
     # produce EOS: the two greedy outputs are comparable up to our first EOS
     eos = p["tok"].eos_id
     upto = ours_out.index(eos) if eos in ours_out else n
-    return r | {"new": n, "prompt": len(prompt), "same_upto": upto,
-                "same_tokens": "yes" if ours_out[:upto] == theirs_out[:upto] else "no"}
+    r |= {"new": n, "prompt": len(prompt), "same_upto": upto,
+          "same_tokens": "yes" if ours_out[:upto] == theirs_out[:upto] else "no"}
+    if not b.budget.compile_decode:
+        return r | {"compiled": "not measured in quick mode", "compiled_ratio": ""}
+    return r | compiled_decode_vs_hf(b, fns, ours, prompt, n, ours_out)
+
+
+def compiled_decode_vs_hf(b: Bench, fns: dict, ours, prompt: list, n: int, eager_out: list) -> dict:
+    """8b, continued: the same greedy decoding with tinyseek's per-step path compiled (sample.compile_decoding,
+    what `sample.py --compile` does), interleaved with the eager and transformers arms, at the bench's thread
+    count and at one thread (a decoding step of tiny is hundreds of small operations, which a second thread
+    rarely speeds up). Returns the preformatted text of the results table and the numbers."""
+    compiled = sample.compile_decoding(copy.deepcopy(ours))
+    t0 = time.perf_counter()
+    compiled_out = sample.generate_batch(compiled, [prompt], n, 0.0)[0][0]       # the compile happens here
+    compile_s = time.perf_counter() - t0
+    arms = {"ours": fns["ours"], "compiled": lambda: sample.generate_batch(compiled, [prompt], n, 0.0)[0][0],
+            "theirs": fns["theirs"]}
+    threads, out = torch.get_num_threads(), {"compile_s": compile_s}
+    for k in (threads, 1):
+        torch.set_num_threads(k)
+        try:
+            t, _ = interleaved(arms, b.budget.repeats)
+        finally:
+            torch.set_num_threads(threads)
+        out |= {f"t{k}_tok_s_{arm}": n / t[arm] for arm in arms}
+        out |= {f"t{k}_speed_{arm}": t["theirs"] / t[arm] for arm in ("ours", "compiled")}
+    same = "yes" if compiled_out == eager_out else "no"
+    text = (f"compiled decoding step ({compile_s:.0f} s to compile; same tokens as eager: {same}): "
+            f"{out[f't{threads}_tok_s_compiled']:.1f} tok/s at {threads} threads; at 1 thread eager / compiled / "
+            f"transformers {out['t1_tok_s_ours']:.1f} / {out['t1_tok_s_compiled']:.1f} / "
+            f"{out['t1_tok_s_theirs']:.1f} tok/s")
+    ratio = (f"; compiled {out[f't{threads}_speed_compiled']:.2f}x; 1 thread: eager {out['t1_speed_ours']:.2f}x, "
+             f"compiled {out['t1_speed_compiled']:.2f}x")
+    return out | {"compiled": text, "compiled_ratio": ratio, "compiled_same_tokens": same}
 
 
 ROWS = {"1a": cache_bytes, "1b": absorb_decode, "2a": functools.partial(moe_dense, text=False),
