@@ -271,7 +271,8 @@ def generate_uncached(model: Transformer, prompt: list[int], max_new_tokens: int
 @decoding
 def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
-                 generator: "torch.Generator | None" = None, drop_finished: bool = True) -> Iterator[torch.Tensor]:
+                 generator: "torch.Generator | None" = None, drop_finished: bool = True,
+                 share_prompts: bool = True) -> Iterator[torch.Tensor]:
     """Decode a batch with the KV cache, yielding the (B,) new tokens of each step as soon as they exist.
 
     Prompts of different lengths are left-padded to the longest, L tokens, and the padding slots are
@@ -282,19 +283,30 @@ def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     a finished row also leaves the batch (cache.keep_rows), so later steps only compute the rows still
     running; drop_finished=False keeps computing every row, the plain version (same tokens under greedy
     decoding; a sampled row draws from the same distribution, but the random stream is split differently).
-    Uses the model's current attention path (see `attention_path`). Raises ValueError for an empty prompt.
+    With share_prompts (default) a prompt that occurs several times in the batch -- GRPO samples G
+    completions of each question -- is prefilled once, and its cache row and logits are copied to the rows
+    that repeat it (prefix sharing); share_prompts=False prefills every row, the plain version (same logits
+    up to float rounding). Uses the model's current attention path (see `attention_path`). Raises
+    ValueError for an empty prompt.
     """
     if min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token (start empty prompts with BOS)")
     B, L = len(prompts), max(len(p) for p in prompts)
     device = model.embed.weight.device
     pad = eos_id if eos_id is not None else 0
-    idx = torch.full((B, L), pad, dtype=torch.long, device=device)        # (B, L) left-padded prompts
-    cache = model.new_cache(B, L + max_new_tokens, current_attn_impl(model))
-    for b, p in enumerate(prompts):
+    distinct = {}                                                         # prompt -> its row in the prefill
+    source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts] if share_prompts else range(B)
+    todo = list(distinct) if share_prompts else prompts                   # the prompts that are prefilled
+    idx = torch.full((len(todo), L), pad, dtype=torch.long, device=device)   # (U, L) left-padded prompts
+    cache = model.new_cache(len(todo), L + max_new_tokens, current_attn_impl(model))
+    for b, p in enumerate(todo):
         idx[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
         cache.key_mask[b, :L - len(p)] = False                           # padding is never attended to
-    logits = model.next_logits(idx, cache)                                # (B, V) prefill: whole prompts
+    logits = model.next_logits(idx, cache)                                # (U, V) prefill: whole prompts
+    if len(todo) < B:                                                     # copy each prompt's row to its repeats
+        source = torch.tensor(source, device=device)                      # (B,) prefill row of each batch row
+        cache.keep_rows(source)
+        logits = logits.index_select(0, source)                           # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)               # per cache row
     rows = None                      # which prompt each cache row decodes, once rows have left (None: all)
     for step in range(max_new_tokens):

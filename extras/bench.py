@@ -761,15 +761,15 @@ def hf_decode(b: Bench) -> dict:
           "same_tokens": "yes" if ours_out[:upto] == theirs_out[:upto] else "no"}
     if not b.budget.compile_decode:
         return r | {"compiled": "not measured in quick mode", "compiled_ratio": ""}
-    return r | compiled_decode_vs_hf(b, fns, ours, prompt, n, ours_out)
+    return r | compiled_decode_vs_hf(b, fns, prompt, n, ours_out)
 
 
-def compiled_decode_vs_hf(b: Bench, fns: dict, ours, prompt: list, n: int, eager_out: list) -> dict:
+def compiled_decode_vs_hf(b: Bench, fns: dict, prompt: list, n: int, eager_out: list) -> dict:
     """8b, continued: the same greedy decoding with tinyseek's per-step path compiled (sample.compile_decoding,
     what `sample.py --compile` does), interleaved with the eager and transformers arms, at the bench's thread
     count and at one thread (a decoding step of tiny is hundreds of small operations, which a second thread
     rarely speeds up). Returns the preformatted text of the results table and the numbers."""
-    compiled = sample.compile_decoding(copy.deepcopy(ours))
+    compiled = sample.compile_decoding(load_model(b.run(b.base_arm())["ckpt"], b.device)[0].eval())  # same weights
     t0 = time.perf_counter()
     compiled_out = sample.generate_batch(compiled, [prompt], n, 0.0)[0][0]       # the compile happens here
     compile_s = time.perf_counter() - t0

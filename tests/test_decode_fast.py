@@ -141,6 +141,22 @@ def test_dropping_finished_rows_equals_computing_them_and_each_alone(model, impl
     assert any(finished) and not all(len(c) == len(comps[0]) for c in comps)
 
 
+@pytest.mark.parametrize("impl", ["absorb", "naive"])
+def test_sharing_repeated_prompts_equals_prefilling_every_row(model, impl):
+    """GRPO's batches repeat each prompt G times: prefilling each distinct prompt once and copying its cache
+    row (share_prompts) gives the first-step logits and the greedy tokens of prefilling every row, and
+    sampled tokens from the same generator (the logits agree, so the draws do)."""
+    ps = prompts(3, seed=6)
+    batch = [p for p in ps for _ in range(3)] + [ps[0]]                  # groups, and a repeat out of order
+    with attention_path(model, impl):
+        for temperature in (0.0, 1.0):
+            runs = [torch.stack(list(decode_steps(model, batch, 8, temperature, eos_id=5, share_prompts=share,
+                                                  generator=torch.Generator().manual_seed(0))), 1)
+                    for share in (True, False)]
+            assert torch.equal(runs[0], runs[1]), temperature
+    assert len({tuple(r) for r in runs[0][:3].tolist()}) > 1            # a group's samples differ
+
+
 def test_keep_rows_keeps_the_chosen_rows_caches(model):
     idx = torch.randint(0, 64, (3, 6))
     with torch.no_grad():
