@@ -69,10 +69,11 @@ def test_complex_rope_equals_real_rope_also_on_strided_slices(offset):
 
 # ---------------------------------------------------------------------------------------------- MLA
 
-@pytest.mark.parametrize("T", [1, 4])
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("T", [1, 2, 4])
+@pytest.mark.parametrize("masked", [False, True, "shared"])
 def test_folded_latent_attention_equals_expanded(T, masked):
-    """Multi-query form (heads folded into the query length) == the latent copied to every head."""
+    """Multi-query form (heads folded into the query length; two matmuls for T <= 2, the fused kernel above)
+    == the latent copied to every head. Masks: none (causal), per row (padding), one for all rows (1, 1, T, S)."""
     torch.manual_seed(0)
     B, H, r, rope = 2, 3, 8, 4
     S = 9 if masked or T == 1 else T             # mask None with T > 1 is plain causal self-attention (S == T)
@@ -84,6 +85,8 @@ def test_folded_latent_attention_equals_expanded(T, masked):
         valid = torch.ones(B, S, dtype=torch.bool)
         valid[1, :3] = False
         mask = ((k_pos <= q_pos) & valid[:, None, :]).unsqueeze(1)   # (B, 1, T, S)
+        if masked == "shared":
+            mask = (k_pos <= q_pos)[None, None]                       # (1, 1, T, S) causal, no padding
     got = latent_attention_folded(q, latent, r, mask, 0.3)
     ref = latent_attention_expanded(q, latent, r, mask, 0.3)
     assert got.shape == (B, T, H, r)
