@@ -286,6 +286,24 @@ def test_main_streams_plain_and_speculative(ckpt_path, capsys):
     assert "---- sample 3 ----" in out and "---- sample 4" not in out
 
 
+@pytest.mark.slow
+def test_main_with_compile_compiles_before_the_timed_run_and_prints_the_same(ckpt_path, capsys):
+    """--compile: the decoding step is compiled by a warm-up of the same shapes (reported with its time), and the
+    timed run prints the eager run's text, plain and speculative (~1 min of compiling)."""
+    import torch._dynamo
+    base = [f"--init_from={ckpt_path}", "--max_new_tokens=10", "--temperature=0", "--stop=", "--device=cpu"]
+    for extra in ([], ["--speculative"]):
+        torch._dynamo.reset()
+        assert sample.main([*base, *extra]) == 0
+        eager = capsys.readouterr().out
+        assert sample.main([*base, *extra, "--compile"]) == 0
+        compiled = capsys.readouterr().out
+        assert "compiled the decoding step in" in compiled and "compiled the decoding step" not in eager
+        def completion(out):
+            return out.split("\nAssistant: <think>")[1].split("\n----")[0]
+        assert completion(compiled) == completion(eager)
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 def test_cli_smoke(ckpt_path):
