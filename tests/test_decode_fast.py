@@ -258,19 +258,3 @@ def test_compiled_decoding_gives_the_same_tokens():
                                                      cache.attn_mask(cache.pos, 1))
     assert ex.graph_break_count == 0
     assert any("experts_per_token" in str(n.target) for g in ex.graphs for n in g.graph.nodes)
-
-
-@pytest.mark.slow
-def test_default_compile_on_cpu_gives_the_same_tokens():
-    """The default compile on a CPU (inductor's generated C++ kernels, launched from its C++ wrapper): same
-    greedy tokens as eager decoding, MoE layers included (~30 s of compiling)."""
-    import torch._dynamo
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    args = small_args(n_layers=2, mtp_depth=0)
-    eager = Transformer(args).eval()
-    compiled = Transformer(args).eval()
-    compiled.load_state_dict(eager.state_dict())
-    compile_decoding(compiled)
-    ps = prompts(1, seed=5)
-    assert generate_batch(compiled, ps, 6, 0.0)[0] == generate_batch(eager, ps, 6, 0.0)[0]
