@@ -171,6 +171,22 @@ def test_speculative_sampling_runs_and_is_reproducible(model):
     assert 0.0 <= stats.acceptance <= 1.0
 
 
+def test_sample_next_draws_from_sampling_probs_and_never_a_zero_probability_token():
+    """sample_next's inverse-CDF draw against the distribution it samples: frequencies within 1% of
+    sampling_probs (temperature, top_k and top_p applied), tokens of probability 0 never drawn, and the
+    same generator seed gives the same tokens."""
+    from model import sample_next, sampling_probs
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, -30.0, 0.0]]).expand(40_000, -1)   # (N, V) one row, N times
+    for kw in ({"temperature": 1.0}, {"temperature": 0.7, "top_k": 3}, {"temperature": 1.3, "top_p": 0.8}):
+        p = sampling_probs(logits[:1], **kw)[0]                                      # (V,)
+        draws = sample_next(logits, generator=torch.Generator().manual_seed(1), **kw)   # (N,)
+        freq = torch.bincount(draws, minlength=6).float() / len(draws)
+        assert torch.allclose(freq, p, atol=0.01), kw
+        assert (freq[p == 0] == 0).all(), kw
+        again = sample_next(logits, generator=torch.Generator().manual_seed(1), **kw)
+        assert torch.equal(draws, again)
+
+
 def test_verify_draft_gives_the_main_models_distribution():
     """Draw d ~ q, keep or replace it: the result must be distributed as p, whatever q is."""
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
