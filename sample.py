@@ -41,6 +41,7 @@ has no UTF-8 form, is encoded as U+FFFD rather than raising.
 """
 
 import functools
+import inspect
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -240,12 +241,22 @@ def current_attn_impl(model: Transformer) -> str:
 
 def decoding(fn):
     """Decorator: run fn(model, ...) under model.decoding_mode(), i.e. torch.inference_mode, or no_grad when
-    the model's decoding path is compiled. Generator functions are handled as torch's own decorators do:
-    the mode holds inside each step only, never in the caller's code between steps."""
+    the model's decoding path is compiled, and inside model.expert_stacks() (the MoE layers stack their
+    experts' weights once, not at every step). Generator functions are handled as torch's own decorators
+    do: the mode holds inside each step only, never in the caller's code between steps; the expert stacks
+    live until the generator is finished or closed."""
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
         """fn wrapped by this model's decoding mode, chosen at call time (compiling may change it)."""
-        return model.decoding_mode()(fn)(model, *args, **kwargs)
+        run = model.decoding_mode()(fn)
+        if inspect.isgeneratorfunction(fn):
+            def steps():
+                """The generator's steps, inside the expert stacks."""
+                with model.expert_stacks():
+                    yield from run(model, *args, **kwargs)
+            return steps()
+        with model.expert_stacks():
+            return run(model, *args, **kwargs)
     return wrapper
 
 

@@ -411,3 +411,28 @@ def test_per_token_path_for_a_handful_of_tokens_equals_the_sorted_loop(n_tokens)
     gg = torch.autograd.grad((got * g).sum(), [flat, *moe.parameters()], allow_unused=True)
     for a, b in zip(gw, gg):
         assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
+
+
+def test_expert_stacks_are_made_once_while_decoding_and_never_go_stale():
+    """Inside Transformer.expert_stacks() without gradients, each MoE layer stacks its experts' weights once
+    and reuses them (same output as stacking every call); with gradients it stacks afresh (each expert's own
+    weight gets its gradient); on leaving, the stacks are dropped, so a weight changed afterwards is used."""
+    torch.manual_seed(4)
+    model = Transformer(tiny()).eval()
+    moe = model.moe_layers()[0]
+    x = torch.randn(1, 12, tiny().dim)                                 # 12 tokens x 2 experts: grouped path
+    with torch.no_grad():
+        plain = moe(x)
+        with model.expert_stacks():
+            first = moe(x)
+            kept = moe._stacks[1]
+            assert torch.equal(first, plain) and moe._stacks[1] is kept and torch.equal(moe(x), plain)
+            with torch.enable_grad():
+                w = moe.experts[3].w1.weight
+                (g,) = torch.autograd.grad(moe(x).square().sum(), [w])
+                assert g.abs().sum() > 0                               # the gradient reaches the expert
+        assert moe._stacks is None and moe.keep_stacks == 0
+        moe.experts[3].w1.weight.mul_(2.0)
+        changed = moe(x)                                               # stacked afresh, outside the context
+        with model.expert_stacks():
+            assert torch.equal(moe(x), changed) and not torch.equal(changed, plain)
