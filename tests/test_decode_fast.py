@@ -72,8 +72,9 @@ def test_complex_rope_equals_real_rope_also_on_strided_slices(offset):
 @pytest.mark.parametrize("T", [1, 2, 4])
 @pytest.mark.parametrize("masked", [False, True, "shared"])
 def test_folded_latent_attention_equals_expanded(T, masked):
-    """Multi-query form (heads folded into the query length; two matmuls for T <= 2, the fused kernel above)
-    == the latent copied to every head. Masks: none (causal), per row (padding), one for all rows (1, 1, T, S)."""
+    """Multi-query form (heads folded into the query length; two matmuls for batched T <= 2, else the fused
+    kernel) == the latent copied to every head, at batch 2 and 1. Masks: none (causal), per row (padding),
+    one for all rows (1, 1, T, S)."""
     torch.manual_seed(0)
     B, H, r, rope = 2, 3, 8, 4
     S = 9 if masked or T == 1 else T             # mask None with T > 1 is plain causal self-attention (S == T)
@@ -91,6 +92,8 @@ def test_folded_latent_attention_equals_expanded(T, masked):
     ref = latent_attention_expanded(q, latent, r, mask, 0.3)
     assert got.shape == (B, T, H, r)
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+    one = None if mask is None else mask[-1:]                        # row 1 (the padded one) alone
+    assert torch.allclose(latent_attention_folded(q[1:], latent[1:], r, one, 0.3), ref[1:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["absorb", "naive"])
