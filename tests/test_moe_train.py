@@ -373,7 +373,7 @@ def test_grpo_update_counts_no_padding_in_the_expert_load():
 @pytest.mark.parametrize("n_tokens", [1, 3])
 def test_decoding_per_token_operator_equals_the_sorted_loop(n_tokens):
     """Without gradients (decoding) the handful-of-tokens case runs experts_per_token on the plain weights, as a
-    function in eager mode and as the registered operator inside a compiled graph: both must give what the
+    function in eager mode and as the registered operator a compiled graph calls: both must give what the
     sorted per-expert loop and the expert modules (_per_token) give."""
     from model import experts_per_token
     args = tiny()
@@ -426,7 +426,8 @@ def test_expert_stacks_are_made_once_while_decoding_and_never_go_stale():
         with model.expert_stacks():
             first = moe(x)
             kept = moe._stacks[1]
-            assert torch.equal(first, plain) and moe._stacks[1] is kept and torch.equal(moe(x), plain)
+            second = moe(x)                                            # must reuse the stack, not rebuild it
+            assert torch.equal(first, plain) and torch.equal(second, plain) and moe._stacks[1] is kept
             with torch.enable_grad():
                 w = moe.experts[3].w1.weight
                 (g,) = torch.autograd.grad(moe(x).square().sum(), [w])
