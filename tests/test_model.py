@@ -15,6 +15,7 @@ from model import (
     KVCache,
     ModelArgs,
     MoE,
+    RMSNorm,
     Transformer,
     apply_rope,
     count_params,
@@ -22,6 +23,8 @@ from model import (
     fp8_quant_error,
     fp8_quantize,
     kv_cache_numbers_per_token,
+    latent_attention_expanded,
+    latent_attention_folded,
     max_violation,
     precompute_rope,
 )
@@ -60,6 +63,67 @@ def test_naive_and_absorbed_attention_agree(q_lora_rank):
     a, _ = naive(idx)
     b, _ = absorb(idx)
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_naive_and_absorbed_training_gradients_agree():
+    """Training runs the absorbed path as multi-query attention (latent_attention_folded): its loss and every
+    weight's gradient equal the naive path's."""
+    args = tiny()
+    naive, absorb = make(args), make(args)
+    absorb.load_state_dict(naive.state_dict())
+    for model, impl in ((naive, "naive"), (absorb, "absorb")):
+        for layer in list(model.layers) + [m.block for m in model.mtp]:
+            layer.attn.attn_impl = impl
+    idx, targets = torch.randint(0, args.vocab_size, (3, 20)), torch.randint(0, args.vocab_size, (3, 20))
+    for model in (naive, absorb):
+        model(idx, targets)[1].backward()
+    for (name, p), q in zip(naive.named_parameters(), absorb.parameters()):
+        if p.grad is not None or q.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_folded_latent_attention_gradients_equal_expanded():
+    """Causal self-attention of a training batch: the multi-query form's gradients (queries and latent, which is
+    key and value at once) equal those of the latent copied to every head."""
+    torch.manual_seed(0)
+    B, T, H, r, rope = 3, 11, 4, 8, 4
+    q, latent = torch.randn(B, T, H, r + rope), torch.randn(B, T, r + rope)
+    g = torch.randn(B, T, H, r)
+    grads = []
+    for fn in (latent_attention_folded, latent_attention_expanded):
+        qq, ll = q.clone().requires_grad_(), latent.clone().requires_grad_()
+        out = fn(qq, ll, r, None, 0.3)
+        out.backward(g)
+        grads.append((out.detach(), qq.grad, ll.grad))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 7, 32), (5, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_closed_form_backward_equals_autograd(shape, dtype):
+    """RMSNorm's hand-written backward (RMSNormFunction) == autograd through the plain formula, for the input
+    and the weight, in float32 and for a bfloat16 input (computed in float32)."""
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1])
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(shape).to(dtype)
+    g = torch.randn(shape)
+    xa = x.clone().requires_grad_()
+    out = norm(xa)
+    out.float().backward(g)
+    xb, w = x.clone().requires_grad_(), norm.weight.detach().clone().requires_grad_()
+    xf = xb.float()
+    ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * w).to(dtype)
+    ref.float().backward(g)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype
+    assert torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)
+    assert torch.allclose(xa.grad.float(), xb.grad.float(), atol=tol, rtol=tol)
+    assert torch.allclose(norm.weight.grad, w.grad, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():                                           # no gradient: the fused F.rms_norm
+        assert torch.allclose(norm(x).float(), ref.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("impl", ["naive", "absorb"])
