@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_model import tiny
 
+import model as model_module
 from model import (
     ModelArgs,
     Transformer,
@@ -21,6 +22,7 @@ from model import (
     apply_rope_real,
     latent_attention_expanded,
     latent_attention_folded,
+    latent_attention_split,
 )
 from sample import (
     attention_path,
@@ -94,6 +96,26 @@ def test_folded_latent_attention_equals_expanded(T, masked):
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
     one = None if mask is None else mask[-1:]                        # row 1 (the padded one) alone
     assert torch.allclose(latent_attention_folded(q[1:], latent[1:], r, one, 0.3), ref[1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("S", [5, 64, 67])
+@pytest.mark.parametrize("n", [2, 3])
+def test_split_kv_attention_equals_expanded(S, n, monkeypatch):
+    """One row's positions split into n chunks and merged by log-sum-exp (latent_attention_split) == the latent
+    copied to every head, for S divisible by n or not; and latent_attention_folded takes that path for one row
+    once the latent holds SPLIT_KV_MIN numbers (lowered here), with the same result."""
+    torch.manual_seed(0)
+    H, r, rope = 3, 8, 4
+    q, latent = torch.randn(1, 1, H, r + rope), torch.randn(1, S, r + rope)
+    ref = latent_attention_expanded(q, latent, r, None, 0.3)
+    assert torch.allclose(latent_attention_split(q, latent, r, 0.3, n), ref, atol=1e-5, rtol=1e-5)
+    calls = []
+    monkeypatch.setattr(model_module, "SPLIT_KV_MIN", S * (r + rope))
+    monkeypatch.setattr(model_module, "latent_attention_split",
+                        lambda *a: calls.append(a) or latent_attention_split(*a))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: n)
+    assert torch.allclose(latent_attention_folded(q, latent, r, None, 0.3), ref, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1 and calls[0][-1] == n
 
 
 @pytest.mark.parametrize("impl", ["absorb", "naive"])
