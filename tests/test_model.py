@@ -75,8 +75,10 @@ def test_naive_and_absorbed_training_gradients_agree():
         for layer in list(model.layers) + [m.block for m in model.mtp]:
             layer.attn.attn_impl = impl
     idx, targets = torch.randint(0, args.vocab_size, (3, 20)), torch.randint(0, args.vocab_size, (3, 20))
-    for model in (naive, absorb):
-        model(idx, targets)[1].backward()
+    losses = [model(idx, targets)[1] for model in (naive, absorb)]
+    assert torch.allclose(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    for loss in losses:
+        loss.backward()
     for (name, p), q in zip(naive.named_parameters(), absorb.parameters()):
         if p.grad is not None or q.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
