@@ -261,6 +261,27 @@ def test_per_step_decoding_path_has_no_graph_break():
 
 
 @pytest.mark.slow
+def test_compiled_decoding_step_does_not_recompile_as_the_cache_grows(monkeypatch):
+    """The compiled decoding step is one graph for every cache length S: nothing in run_blocks may read S on
+    the host under torch.compile (a size test would become a guard on S, checked at every step, and a
+    recompile where it flips; split-KV's threshold did both). The threshold is moved inside this decode."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    args = small_args(n_layers=2)
+    monkeypatch.setattr(model_module, "SPLIT_KV_MIN", 20 * (args.kv_lora_rank + args.qk_rope_head_dim))
+    m = compile_decoding(Transformer(args).eval(), backend="aot_eager")
+    with torch.no_grad():
+        cache = m.new_cache(1, 48)
+        m.next_logits(torch.tensor([prompts(1, seed=5)[0]]), cache)        # prefill: <= 10 positions
+        m.next_logits(torch.tensor([[3]]), cache)                         # compiles the one-token step
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for _ in range(30):                                           # S crosses 20 on the way
+                m.next_logits(torch.tensor([[3]]), cache)
+    assert cache.pos > 30
+
+
+@pytest.mark.slow
 def test_compiled_decoding_gives_the_same_tokens():
     """compile_decoding (sample.py --compile) changes speed, not tokens: plain and speculative greedy decoding
     of a model with MoE layers and an MTP module (aot_eager: the traced graphs run eagerly); the decoding step's
