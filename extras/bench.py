@@ -6,8 +6,9 @@ tinyseek/extras/bench.py -- DeepSeek-V3's claims, measured side by side on your 
     python -m extras.bench --only=1,3               # a subset of the comparisons
     python -m extras.bench --only=6 --device=cuda   # the GPU row: `small`, bf16 autocast, torch.compile
 
-Each row is one short function that measures both arms of a comparison in this process, on the same
-weights, data and seed, and returns its numbers as a dict. The arms differ in exactly the thing compared:
+Each row is one short function that measures both arms of a comparison in one process (this one; the
+decoding rows 1b, 4b and 8b a fresh one each, see fresh_process), on the same weights, data and seed, and
+returns its numbers as a dict. The arms differ in exactly the thing compared:
 `arm_configs()`, `decode_configs()` and `grpo_configs()` build them from one base and `check_arms()` refuses
 a pair that differs in anything else. Timed arms run interleaved (A, B, A, B, ...) and report medians.
 The text of results.md -- what each row compares and how to read it -- is docs/bench/template.md, filled
