@@ -1310,7 +1310,7 @@ class Transformer(Float32Buffers):
     With `cache=` the call runs incrementally on the new tokens only (see KVCache). The RoPE tables, like
     the router bias and load counters, stay float32 in a model cast to bf16 (see Float32Buffers).
     """
-    fp32_buffers = ("rope_cos", "rope_sin")
+    fp32_buffers = ("rope_cos", "rope_sin", "mtp_lambda_t")
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -1324,7 +1324,11 @@ class Transformer(Float32Buffers):
         self.register_buffer("rope_cos", cos, persistent=False)          # (max_seq_len, rope_dim/2)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._loss_parts: dict = {}
-        self.mtp_lambda = args.mtp_lambda        # current MTP weight; a schedule may lower it (mtp_lambda_at)
+        # The current MTP weight, a schedule may lower it (mtp_lambda_at). A 0-dim tensor, not a float: a
+        # compiled forward reads a tensor as an input, whereas it bakes a Python float in as a constant with
+        # a guard on its value, so the schedule's switch would recompile the whole training graph.
+        self.register_buffer("mtp_lambda_t", torch.tensor(float(args.mtp_lambda)), persistent=False)
+        self._mtp_lambda = float(args.mtp_lambda)     # the same value as a Python float, for reading
         self.bias_update_speed = args.bias_update_speed   # current gamma; a schedule may zero it (§10)
         self.apply(self._init_weights)
 
@@ -1394,6 +1398,16 @@ class Transformer(Float32Buffers):
         return logits, loss
 
     @property
+    def mtp_lambda(self) -> float:
+        """lambda of V3 eq. 25 as the next forward uses it; `model.mtp_lambda = x` sets it (kept in mtp_lambda_t)."""
+        return self._mtp_lambda
+
+    @mtp_lambda.setter
+    def mtp_lambda(self, value: float) -> None:
+        self._mtp_lambda = float(value)
+        self.mtp_lambda_t.fill_(self._mtp_lambda)         # in place: a compiled graph sees the new value
+
+    @property
     def loss_parts(self) -> dict:
         """The last forward's loss parts as floats: {"ce", "mtp", "balance"} (empty before any loss)."""
         return {k: v.item() for k, v in self._loss_parts.items()}
@@ -1414,7 +1428,7 @@ class Transformer(Float32Buffers):
                        token_mask=real)                                        # (B, T-k, D) h^k
             logits = self.head(module.norm(h)).float()                         # (B, T-k, V) shared head
             total = total + F.cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1)
-        return total * self.mtp_lambda / len(self.mtp)
+        return total * self.mtp_lambda_t / len(self.mtp)
 
     def mtp_draft(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the first MTP module incrementally to draft one token ahead (self-speculative decoding).

@@ -641,33 +641,47 @@ def efficiency(b: Bench) -> dict:
 
 def gpu_efficiency(b: Bench, device: str = "cuda", preset: str = "small", steps: "int | None" = None,
                    batch_size: int = 16, block_size: int = 1024, compile_model: "bool | None" = None,
-                   n_examples: int = 60000) -> dict:
-    """Train `preset` on `device` with train.main (bf16 autocast on CUDA) and return tokens/s, MFU against
-    the GPU's datasheet peak (train.GPUS) and peak memory. The arguments let a test try it on a CPU."""
+                   n_examples: int = 60000, model: str = "") -> dict:
+    """Train `preset` (with the ModelArgs overrides `model`, train.py's --model) on `device` with train.main
+    (bf16 autocast on CUDA) and return tokens/s, MFU against the GPU's datasheet peak (train.GPUS), the time
+    to the first logged step (compilation) and peak memory. The arguments let a test try it on a CPU."""
     steps = steps or b.budget.gpu_steps
     compile_model = b.cfg.compile if compile_model is None else compile_model
-    cfg = train.TrainConfig(preset=preset, device=device, compile=compile_model, max_iters=steps, batch_size=batch_size,
-                            block_size=block_size, n_eval=0, eval_interval=10**9, eval_iters=5, seed=b.cfg.seed,
-                            log_interval=max(1, steps // 12), n_examples=n_examples)
+    cfg = train.TrainConfig(preset=preset, model=model, device=device, compile=compile_model, max_iters=steps,
+                            batch_size=batch_size, block_size=block_size, n_eval=0, eval_interval=10**9, eval_iters=5,
+                            seed=b.cfg.seed, log_interval=max(1, steps // 12), n_examples=n_examples)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    summary, log_rows = run_train(cfg, b.out / "runs" / f"gpu_{preset}")
+    name = "_".join(["gpu", preset] + [re.sub(r"\W+", "-", model)] * bool(model))
+    summary, log_rows = run_train(cfg, b.out / "runs" / name)
     steady = log_rows[len(log_rows) // 4:] or log_rows                  # skip compilation and warm-up
     return {"device": device, "name": torch.cuda.get_device_name(device) if cuda else device,
             "peak_desc": train.peak_flops(device)[1], "steps": summary["step"], "seconds": summary["seconds"],
             "tok_per_s": statistics.median(r["tok_per_s"] for r in steady),
-            "mfu": 100 * statistics.median(r["mfu"] for r in steady),
+            "mfu": 100 * statistics.median(r["mfu"] for r in steady), "first_step_s": log_rows[0]["elapsed"],
             "peak_mem": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
             "tokens_per_step": batch_size * block_size, "compile": compile_model, "val_loss": summary["val_loss"]}
 
 
 def gpu_mode(b: Bench) -> dict:
-    """6b. The GPU mode: `small` with bf16 autocast + torch.compile, tokens/s and MFU vs the datasheet peak."""
+    """6b. The GPU mode: `small` with bf16 autocast + torch.compile, tokens/s and MFU vs the datasheet peak, for
+    both MLA paths in training. Absorbed (the default) attends with one 288-wide latent head and an explicit
+    mask, which CUDA's FlashAttention kernel does not take (it wants no mask and at most 256 channels); naive
+    attends with 12 heads of 96 channels and is_causal, which it does. Same weights at the start, same data."""
     if not torch.cuda.is_available():
         return skipped("not measured yet: no CUDA GPU on this machine",
                        "run `python -m extras.bench --only=6 --device=cuda` on a machine with a GPU")
-    return gpu_efficiency(b, b.device if b.device.startswith("cuda") else "cuda")
+    device = b.device if b.device.startswith("cuda") else "cuda"
+    arms, progress = {}, Progress(2, "attention path", "    ")
+    for impl in ("absorb", "naive"):
+        progress(impl)
+        arms[impl] = gpu_efficiency(b, device, model=f"attn_impl={impl}")
+        a = arms[impl]
+        print(f"      {impl}: {a['tok_per_s']:,.0f} tok/s, MFU {a['mfu']:.2f}%, first step {a['first_step_s']:.0f} s, "
+              f"peak memory {a['peak_mem']:.1f} GiB", flush=True)
+    n = arms["absorb"] | {f"naive_{k}": v for k, v in arms["naive"].items()}
+    return n | {"naive_over_absorb": n["naive_tok_per_s"] / n["tok_per_s"]}
 
 
 def grpo_time(b: Bench) -> dict:

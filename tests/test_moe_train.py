@@ -295,6 +295,31 @@ def test_compiled_training_step_matches_eager(backend):
             assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-3), name
 
 
+def test_compiled_training_forward_follows_the_mtp_schedule_without_recompiling():
+    """train.py lowers lambda to a third at 67.6% of the budget (V3 §4.2). The compiled forward must read the new
+    lambda, not a constant baked in with a guard on it: as a Python float the switch recompiled the whole
+    training graph (minutes for `small` on a GPU) in the middle of a run."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = make(tiny())
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        compiled(idx, idx)                                             # compiles, lambda = 0.3
+        mtp_before = m.loss_parts["mtp"]
+        m.mtp_lambda = 0.1
+        with torch.compiler.set_stance("fail_on_recompile"):
+            compiled(idx, idx)
+        mtp_after = m.loss_parts["mtp"]
+        m(idx, idx)                                                    # eager, the same lambda
+    torch._dynamo.reset()
+    assert m.mtp_lambda == 0.1 and m.mtp_lambda_t.item() == pytest.approx(0.1)
+    assert mtp_after == pytest.approx(mtp_before / 3, rel=1e-5)
+    assert m.loss_parts["mtp"] == pytest.approx(mtp_after, rel=1e-5)   # eager forward reads the same lambda
+    assert "mtp_lambda_t" not in m.state_dict()                       # schedule state, not a weight
+
+
 def test_bf16_autocast_training_on_cpu_lowers_the_loss():
     """A few AdamW steps under CPU bf16 autocast: finite, decreasing loss; the expert matmuls run in bf16,
     the router and its statistics in float32."""
