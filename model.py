@@ -76,7 +76,8 @@ class ModelArgs:
     fp8: bool = False                 # simulate FP8 (E4M3) matmuls in the blocks' Linear layers
     fp8_block: int = 128              # tile/block size of the fine-grained FP8 scales
     fp8_scale_fmt: str = ""           # "" FP32 scales (max|x| / 448) or "ue8m0" (power-of-two scales)
-    attn_impl: str = "absorb"         # "naive" or "absorb" (same weights, same outputs; see MLA)
+    attn_impl: str = "absorb"         # "naive" or "absorb" (same weights, same outputs; see MLA): decoding
+    train_attn_impl: str = "auto"     # the same choice for forwards without a cache (training); auto: see MLA
     init_std: float = 0.006           # std of the normal init of every weight matrix (V3 §4.2)
 
     def __post_init__(self):
@@ -121,6 +122,8 @@ class ModelArgs:
             bad("fp8_scale_fmt", "must be '' (FP32 scales) or 'ue8m0' (power-of-two scales)")
         if self.attn_impl not in ("naive", "absorb"):
             bad("attn_impl", "must be 'naive' or 'absorb'")
+        if self.train_attn_impl not in ("auto", "naive", "absorb"):
+            bad("train_attn_impl", "must be 'auto', 'naive' or 'absorb'")
         if self.original_seq_len < self.max_seq_len and self.rope_factor < 1:
             bad("rope_factor", "must be >= 1 when max_seq_len exceeds original_seq_len (YaRN extends context)")
         if self.fp8:
@@ -150,6 +153,14 @@ class ModelArgs:
         if unknown:
             raise ValueError(f"unknown ModelArgs field(s) {unknown}; valid fields: {sorted(known)}")
         return replace(PRESETS[name], **overrides)
+
+    def full_attn_impl(self) -> str:
+        """The attention path of a forward without a cache: train_attn_impl, with 'auto' resolved to 'absorb'
+        where absorption adds no arithmetic per key (kv_lora_rank <= qk_nope_head_dim: tiny, nano) and to
+        'naive' where it would (small, 16B, 671B). See MLA."""
+        if self.train_attn_impl != "auto":
+            return self.train_attn_impl
+        return "absorb" if self.kv_lora_rank <= self.qk_nope_head_dim else "naive"
 
     def to_dict(self) -> dict:
         """Plain dict (stored in checkpoints)."""
@@ -570,12 +581,15 @@ class MLA(nn.Module):
               Seen this way, absorbed MLA is multi-query attention whose single key/value head is the latent,
               and that is how it is computed (latent_attention_folded: the latent is read once, not once per
               head); latent_attention_expanded, the plain version it is tested against, copies it to every head.
-    Training runs the path args.attn_impl names, like decoding, so one setting serves both. V2 presents
-    absorption as an inference trick: per head and key it scores d_c + d_h^R numbers instead of
-    d_h + d_h^R, 3x the attention arithmetic at V3's shape (576 vs 192), so a large model would train
-    naive. At `tiny`'s shape (d_c = d_h = 32) both cost the same, and a measured training step of `tiny`
-    is as fast either way (absorb/naive step time 0.985, 21 interleaved pairs, interquartile range
-    0.93-1.03, with the absorbed path computed as multi-query attention), so the default stays absorb.
+    Decoding (a forward with a cache) runs the path args.attn_impl names; a forward without one (training,
+    loss estimates, GRPO's scoring) the path args.full_attn_impl() names. They differ because absorption is an
+    inference trick (V2 §2.1.3): it saves reading a long cache for a few new queries, but per head and key it
+    scores d_c + d_h^R numbers instead of d_h + d_h^R, and when there are as many queries as keys (training)
+    that arithmetic is the cost: 3x at V3's shape (576 vs 192 numbers) and at `small`'s (288 vs 96; its
+    absorbed attention also takes an explicit mask, so fused kernels cannot skip the masked half). Measured,
+    forward + backward of `small` at 1 x 1,024 tokens on 2 CPU threads: naive 4.37 s, absorbed 8.12 s. At
+    `tiny`'s shape (d_c = d_h = 32) both cost the same: 146.7 ms absorbed (computed as multi-query attention)
+    vs 145.8 ms naive at 16 x 128 tokens, so 'auto' trains tiny absorbed, one path for training and decoding.
     """
 
     def __init__(self, args: ModelArgs):
@@ -584,7 +598,8 @@ class MLA(nn.Module):
         self.n_heads, self.kv_lora_rank = a.n_heads, a.kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim = a.qk_nope_head_dim, a.qk_rope_head_dim
         self.qk_head_dim, self.v_head_dim = a.qk_head_dim, a.v_head_dim
-        self.attn_impl = a.attn_impl
+        self.attn_impl = a.attn_impl                      # with a cache: decoding and its prefill
+        self.train_attn_impl = a.full_attn_impl()          # without a cache: training ('auto' resolved)
         lin = lambda i, o: Linear(i, o, a.fp8, a.fp8_block, a.fp8_scale_fmt or None)
         if a.q_lora_rank == 0:
             self.wq = lin(a.dim, a.n_heads * a.qk_head_dim)
@@ -629,7 +644,7 @@ class MLA(nn.Module):
         end = start_pos + T
         is_causal = cache is None and mask is None
 
-        if self.attn_impl == "naive":
+        if (self.attn_impl if cache is not None else self.train_attn_impl) == "naive":
             # ---- up-project the latent to per-head keys and values (eq. 10-11, 16-17) ----
             kv_up = self.wkv_b(kv).view(B, T, H, -1)               # (B, T, H, nope + v), FP8 GEMM if on
             k_nope, v = kv_up.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)

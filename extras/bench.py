@@ -667,9 +667,10 @@ def gpu_efficiency(b: Bench, device: str = "cuda", preset: str = "small", steps:
 
 def gpu_mode(b: Bench) -> dict:
     """6b. The GPU mode: `small` with bf16 autocast + torch.compile, tokens/s and MFU vs the datasheet peak, for
-    both MLA paths in training. Absorbed (the default) attends with one 288-wide latent head and an explicit
-    mask, which CUDA's FlashAttention kernel does not take (it wants no mask and at most 256 channels); naive
-    attends with 12 heads of 96 channels and is_causal, which it does. Same weights at the start, same data."""
+    both MLA paths in training (train_attn_impl). Naive (what 'auto' picks for `small`) attends with 12 heads
+    of 96 channels and is_causal, which CUDA's FlashAttention kernel takes; absorbed attends with one 288-wide
+    latent head under an explicit mask, which it does not (it wants no mask and at most 256 channels), and
+    scores 3x the numbers per key. Same weights at the start, same data."""
     if not torch.cuda.is_available():
         return skipped("not measured yet: no CUDA GPU on this machine",
                        "run `python -m extras.bench --only=6 --device=cuda` on a machine with a GPU")
@@ -677,7 +678,7 @@ def gpu_mode(b: Bench) -> dict:
     arms, progress = {}, Progress(2, "attention path", "    ")
     for impl in ("absorb", "naive"):
         progress(impl)
-        arms[impl] = gpu_efficiency(b, device, model=f"attn_impl={impl}")
+        arms[impl] = gpu_efficiency(b, device, model=f"train_attn_impl={impl}")
         a = arms[impl]
         print(f"      {impl}: {a['tok_per_s']:,.0f} tok/s, MFU {a['mfu']:.2f}%, first step {a['first_step_s']:.0f} s, "
               f"peak memory {a['peak_mem']:.1f} GiB", flush=True)

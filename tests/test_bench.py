@@ -163,12 +163,12 @@ def test_fp8_row_compares_with_bf16_in_pairs_of_seeds():
 def test_gpu_row_path_runs_on_a_cpu_with_a_small_preset(tmp_path):
     b = bench.Bench(bench.BenchConfig(quick=True), "cpu", tmp_path)
     arms = {impl: bench.gpu_efficiency(b, device="cpu", preset="tiny", steps=4, batch_size=2, block_size=32,
-                                       compile_model=False, n_examples=2000, model=f"attn_impl={impl}")
+                                       compile_model=False, n_examples=2000, model=f"train_attn_impl={impl}")
             for impl in ("absorb", "naive")}
     for impl, g in arms.items():
         assert g["steps"] == 4 and g["tok_per_s"] > 0 and g["peak_mem"] is None and g["first_step_s"] > 0
-        log = (tmp_path / "runs" / f"gpu_tiny_attn_impl-{impl}" / "train.log").read_text()
-        assert f"attn_impl={impl}" in log
+        log = (tmp_path / "runs" / f"gpu_tiny_train_attn_impl-{impl}" / "train.log").read_text()
+        assert f"train_attn_impl={impl}" in log
     # the same weights and data: the paths differ in rounding only (naive == absorbed is tested in test_model)
     assert arms["naive"]["val_loss"] == pytest.approx(arms["absorb"]["val_loss"], rel=1e-3)
     n = arms["absorb"] | {f"naive_{k}": v for k, v in arms["naive"].items()} | {"naive_over_absorb": 1.0}

@@ -101,7 +101,7 @@ def test_fp8_linear_gradients_close_to_exact_ones():
 
 def test_every_linear_of_the_blocks_runs_fp8_in_all_three_gemms_on_the_naive_path():
     torch.manual_seed(0)
-    model = Transformer(tiny(fp8=True, attn_impl="naive"))
+    model = Transformer(tiny(fp8=True, attn_impl="naive", train_attn_impl="naive"))
     linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
     for m in linears.values():
         m.record = {}
@@ -120,7 +120,7 @@ def test_every_linear_of_the_blocks_runs_fp8_in_all_three_gemms_on_the_naive_pat
 
 def test_absorbed_path_uses_the_quantised_wkv_b_weight_and_agrees_with_naive():
     torch.manual_seed(0)
-    naive, absorb, exact = (MLA(tiny(fp8=fp8, attn_impl=impl)) for fp8, impl in
+    naive, absorb, exact = (MLA(tiny(fp8=fp8, attn_impl=impl, train_attn_impl=impl)) for fp8, impl in
                             ((True, "naive"), (True, "absorb"), (False, "naive")))
     absorb.load_state_dict(naive.state_dict())
     exact.load_state_dict(naive.state_dict())

@@ -56,9 +56,9 @@ def test_naive_and_absorbed_attention_agree(q_lora_rank):
     naive, absorb = make(args), make(args)
     absorb.load_state_dict(naive.state_dict())
     for layer in absorb.layers:
-        layer.attn.attn_impl = "absorb"
+        layer.attn.train_attn_impl = "absorb"                      # the path of a forward without a cache
     for layer in naive.layers:
-        layer.attn.attn_impl = "naive"
+        layer.attn.train_attn_impl = "naive"
     idx = torch.randint(0, args.vocab_size, (3, 20))
     a, _ = naive(idx)
     b, _ = absorb(idx)
@@ -73,7 +73,7 @@ def test_naive_and_absorbed_training_gradients_agree():
     absorb.load_state_dict(naive.state_dict())
     for model, impl in ((naive, "naive"), (absorb, "absorb")):
         for layer in list(model.layers) + [m.block for m in model.mtp]:
-            layer.attn.attn_impl = impl
+            layer.attn.train_attn_impl = impl
     idx, targets = torch.randint(0, args.vocab_size, (3, 20)), torch.randint(0, args.vocab_size, (3, 20))
     losses = [model(idx, targets)[1] for model in (naive, absorb)]
     assert torch.allclose(losses[0], losses[1], atol=1e-5, rtol=1e-5)
@@ -82,6 +82,35 @@ def test_naive_and_absorbed_training_gradients_agree():
     for (name, p), q in zip(naive.named_parameters(), absorb.parameters()):
         if p.grad is not None or q.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_auto_trains_absorbed_only_where_absorption_adds_no_arithmetic():
+    """Without a cache (training) 'auto' absorbs where the latent is no wider than a head's key (d_c <= d_h: tiny,
+    nano) and runs naive where absorbing would multiply the attention's arithmetic (small 256 vs 64, V3 512 vs
+    128); an explicit choice wins; decoding keeps attn_impl either way."""
+    assert {p: ModelArgs.preset(p).full_attn_impl() for p in ("tiny", "nano", "small", "16B", "671B")} == {
+        "tiny": "absorb", "nano": "absorb", "small": "naive", "16B": "naive", "671B": "naive"}
+    assert ModelArgs.preset("small", train_attn_impl="absorb").full_attn_impl() == "absorb"
+    assert ModelArgs.preset("tiny", train_attn_impl="naive").full_attn_impl() == "naive"
+    assert ModelArgs.preset("small").attn_impl == "absorb"                  # the latent cache for decoding
+
+
+def test_forward_without_cache_runs_the_training_path_and_decoding_the_cache_path(monkeypatch):
+    """train_attn_impl='naive' with attn_impl='absorb': the full forward never touches the latent attention,
+    the cached forward does and caches the latent; both give the same logits."""
+    import model as model_module
+    calls = []
+    real = model_module.latent_attention_folded
+    monkeypatch.setattr(model_module, "latent_attention_folded", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = make(tiny(attn_impl="absorb", train_attn_impl="naive"))
+    idx = torch.randint(0, 64, (2, 10))
+    full, _ = m(idx)
+    assert calls == []
+    cache = m.new_cache(2, 10)
+    with torch.no_grad():                                               # as decoding runs
+        cached, _ = m(idx, cache=cache)
+    assert len(calls) > 0 and cache.attn_impl == "absorb"
+    assert torch.allclose(cached, full, atol=1e-5, rtol=1e-4)
 
 
 def test_folded_latent_attention_gradients_equal_expanded():
@@ -131,7 +160,7 @@ def test_rmsnorm_closed_form_backward_equals_autograd(shape, dtype):
 @pytest.mark.parametrize("impl", ["naive", "absorb"])
 @pytest.mark.parametrize("chunks", [[1] * 12, [5, 3, 4], [7, 1, 1, 3]])
 def test_cached_decoding_reproduces_full_forward(impl, chunks):
-    args = tiny(attn_impl=impl)
+    args = tiny(attn_impl=impl, train_attn_impl=impl)
     m = make(args)
     idx = torch.randint(0, args.vocab_size, (2, sum(chunks)))
     full, _ = m(idx)
@@ -147,7 +176,7 @@ def test_cached_decoding_reproduces_full_forward(impl, chunks):
 
 @pytest.mark.parametrize("impl", ["naive", "absorb"])
 def test_causality(impl):
-    m = make(tiny(attn_impl=impl))
+    m = make(tiny(attn_impl=impl, train_attn_impl=impl))
     idx = torch.randint(0, 64, (1, 16))
     a, _ = m(idx)
     idx2 = idx.clone()
@@ -160,7 +189,7 @@ def test_causality(impl):
 @pytest.mark.parametrize("impl", ["naive", "absorb"])
 def test_left_padding_with_key_mask_matches_unpadded(impl):
     """A short prompt left-padded in a batch gives the same logits for its real tokens as alone."""
-    m = make(tiny(attn_impl=impl))
+    m = make(tiny(attn_impl=impl, train_attn_impl=impl))
     short = torch.randint(0, 64, (1, 6))
     pad = 4
     batch = torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)
@@ -456,6 +485,7 @@ def test_state_dict_keys_follow_official_names():
     ({"qk_rope_head_dim": 5}, "qk_rope_head_dim"),
     ({"score_func": "relu"}, "score_func"),
     ({"attn_impl": "flash"}, "attn_impl"),
+    ({"train_attn_impl": "flash"}, "train_attn_impl"),
     ({"fp8": True, "fp8_block": 12}, "fp8_block"),
     ({"n_dense_layers": 4}, "n_dense_layers"),
     ({"mtp_depth": -1}, "mtp_depth"),
