@@ -257,11 +257,13 @@ def test_fp8_model_uses_the_loop_with_fp8_linear_layers():
 
 # ---------------------------------------------------------------------------------------------- compile, autocast
 
-def test_training_forward_traces_without_graph_breaks():
-    """torch._dynamo.explain of a training forward with targets: one graph (before: 18 graphs, 17 breaks
-    from .item(), bincount/.tolist() and data-dependent expert slices)."""
+@pytest.mark.parametrize("impl", ["absorb", "naive"])
+def test_training_forward_traces_without_graph_breaks(impl):
+    """torch._dynamo.explain of a training forward with targets, on either attention path (naive is what
+    `small` trains with): one graph (before: 18 graphs, 17 breaks from .item(), bincount/.tolist() and
+    data-dependent expert slices)."""
     import torch._dynamo
-    m = make(tiny())
+    m = make(tiny(train_attn_impl=impl))
     idx = torch.randint(0, 64, (2, 16))
     explanation = torch._dynamo.explain(m)(idx, idx)
     torch._dynamo.reset()
