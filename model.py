@@ -1419,6 +1419,7 @@ class Transformer(Float32Buffers):
 
     @mtp_lambda.setter
     def mtp_lambda(self, value: float) -> None:
+        """Set lambda (V3 eq. 25) for the next forwards, in place in mtp_lambda_t."""
         self._mtp_lambda = float(value)
         self.mtp_lambda_t.fill_(self._mtp_lambda)         # in place: a compiled graph sees the new value
 
