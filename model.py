@@ -982,10 +982,12 @@ grouped_mm.register_autograd(_grouped_mm_backward,
 
 
 # Decoding a token or two routes fewer (token, expert) pairs than there are experts; then each token's K experts
-# are best called on it directly (MoE._per_token). Which experts that is depends on the router's values, so a
-# compiled graph cannot trace it; registered as an operator of our own, it stays one opaque call in the graph.
-# (torch.library.define, not the custom_op decorator: a call through it costs ~30 us less, measured, and decoding
-# makes one per MoE layer and token; the operator has no gradient, so it is used under no_grad only.)
+# are best called on it directly, the way eq. 12 reads. Eager decoding does that with experts_per_token below,
+# on the experts' plain weights. A compiled decoding step cannot: which experts a token picks is a value, and a
+# graph cannot branch on values. It gathers the K chosen experts' rows of the stacked weights instead
+# (MoE._gathered), the same products in two batched matmuls, which a graph can trace (measured, compiled step of
+# tiny, 2 threads: 0.50 vs 0.81 ms per token against calling experts_per_token from the graph as an opaque
+# operator, which it was before).
 
 def experts_per_token(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, w1: list[torch.Tensor],
                       w2: list[torch.Tensor], w3: list[torch.Tensor]) -> torch.Tensor:
@@ -1000,17 +1002,6 @@ def experts_per_token(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tenso
         # with the single cast above: tiny 29 vs 45 us per call, small 291 vs 342 us)
         rows.append(gates[t:t + 1] @ torch.cat(outs).float())      # (1, D)
     return torch.cat(rows)                                         # (N, D)
-
-
-torch.library.define("tinyseek::experts_per_token",
-                     "(Tensor x, Tensor gates, Tensor indices, Tensor[] w1, Tensor[] w2, Tensor[] w3) -> Tensor")
-torch.library.impl("tinyseek::experts_per_token", "CompositeExplicitAutograd", experts_per_token)
-
-
-@torch.library.register_fake("tinyseek::experts_per_token")
-def _experts_per_token_shape(x, gates, indices, w1, w2, w3):
-    """Output shape and dtype for tracing: (N, D) float32."""
-    return x.new_empty(x.shape, dtype=torch.float32)
 
 
 # How many of a group's highest biased scores make its group score: the official code's hard-coded 2. V3's
@@ -1144,10 +1135,10 @@ class MoE(Float32Buffers):
         # compiled graph cannot trace (the chosen experts are values), so a compiled graph then sorts.
         few = indices.numel() < self.n_routed_experts
         if few and self.impl == "grouped" and not torch.is_grad_enabled():   # decoding, plain Linear weights
-            w = self._expert_weights()                                 # [w1 of every expert], [w2], [w3]
-            # compiled: one opaque call in the graph; eager: the same function, without the module calls
-            fn = torch.ops.tinyseek.experts_per_token if torch.compiler.is_compiling() else experts_per_token
-            y = fn(flat, gates, indices, *w).to(flat.dtype)            # (N, D)
+            if torch.compiler.is_compiling():                          # the chosen experts' weights gathered
+                y = self._gathered(flat, gates, indices).to(flat.dtype)    # (N, D)
+            else:                                                      # the same function, without module calls
+                y = experts_per_token(flat, gates, indices, *self._expert_weights()).to(flat.dtype)   # (N, D)
         elif few and not torch.compiler.is_compiling():
             y = self._per_token(flat, gates, indices)                  # (N, D) through the expert modules
         else:
@@ -1189,7 +1180,7 @@ class MoE(Float32Buffers):
         offs[e] is where expert e's slice ends in the sorted order; grouped_mm multiplies rows
         offs[e-1]:offs[e] by expert e's matrix, all experts in one call."""
         K, E = self.n_activated_experts, self.n_routed_experts
-        dtype = torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type) else flat.dtype
+        dtype = self._matmul_dtype(flat)
         counts = torch.zeros(E, dtype=torch.int32, device=flat.device).index_add_(
             0, indices.flatten(), torch.ones_like(indices.flatten(), dtype=torch.int32))  # (E,) fixed shape
         offs = counts.cumsum(0, dtype=torch.int32)                     # (E,) slice ends
@@ -1205,22 +1196,40 @@ class MoE(Float32Buffers):
         out = out.float() * gates.flatten().index_select(0, order)[:, None]   # (N*K, D) weighted by the gates
         return torch.zeros_like(flat, dtype=torch.float32).index_add_(0, token_of, out).to(flat.dtype)  # (N, D)
 
+    def _gathered(self, flat, gates, indices) -> torch.Tensor:
+        """Routed experts for a handful of tokens in a compiled decoding step: the same sum as experts_per_token,
+        with each token's K chosen experts gathered from the stacked weights (no branch on which experts).
+        (N, D) -> (N, D) float32."""
+        N, K = indices.shape
+        w13, w2 = self._stacked_weights(self._matmul_dtype(flat))      # (E, 2I, D), (E, D, I)
+        chosen = indices.flatten()                                     # (N*K,) expert of each (token, k)
+        xs = flat.repeat_interleave(K, dim=0).to(w13.dtype)[:, None]   # (N*K, 1, D) each token once per pick
+        h = torch.bmm(xs, w13.index_select(0, chosen).transpose(1, 2))   # (N*K, 1, 2I)
+        h1, h3 = h.chunk(2, dim=-1)                                    # (N*K, 1, I) each
+        out = torch.bmm(F.silu(h1) * h3, w2.index_select(0, chosen).transpose(1, 2))  # (N*K, 1, D)
+        return (gates[:, :, None] * out.view(N, K, -1).float()).sum(1)  # (N, D) gated sum over the K picks
+
+    @staticmethod
+    def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+        """The dtype the experts' matmuls run in: autocast's, when it is on, else x's."""
+        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
     def _stacked_weights(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts' weights stacked for the grouped matmul, in dtype: one stack of [w1_0, w3_0, w1_1, ...]
         viewed as (E, 2I, D), each expert's [w1; w3] fused, and w2 (E, D, I).
 
         Stacking copies every expert's weights, on every call: in training that is what lets each expert's
         own weight get its gradient. Decoding runs the layer once per step on unchanged weights, so inside
-        Transformer.expert_stacks() the copy is made once and reused (measured, one MoE layer without the
-        copy: `small` at 8 tokens 7.0 vs 30.6 ms, `tiny` at 128 tokens 0.32 vs 0.49 ms)."""
-        reuse = self.keep_stacks > 0 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if reuse and self._stacks is not None and self._stacks[0] == dtype:
+        Transformer.expert_stacks() the copy is made once, on entering, and reused (measured, one MoE layer
+        without the copy: `small` at 8 tokens 7.0 vs 30.6 ms, `tiny` at 128 tokens 0.32 vs 0.49 ms). A compiled
+        decoding step reads the kept stacks as inputs of its graph, so the graph copies nothing either."""
+        if not torch.is_grad_enabled() and self._stacks is not None and self._stacks[0] == dtype:
             return self._stacks[1]
         E, D = self.n_routed_experts, self.experts[0].w1.weight.shape[1]
         w13 = torch.stack([w for e in self.experts for w in (e.w1.weight, e.w3.weight)]).view(E, -1, D)
         w2 = torch.stack([e.w2.weight for e in self.experts])        # (E, D, I)
         stacks = (w13.to(dtype), w2.to(dtype))
-        if reuse:
+        if self.keep_stacks > 0 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._stacks = (dtype, stacks)
         return stacks
 
@@ -1453,12 +1462,35 @@ class Transformer(Float32Buffers):
         step after each of those positions. Writes the MTP block's cache and advances cache.mtp_pos.
         Returns logits (B, T, V) for the token two steps after each position."""
         start, T = cache.mtp_pos, h_prev.shape[1]
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        mask = cache.attn_mask(start, T)
-        module = self.mtp[0]
-        h = module(h_prev, self.embed(next_tokens), cos, sin, cache.mtp_layers[0], start, mask)
+        logits = self.run_mtp(h_prev, next_tokens, cache.mtp_layers[0], start, cache.attn_mask(start, T))
         cache.mtp_pos = start + T
+        return logits
+
+    def run_mtp(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, layer_cache: dict, start: int,
+                mask: "torch.Tensor | None") -> torch.Tensor:
+        """The per-step work of mtp_draft, like run_blocks for the trunk (what `torch.compile` captures):
+        MTP module 1 on h_prev (B, T, D) and Emb(next_tokens) (B, T) at positions start.. -> logits (B, T, V)."""
+        T = h_prev.shape[1]
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        module = self.mtp[0]
+        h = module(h_prev, self.embed(next_tokens), cos, sin, layer_cache, start, mask)   # (B, T, D) h^1
         return self.head(module.norm(h)).float()
+
+    def verify_and_draft(self, pair: torch.Tensor, layer_caches: list, mtp_cache: dict, start: int,
+                         mask: "torch.Tensor | None") -> tuple[torch.Tensor, torch.Tensor]:
+        """One round of greedy self-speculative decoding in one call: verify a draft and draft the next round.
+
+        pair (B, 2) = [x_m, d], the newest token and the draft, at positions start = m and m + 1. The trunk
+        verifies both (h_m, h_{m+1}) and picks the greedy tokens after them, picks (B, 2) = [x_{m+1}, x_{m+2}];
+        d is right iff picks[:, 0] == d. MTP module 1 then drafts from both positions at once with the
+        picked tokens as its inputs, so one of its two outputs is the next round's draft whatever the
+        verdict: q[:, 0] from (h_m, x_{m+1}), the draft for x_{m+2} if d is rejected, and q[:, 1] from
+        (h_{m+1}, x_{m+2}), the draft for x_{m+3} if d is kept. Writes positions m, m+1 of the main and the MTP
+        caches; the caller sets cache.pos and cache.mtp_pos to m + 1 (reject) or m + 2 (accept). Returns
+        (picks (B, 2), q logits (B, 2, V)). Same tokens as mtp_draft + trunk, in one call instead of two."""
+        h = self.run_blocks(pair, layer_caches, start, mask)             # (B, 2, D) h_m, h_{m+1}
+        picks = self.head(self.norm(h)).float().argmax(-1)               # (B, 2) x_{m+1}, x_{m+2}
+        return picks, self.run_mtp(h, picks, mtp_cache, start, mask)   # (B, 2), (B, 2, V)
 
     # ---- balancing ----
     def expert_load(self) -> torch.Tensor:
@@ -1493,11 +1525,17 @@ class Transformer(Float32Buffers):
     @contextlib.contextmanager
     def expert_stacks(self):
         """Decoding's promise that the weights stay as they are: inside, each MoE layer stacks its experts'
-        weights for the grouped matmul once and reuses the stack at every step (see MoE._stacked_weights);
-        on leaving the last such context the stacks are dropped. Nestable."""
+        weights for the grouped matmul once, here, in the dtype the matmuls will run in (autocast's if it is
+        on), and reuses the stack at every step (see MoE._stacked_weights); on leaving the last such context
+        the stacks are dropped. Nestable."""
         layers = self.moe_layers()
+        p = self.embed.weight
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
         for m in layers:
             m.keep_stacks += 1
+            if m.keep_stacks == 1 and m.impl == "grouped":
+                with torch.no_grad():
+                    m._stacked_weights(dtype)                          # made now, kept until the end
         try:
             yield
         finally:

@@ -227,6 +227,9 @@ def compile_decoding(model: Transformer, **compile_kwargs) -> Transformer:
     if model.embed.weight.device.type == "cpu" and inductor and not {"mode", "options"} & set(compile_kwargs):
         compile_kwargs["options"] = {"cpp_wrapper": True}
     model.run_blocks = torch.compile(model.run_blocks, dynamic=True, **compile_kwargs)
+    if model.mtp:                                    # speculative decoding's draft, and its fused round
+        model.run_mtp = torch.compile(model.run_mtp, dynamic=True, **compile_kwargs)
+        model.verify_and_draft = torch.compile(model.verify_and_draft, dynamic=True, **compile_kwargs)
     model.compiled_decoding = True                   # decode under no_grad: compile cannot take inference tensors
     return model
 
@@ -438,12 +441,15 @@ def verify_draft(p: torch.Tensor, q: torch.Tensor, draft: int,
 def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                        top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
                        generator: "torch.Generator | None" = None,
-                       stats: "SpecStats | None" = None) -> Iterator[int]:
+                       stats: "SpecStats | None" = None, fused: bool = True) -> Iterator[int]:
     """Self-speculative decoding of one sequence: MTP module 1 drafts, the main model verifies.
 
     Yields each new token id as soon as it is final; updates `stats` (a SpecStats) if given. Stops after
-    max_new_tokens tokens or eos_id. Uses the model's current attention path. Raises ValueError if the
-    model has no MTP module or the prompt is empty."""
+    max_new_tokens tokens or eos_id. Uses the model's current attention path. Greedy decoding (temperature
+    0) runs each round as one call, Transformer.verify_and_draft, unless fused=False; fused=False, and any
+    sampling, runs the plain version: a draft call (mtp_draft) and a verify call (trunk) per round. Both
+    give the same tokens and counts. Raises ValueError if the model has no MTP module or the prompt is
+    empty."""
     if len(model.mtp) == 0:
         raise ValueError("speculative decoding drafts with the MTP module, but this model has mtp_depth=0")
     if not prompt:
@@ -468,6 +474,9 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
     stats.forwards += 1
     stats.tokens += 1
     yield x[-1]
+    if greedy and fused:
+        yield from _fused_greedy_rounds(model, x, h, cache, max_new_tokens, eos_id, stats)
+        return
     pending, n_new = h, 1                                                 # h at positions mtp_pos .. pos-1
     while n_new < max_new_tokens and x[-1] != eos_id:
         m = cache.pos                                                     # position of x_m = x[-1]
@@ -507,13 +516,46 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
                 return
 
 
+def _fused_greedy_rounds(model: Transformer, x: list[int], h: torch.Tensor, cache, max_new_tokens: int,
+                         eos_id: "int | None", stats: SpecStats) -> Iterator[int]:
+    """speculative_stream's greedy rounds, one model call each (Transformer.verify_and_draft), after the
+    prefill: x holds the prompt and x_P, h (1, P, D) the prompt's h^0, the main cache positions 0..P-1.
+    Yields the tokens after x_P; appends them to x and counts them in stats."""
+    device = model.embed.weight.device
+    n_new = 1                                                             # x_P
+    if n_new == max_new_tokens or x[-1] == eos_id:
+        return
+    # the MTP block reads the prompt's positions with the token one step later: x_1 .. x_P; mtp_pos = P
+    draft = int(model.mtp_draft(h, torch.tensor([x[1:]], device=device), cache)[0, -1].argmax())
+    while n_new < max_new_tokens and x[-1] != eos_id:
+        m = cache.pos                                                     # position of x_m = x[-1]
+        pair = torch.tensor([[x[m], draft]], device=device)               # (1, 2) positions m, m+1
+        picks, q = model.verify_and_draft(pair, cache.layers, cache.mtp_layers[0], m, cache.attn_mask(m, 2))
+        token, bonus = picks[0].tolist()                                  # the main model's x_{m+1}, x_{m+2}
+        guesses = q[0].argmax(-1).tolist()                                # next draft after a reject / an accept
+        accepted = token == draft
+        stats.forwards += 1
+        stats.drafts += 1
+        stats.accepted += accepted
+        new, draft = ([draft, bonus], guesses[1]) if accepted else ([token], guesses[0])
+        cache.pos = cache.mtp_pos = m + len(new)                          # a rejected slot m+1 is overwritten
+        for t in new:
+            x.append(t)
+            n_new += 1
+            stats.tokens += 1
+            yield t
+            if t == eos_id or n_new == max_new_tokens:
+                return
+
+
 def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                          top_k: "int | None" = None, top_p: "float | None" = None, eos_id: "int | None" = None,
-                         generator: "torch.Generator | None" = None) -> tuple[list[int], SpecStats]:
+                         generator: "torch.Generator | None" = None,
+                         fused: bool = True) -> tuple[list[int], SpecStats]:
     """speculative_stream collected: (new tokens, SpecStats)."""
     stats = SpecStats()
     out = list(speculative_stream(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
-                                  stats))
+                                  stats, fused))
     return out, stats
 
 

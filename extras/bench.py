@@ -563,27 +563,43 @@ def mtp_speculative(b: Bench) -> dict:
     problems = tasks.heldout_problems(train.corpus_task(base["train"]), bu.spec_prompts, seed=0)
     prompts = [sample.prompt_tokens(tok, p.question) for p in problems]
 
-    def plain():
+    def plain(m=model):
         """Plain greedy decoding of every prompt, batch 1, latent cache."""
-        return [sample.generate_batch(model, [p], bu.new_tokens, 0.0, eos_id=tok.eos_id, attn_impl="absorb")[0][0]
+        return [sample.generate_batch(m, [p], bu.new_tokens, 0.0, eos_id=tok.eos_id, attn_impl="absorb")[0][0]
                 for p in prompts]
 
-    def speculative():
+    def speculative(m=model):
         """Speculative greedy decoding of every prompt: (outputs, SpecStats of each)."""
-        with sample.attention_path(model, "absorb"):
-            return [sample.speculative_generate(model, p, bu.new_tokens, 0.0, eos_id=tok.eos_id) for p in prompts]
+        with sample.attention_path(m, "absorb"):
+            return [sample.speculative_generate(m, p, bu.new_tokens, 0.0, eos_id=tok.eos_id) for p in prompts]
 
+    arms = {"plain": plain, "speculative": speculative}
+    if bu.compile_decode:              # the same two arms with the decoding step compiled (sample.py --compile)
+        compiled = sample.compile_decoding(load_model(base["ckpt"], b.device)[0])      # same weights
+        arms |= {"plain_compiled": lambda: plain(compiled), "speculative_compiled": lambda: speculative(compiled)}
+        t0 = time.perf_counter()
+        arms["plain_compiled"](), arms["speculative_compiled"]()                     # the compiles happen here
+        compile_s = time.perf_counter() - t0
     # under a second per call, and the ratio moved by 10% from run to run with 3 repeats: 3x as many
-    t, outs = interleaved({"plain": plain, "speculative": speculative}, 3 * bu.repeats)
+    t, outs = interleaved(arms, 3 * bu.repeats)
     stats = [s for _, s in outs["speculative"][-1]]
-    same = outs["plain"][-1] == [o for o, _ in outs["speculative"][-1]]
+    same = all(outs[p][-1] == [o for o, _ in outs[s][-1]] == outs["plain"][-1]
+               for p, s in (("plain", "speculative"), ("plain_compiled", "speculative_compiled")) if p in outs)
     if not same:
         print("    WARNING: speculative decoding did not reproduce plain greedy decoding", flush=True)
     drafts, tokens = sum(s.drafts for s in stats), sum(s.tokens for s in stats)
-    return {"speedup": t["plain"] / t["speculative"], "judge": judge(t["plain"] / t["speculative"]),
-            "acceptance": sum(s.accepted for s in stats) / max(drafts, 1), "drafts": drafts, "tokens": tokens,
-            "tokens_per_call": tokens / max(sum(s.forwards for s in stats), 1), "prompts": len(prompts),
-            "plain_s": t["plain"], "spec_s": t["speculative"], "same_tokens": "yes" if same else "NO"}
+    r = {"speedup": t["plain"] / t["speculative"], "judge": judge(t["plain"] / t["speculative"]),
+         "acceptance": sum(s.accepted for s in stats) / max(drafts, 1), "drafts": drafts, "tokens": tokens,
+         "tokens_per_call": tokens / max(sum(s.forwards for s in stats), 1), "prompts": len(prompts),
+         "plain_s": t["plain"], "spec_s": t["speculative"], "same_tokens": "yes" if same else "NO"}
+    if not bu.compile_decode:
+        return r | {"compiled": "compiled arms not measured in quick mode", "compiled_ratio": ""}
+    speedup = t["plain_compiled"] / t["speculative_compiled"]
+    return r | {"speedup_compiled": speedup, "plain_compiled_s": t["plain_compiled"], "compile_s": compile_s,
+                "spec_compiled_s": t["speculative_compiled"],
+                "compiled": (f"with the decoding step compiled ({compile_s:.0f} s to compile) "
+                             f"{t['speculative_compiled']:.3f} vs {t['plain_compiled']:.3f} s"),
+                "compiled_ratio": f"; compiled {speedup:.2f}x"}
 
 
 def fp8_vs_bf16(b: Bench) -> dict:

@@ -245,7 +245,7 @@ def test_bf16_autocast_decoding_runs_on_cpu(model):
 
 def test_per_step_decoding_path_has_no_graph_break():
     """Transformer.run_blocks (what --compile captures) traces into one graph, with dense FFNs and with MoE
-    layers (one token's MoE runs as the experts_per_token operator, a prefill's through the grouped-matmul
+    layers (one token's MoE gathers its chosen experts' weights, a prefill's runs through the grouped-matmul
     operator: no host sync in the graph either way)."""
     import torch._dynamo
     for kw in ({"n_dense_layers": 3}, {}):
@@ -284,8 +284,10 @@ def test_compiled_decoding_step_does_not_recompile_as_the_cache_grows(monkeypatc
 @pytest.mark.slow
 def test_compiled_decoding_gives_the_same_tokens():
     """compile_decoding (sample.py --compile) changes speed, not tokens: plain and speculative greedy decoding
-    of a model with MoE layers and an MTP module (aot_eager: the traced graphs run eagerly); the decoding step's
-    MoE layers run the experts_per_token operator inside the one graph."""
+    of a model with MoE layers and an MTP module (aot_eager: the traced graphs run eagerly), speculative
+    decoding both as fused rounds and as separate draft and verify calls; inside Transformer.expert_stacks()
+    the decoding step's MoE layers gather the chosen experts from the kept weight stacks, which enter the
+    graph as inputs: the graph itself stacks nothing."""
     import torch._dynamo
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -296,11 +298,14 @@ def test_compiled_decoding_gives_the_same_tokens():
     compile_decoding(compiled, backend="aot_eager")
     ps = prompts(2, seed=4)
     assert generate_batch(compiled, ps, 5, 0.0)[0] == generate_batch(eager, ps, 5, 0.0)[0]
-    assert speculative_generate(compiled, ps[1], 6)[0] == speculative_generate(eager, ps[1], 6)[0]
-    with torch.no_grad():
+    want = speculative_generate(eager, ps[1], 12)
+    assert speculative_generate(compiled, ps[1], 12) == want
+    assert speculative_generate(compiled, ps[1], 12, fused=False) == want
+    with torch.no_grad(), eager.expert_stacks():
         cache = compiled.new_cache(1, 16)
         compiled.next_logits(torch.tensor([ps[0]]), cache)
         ex = torch._dynamo.explain(eager.run_blocks)(torch.tensor([[3]]), cache.layers, cache.pos,
                                                      cache.attn_mask(cache.pos, 1))
     assert ex.graph_break_count == 0
-    assert any("experts_per_token" in str(n.target) for g in ex.graphs for n in g.graph.nodes)
+    traced = [n.meta.get("stack_trace") or "" for g in ex.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("in _gathered" in t for t in traced) and not any("in _stacked_weights" in t for t in traced)

@@ -399,9 +399,10 @@ def test_grpo_update_counts_no_padding_in_the_expert_load():
 
 @pytest.mark.parametrize("n_tokens", [1, 3])
 def test_decoding_per_token_operator_equals_the_sorted_loop(n_tokens):
-    """Without gradients (decoding) the handful-of-tokens case runs experts_per_token on the plain weights, as a
-    function in eager mode and as the registered operator a compiled graph calls: both must give what the
-    sorted per-expert loop and the expert modules (_per_token) give."""
+    """Without gradients (decoding) the handful-of-tokens case runs experts_per_token on the plain weights in
+    eager mode, and gathers the chosen experts from the stacked weights (_gathered) in a compiled step, inside
+    and outside Transformer.expert_stacks(): each must give what the sorted per-expert loop and the expert
+    modules (_per_token) give."""
     from model import experts_per_token
     args = tiny()
     torch.manual_seed(3)
@@ -412,9 +413,13 @@ def test_decoding_per_token_operator_equals_the_sorted_loop(n_tokens):
         gates, idx, _ = moe.gate(flat)
         want = moe._loop(flat, gates, idx, idx.flatten().argsort(stable=True))
         w = [[getattr(e, name).weight for e in moe.experts] for name in ("w1", "w2", "w3")]
-        for got in (experts_per_token(flat, gates, idx, *w), torch.ops.tinyseek.experts_per_token(flat, gates, idx, *w),
+        for got in (experts_per_token(flat, gates, idx, *w), moe._gathered(flat, gates, idx),
                     moe._per_token(flat, gates, idx)):
             assert torch.allclose(got, want, atol=1e-6)
+        moe.keep_stacks += 1                                           # as inside Transformer.expert_stacks()
+        moe._stacked_weights(torch.float32)
+        assert moe._stacks is not None and torch.allclose(moe._gathered(flat, gates, idx), want, atol=1e-6)
+        moe.keep_stacks, moe._stacks = 0, None
         full = moe(flat.view(1, n_tokens, -1)).view(n_tokens, -1)          # forward() takes the operator path
         assert torch.allclose(full, want + moe.shared_experts(flat), atol=1e-6)
 

@@ -125,16 +125,38 @@ def with_oracle_drafts(model, monkeypatch, full: list[int], wrong_every: int = 0
         return forced
 
     monkeypatch.setattr(model, "mtp_draft", draft)
+    # the fused greedy round drafts inside Transformer.verify_and_draft: the same oracle there
+    real_round, rounds = model.verify_and_draft, []
+
+    def verify_and_draft(pair, layer_caches, mtp_cache, start, mask):
+        picks, q = real_round(pair, layer_caches, mtp_cache, start, mask)   # q (1, 2, V) at positions m, m+1
+        m, forced = start, torch.full_like(q, -1e4)
+        accepted = int(picks[0, 0]) == int(pair[0, 1])
+        rounds.append(m)
+        for j in (0, 1):                                              # q[:, j] drafts the token at m + j + 2
+            if (j == 0 or accepted) and m + j + 2 < len(full):        # position m+1's input is final only then
+                seen.append((m + j, q[0, j].clone()))
+            target = full[m + j + 2] if m + j + 2 < len(full) else 0
+            if wrong_every and len(rounds) % wrong_every == 0 and j == accepted:   # the draft the next round uses
+                target = (target + 1) % q.shape[-1]
+            forced[:, j, target] = 0.0
+        return picks, forced
+
+    monkeypatch.setattr(model, "verify_and_draft", verify_and_draft)
     return seen
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("wrong_every", [0, 2, 3])
-def test_speculative_accept_and_reject_paths_keep_both_caches_right(model, monkeypatch, wrong_every):
+def test_speculative_accept_and_reject_paths_keep_both_caches_right(model, monkeypatch, wrong_every, fused):
+    """Oracle drafts (always right, or wrong every 2nd / 3rd) through both greedy paths, the fused round and
+    the plain draft + verify calls: the text is plain greedy decoding's, and the MTP cache has only ever held
+    final inputs."""
     p, n = PROMPTS[0], 41
     ref = generate_batch(model, [p], n, temperature=0)[0][0]
     full = p + ref
     seen = with_oracle_drafts(model, monkeypatch, full, wrong_every)
-    out, stats = speculative_generate(model, p, n, temperature=0)
+    out, stats = speculative_generate(model, p, n, temperature=0, fused=fused)
     monkeypatch.undo()
     assert out == ref
     if wrong_every == 0:
