@@ -1469,13 +1469,27 @@ class Transformer(Float32Buffers):
 
     def run_mtp(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, layer_cache: dict, start: int,
                 mask: "torch.Tensor | None") -> torch.Tensor:
-        """The per-step work of mtp_draft, like run_blocks for the trunk (what `torch.compile` captures):
-        MTP module 1 on h_prev (B, T, D) and Emb(next_tokens) (B, T) at positions start.. -> logits (B, T, V)."""
+        """The work of mtp_draft without its host-side bookkeeping (verify_and_draft calls it too, inside its
+        compiled graph): MTP module 1 on h_prev (B, T, D) and Emb(next_tokens) (B, T) at positions start..
+        -> logits (B, T, V)."""
         T = h_prev.shape[1]
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         module = self.mtp[0]
         h = module(h_prev, self.embed(next_tokens), cos, sin, layer_cache, start, mask)   # (B, T, D) h^1
         return self.head(module.norm(h)).float()
+
+    def prefill_and_draft(self, idx: torch.Tensor, layer_caches: list, mtp_cache: dict,
+                          mask: "torch.Tensor | None") -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy self-speculative decoding's first call: the prompt and the first draft in one call.
+
+        idx (B, P), the prompt at positions 0..P-1, goes through the trunk, whose last position picks the
+        greedy x_P; MTP module 1 then reads every prompt position with the token one step later (x_1 .. x_P),
+        and its last position drafts x_{P+1}. Writes positions 0..P-1 of the main and the MTP caches; the
+        caller sets cache.pos and cache.mtp_pos to P. Returns (x_P (B,), q logits (B, V) of the first draft)."""
+        h = self.run_blocks(idx, layer_caches, 0, mask)                  # (B, P, D)
+        nxt = self.head(self.norm(h[:, -1])).float().argmax(-1)          # (B,) x_P
+        ahead = torch.cat([idx[:, 1:], nxt[:, None]], dim=1)             # (B, P) x_1 .. x_P
+        return nxt, self.run_mtp(h, ahead, mtp_cache, 0, mask)[:, -1]    # (B,), (B, V)
 
     def verify_and_draft(self, pair: torch.Tensor, layer_caches: list, mtp_cache: dict, start: int,
                          mask: "torch.Tensor | None") -> tuple[torch.Tensor, torch.Tensor]:

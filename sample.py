@@ -217,7 +217,8 @@ def attention_path(model: Transformer, attn_impl: "str | None"):
 
 def compile_decoding(model: Transformer, **compile_kwargs) -> Transformer:
     """torch.compile the per-step path of decoding, in place: Transformer.run_blocks (embedding and blocks),
-    with dynamic shapes since the cache grows by one position per step. The host-side decisions of a step
+    and greedy speculative decoding's calls, Transformer.prefill_and_draft and verify_and_draft, with dynamic
+    shapes since the cache grows by one position per step. The host-side decisions of a step
     (position, mask, which rows are still running) stay in Python around it. On a CPU, inductor's default
     is a Python wrapper that launches the generated kernels one by one; its C++ wrapper (cpp_wrapper)
     launches them from compiled code, which suits a decoding step of a small model, hundreds of tiny kernels
@@ -227,8 +228,8 @@ def compile_decoding(model: Transformer, **compile_kwargs) -> Transformer:
     if model.embed.weight.device.type == "cpu" and inductor and not {"mode", "options"} & set(compile_kwargs):
         compile_kwargs["options"] = {"cpp_wrapper": True}
     model.run_blocks = torch.compile(model.run_blocks, dynamic=True, **compile_kwargs)
-    if model.mtp:                                    # speculative decoding's draft, and its fused round
-        model.run_mtp = torch.compile(model.run_mtp, dynamic=True, **compile_kwargs)
+    if model.mtp:   # greedy speculative decoding's two calls (the MTP block inside); sampled drafts stay eager
+        model.prefill_and_draft = torch.compile(model.prefill_and_draft, dynamic=True, **compile_kwargs)
         model.verify_and_draft = torch.compile(model.verify_and_draft, dynamic=True, **compile_kwargs)
     model.compiled_decoding = True                   # decode under no_grad: compile cannot take inference tensors
     return model
@@ -476,15 +477,15 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
     greedy = temperature == 0       # one-hot p and q: the rule below reduces to comparing argmaxes
 
     cache = model.new_cache(1, len(prompt) + max_new_tokens, current_attn_impl(model))
+    if greedy and fused:
+        yield from _fused_greedy(model, prompt, cache, max_new_tokens, eos_id, stats)
+        return
     h = model.trunk(torch.tensor([prompt], device=device), cache)         # (1, P, D) h^0 of every prompt position
     last = model.head(model.norm(h[:, -1])).float()                       # (1, V)
     x = prompt + [int(last.argmax()) if greedy else sample(probs(last)[0])]   # x_P from the prefill
     stats.forwards += 1
     stats.tokens += 1
     yield x[-1]
-    if greedy and fused:
-        yield from _fused_greedy_rounds(model, x, h, cache, max_new_tokens, eos_id, stats)
-        return
     pending, n_new = h, 1                                                 # h at positions mtp_pos .. pos-1
     while n_new < max_new_tokens and x[-1] != eos_id:
         m = cache.pos                                                     # position of x_m = x[-1]
@@ -524,17 +525,20 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
                 return
 
 
-def _fused_greedy_rounds(model: Transformer, x: list[int], h: torch.Tensor, cache, max_new_tokens: int,
-                         eos_id: "int | None", stats: SpecStats) -> Iterator[int]:
-    """speculative_stream's greedy rounds, one model call each (Transformer.verify_and_draft), after the
-    prefill: x holds the prompt and x_P, h (1, P, D) the prompt's h^0, the main cache positions 0..P-1.
-    Yields the tokens after x_P; appends them to x and counts them in stats."""
+def _fused_greedy(model: Transformer, prompt: list[int], cache, max_new_tokens: int, eos_id: "int | None",
+                  stats: SpecStats) -> Iterator[int]:
+    """speculative_stream's greedy path, one model call per round: Transformer.prefill_and_draft for the prompt
+    and the first draft, then Transformer.verify_and_draft for each round. Yields the new tokens, counting them
+    in stats; cache is empty and holds prompt + max_new_tokens positions."""
     device = model.embed.weight.device
-    n_new = 1                                                             # x_P
-    if n_new == max_new_tokens or x[-1] == eos_id:
-        return
-    # the MTP block reads the prompt's positions with the token one step later: x_1 .. x_P; mtp_pos = P
-    draft = int(model.mtp_draft(h, torch.tensor([x[1:]], device=device), cache)[0, -1].argmax())
+    P = len(prompt)
+    nxt, q = model.prefill_and_draft(torch.tensor([prompt], device=device), cache.layers, cache.mtp_layers[0],
+                                     cache.attn_mask(0, P))               # x_P (1,), first draft's logits (1, V)
+    cache.pos = cache.mtp_pos = P
+    x, draft, n_new = prompt + [int(nxt[0])], int(q[0].argmax()), 1
+    stats.forwards += 1
+    stats.tokens += 1
+    yield x[-1]
     while n_new < max_new_tokens and x[-1] != eos_id:
         m = cache.pos                                                     # position of x_m = x[-1]
         pair = torch.tensor([[x[m], draft]], device=device)               # (1, 2) positions m, m+1
@@ -820,10 +824,11 @@ def main(argv: "list[str] | None" = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if cfg.compile:
-        # compile outside the timed run: the first steps of a greedy decode with the same shapes (the cache's
-        # length, prompt + max_new_tokens, is part of them)
+        # compile outside the timed run: the first steps of a decode with the same shapes (the cache's length,
+        # prompt + max_new_tokens, is part of them) and the same path (greedy speculation compiles its fused
+        # round, sampled speculation a two-token verify call)
         t0 = time.perf_counter()
-        steps = (speculative_stream(model, prompt, cfg.max_new_tokens) if cfg.speculative else
+        steps = (speculative_stream(model, prompt, cfg.max_new_tokens, cfg.temperature) if cfg.speculative else
                  decode_steps(model, [prompt] * (1 if cfg.num_samples == 1 else cfg.num_samples),
                               cfg.max_new_tokens, 0.0))
         for _ in zip(range(3), steps):                # prefill and two steps (a verify when speculative)

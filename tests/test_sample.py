@@ -125,8 +125,20 @@ def with_oracle_drafts(model, monkeypatch, full: list[int], wrong_every: int = 0
         return forced
 
     monkeypatch.setattr(model, "mtp_draft", draft)
-    # the fused greedy round drafts inside Transformer.verify_and_draft: the same oracle there
-    real_round, rounds = model.verify_and_draft, []
+    # the fused greedy path drafts inside Transformer.prefill_and_draft and verify_and_draft: the same oracle there
+    real_prefill, real_round, rounds = model.prefill_and_draft, model.verify_and_draft, []
+
+    def prefill_and_draft(idx, layer_caches, mtp_cache, mask):
+        nxt, q = real_prefill(idx, layer_caches, mtp_cache, mask)      # q (1, V) from the last prompt position
+        m = idx.shape[1] - 1
+        seen.append((m, q[0].clone()))
+        rounds.append(m)
+        target = full[m + 2] if m + 2 < len(full) else 0
+        if wrong_every and len(rounds) % wrong_every == 0:
+            target = (target + 1) % q.shape[-1]
+        forced = torch.full_like(q, -1e4)
+        forced[:, target] = 0.0
+        return nxt, forced
 
     def verify_and_draft(pair, layer_caches, mtp_cache, start, mask):
         picks, q = real_round(pair, layer_caches, mtp_cache, start, mask)   # q (1, 2, V) at positions m, m+1
@@ -142,6 +154,7 @@ def with_oracle_drafts(model, monkeypatch, full: list[int], wrong_every: int = 0
             forced[:, j, target] = 0.0
         return picks, forced
 
+    monkeypatch.setattr(model, "prefill_and_draft", prefill_and_draft)
     monkeypatch.setattr(model, "verify_and_draft", verify_and_draft)
     return seen
 
