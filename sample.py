@@ -407,10 +407,11 @@ def stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperatu
 # Greedy decoding needs no random draw between verify and draft, so it runs a round as one call
 # (Transformer.verify_and_draft): the trunk verifies [x_m, d] and picks x_{m+1}, x_{m+2}; in the same call the
 # MTP block drafts from positions m and m+1 with those picks as inputs. Position m's input is final either
-# way; position m+1's only if d is kept, and rolling mtp_pos back to m+1 drops it otherwise, exactly like
-# the main cache's slot. One call per round instead of two: a compiled round pays dynamo's per-call guard
-# check and the host work around it once (measured on the bench's checkpoint, 10 questions, compiled,
-# 2 threads: 1.21x plain decoding fused, 0.89x as two calls; eager 1.07x and 1.10x).
+# way; position m+1's only if d is kept, and rolling the positions back to m+1 drops it otherwise, exactly
+# like the main cache's slot. The prompt and the first draft are one call too (prefill_and_draft). One call
+# per round instead of two: a compiled round pays dynamo's per-call guard check and the host work around it
+# once (bench row 4b, compiled: 1.28x plain decoding at 2 threads, 1.38x at 1; the same rounds as two calls,
+# the draft compiled as well, measured 0.89x at 2 threads; eager, fused or not, ~1.07-1.10x).
 
 @dataclass
 class SpecStats:
