@@ -670,11 +670,9 @@ class MLA(nn.Module):
             q_lat = q_lat.transpose(0, 1).view(B, T, H, self.kv_lora_rank)          # (B, T, H, kv_lora_rank)
             q_abs = torch.cat([q_lat, q_pe], dim=-1)               # (B, T, H, kv_lora_rank + rope)
             # One shared key "head" [c^KV; k^R] (B, S, kv_lora_rank + rope); its first d_c channels are the value.
-            if cache is None:
-                latent = torch.cat([kv, k_pe.squeeze(2)], dim=-1)  # (B, T, kv_lora_rank + rope)
-            else:
-                cache["kv"][:B, start_pos:end] = kv                # both are views of cache["latent"]
-                cache["pe"][:B, start_pos:end] = k_pe.squeeze(2)
+            latent = torch.cat([kv, k_pe.squeeze(2)], dim=-1)      # (B, T, kv_lora_rank + rope) new positions
+            if cache is not None:
+                cache["latent"][:B, start_pos:end] = latent        # one write ("kv" and "pe" are views of it)
                 latent = cache["latent"][:B, :end]                 # (B, S, kv_lora_rank + rope)
             # multi-query attention over the latent (latent_attention_expanded is the plain version)
             o_lat = latent_attention_folded(q_abs, latent, self.kv_lora_rank, mask,
