@@ -487,8 +487,18 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
     stats.forwards += 1
     stats.tokens += 1
     yield x[-1]
-    pending, n_new = h, 1                                                 # h at positions mtp_pos .. pos-1
-    while n_new < max_new_tokens and x[-1] != eos_id:
+    yield from _emit(_two_call_rounds(model, x, h, cache, greedy, probs, sample, generator), x, stats, eos_id,
+                     max_new_tokens)
+
+
+def _two_call_rounds(model: Transformer, x: list[int], h: torch.Tensor, cache, greedy: bool, probs, sample,
+                     generator) -> Iterator[tuple[list[int], bool]]:
+    """speculative_stream's rounds as two calls each, a draft (mtp_draft) and a verify (trunk), after the
+    prefill: x holds the prompt and x_P (the caller appends each round's tokens), h (1, P, D) the prompt's h^0.
+    Yields (the round's new tokens, whether the draft was kept)."""
+    device = model.embed.weight.device
+    pending = h                                                           # h at positions mtp_pos .. pos-1
+    while True:
         m = cache.pos                                                     # position of x_m = x[-1]
         # draft: the MTP block sees the pending positions and, for each, the token one step later
         ahead = torch.tensor([x[cache.mtp_pos + 1:m + 1]], device=device)        # (1, len(pending))
@@ -509,14 +519,25 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
             p = probs(p_logits)                                            # (2, V)
             token, accepted = verify_draft(p[0], q, draft, generator)
             bonus = sample(p[1]) if accepted else None                     # the bonus token x_{m+2}
-        stats.forwards += 1
-        stats.drafts += 1
-        stats.accepted += accepted
         if accepted:
             new, pending = [draft, bonus], h2
         else:
             new, pending = [token], h2[:, :1]                              # h_m is still right ...
             cache.pos = m + 1                                              # ... slot m+1 (the draft) is not
+        yield new, accepted
+
+
+def _emit(rounds: Iterator[tuple[list[int], bool]], x: list[int], stats: SpecStats, eos_id: "int | None",
+          max_new_tokens: int) -> Iterator[int]:
+    """Speculative rounds -> tokens, after x_P: count each round in stats, append its tokens to x and yield
+    them one at a time; stop (closing `rounds`) after eos_id or the max_new_tokens-th new token."""
+    n_new = 1                                                             # x_P, already yielded
+    if n_new == max_new_tokens or x[-1] == eos_id:
+        return
+    for new, accepted in rounds:
+        stats.forwards += 1
+        stats.drafts += 1
+        stats.accepted += accepted
         for t in new:
             x.append(t)
             n_new += 1
@@ -536,29 +557,27 @@ def _fused_greedy(model: Transformer, prompt: list[int], cache, max_new_tokens: 
     nxt, q = model.prefill_and_draft(torch.tensor([prompt], device=device), cache.layers, cache.mtp_layers[0],
                                      cache.attn_mask(0, P))               # x_P (1,), first draft's logits (1, V)
     cache.pos = cache.mtp_pos = P
-    x, draft, n_new = prompt + [int(nxt[0])], int(q[0].argmax()), 1
+    x = prompt + [int(nxt[0])]
     stats.forwards += 1
     stats.tokens += 1
     yield x[-1]
-    while n_new < max_new_tokens and x[-1] != eos_id:
+    yield from _emit(_fused_rounds(model, x, int(q[0].argmax()), cache), x, stats, eos_id, max_new_tokens)
+
+
+def _fused_rounds(model: Transformer, x: list[int], draft: int, cache) -> Iterator[tuple[list[int], bool]]:
+    """The greedy rounds of _fused_greedy, one Transformer.verify_and_draft call each: x holds the prompt and
+    x_P (the caller appends each round's tokens), draft is the first draft. Yields (new tokens, draft kept)."""
+    device = model.embed.weight.device
+    while True:
         m = cache.pos                                                     # position of x_m = x[-1]
         pair = torch.tensor([[x[m], draft]], device=device)               # (1, 2) positions m, m+1
         picks, q = model.verify_and_draft(pair, cache.layers, cache.mtp_layers[0], m, cache.attn_mask(m, 2))
         token, bonus = picks[0].tolist()                                  # the main model's x_{m+1}, x_{m+2}
         guesses = q[0].argmax(-1).tolist()                                # next draft after a reject / an accept
         accepted = token == draft
-        stats.forwards += 1
-        stats.drafts += 1
-        stats.accepted += accepted
         new, draft = ([draft, bonus], guesses[1]) if accepted else ([token], guesses[0])
         cache.pos = cache.mtp_pos = m + len(new)                          # a rejected slot m+1 is overwritten
-        for t in new:
-            x.append(t)
-            n_new += 1
-            stats.tokens += 1
-            yield t
-            if t == eos_id or n_new == max_new_tokens:
-                return
+        yield new, accepted
 
 
 def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
