@@ -1542,8 +1542,7 @@ class Transformer(Float32Buffers):
         on), and reuses the stack at every step (see MoE._stacked_weights); on leaving the last such context
         the stacks are dropped. Nestable."""
         layers = self.moe_layers()
-        p = self.embed.weight
-        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        dtype = MoE._matmul_dtype(self.embed.weight)                   # what decoding's activations will meet
         for m in layers:
             m.keep_stacks += 1
             if m.keep_stacks == 1 and m.impl == "grouped":
