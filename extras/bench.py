@@ -162,11 +162,13 @@ class Arm:
     """One side of a training comparison: a complete train.py configuration.
 
     `differs_in` names the ModelArgs fields in which this arm differs from the first arm of its comparison
-    (empty for the first arm); check_arms() holds the configurations to it."""
+    (empty for the first arm), `train_differs_in` the TrainConfig fields (row 6c: the optimizer); check_arms()
+    holds the configurations to them."""
     name: str
     label: str
     train: train.TrainConfig
     differs_in: frozenset = frozenset()
+    train_differs_in: frozenset = frozenset()
 
     def model_args(self, vocab_size: int) -> ModelArgs:
         """The ModelArgs train.py builds for this arm, given the tokenizer's vocabulary."""
@@ -207,7 +209,7 @@ AUX_LOSS_ALPHA = 0.01   # the classic auxiliary-loss arm's weight (Switch Transf
 
 
 def arm_configs(cfg: BenchConfig, text_file: str = "corpus.txt", vocab_size: int = 512) -> dict[str, list[Arm]]:
-    """The training arms of rows 2-5, keyed by comparison. An arm name always means one and the same run.
+    """The training arms of rows 2-5 and 6c, keyed by comparison. An arm name always means one and the same run.
 
     Row 2 runs on the built-in corpus and on `text_file` with the byte tokenizer, each at equal seconds
     and at equal steps (equal tokens). vocab_size only feeds the dense width solver, where it cancels out."""
@@ -232,6 +234,11 @@ def arm_configs(cfg: BenchConfig, text_file: str = "corpus.txt", vocab_size: int
         Arm("no_balance", "no balancing", with_model(steps, **no_balance), frozenset(no_balance))]
     arms["mtp"] = [Arm("base", "with MTP (D=1)", steps),
                    Arm("no_mtp", "without MTP", with_model(steps, mtp_depth=0), frozenset({"mtp_depth"}))]
+    adamw = frozenset({"optimizer"})                          # row 6c: Muon (train.py's default) vs V3's AdamW
+    for budget_name, base in (("tokens", steps), ("seconds", seconds)):
+        arms[f"optimizer_{budget_name}"] = [
+            Arm("base" if budget_name == "tokens" else "moe_seconds", "Muon + AdamW (train.py's default)", base),
+            Arm(f"adamw_{budget_name}", "AdamW (V3)", replace(base, optimizer="adamw"), train_differs_in=adamw)]
     bf16 = replace(steps, dtype="bfloat16")                  # V3's baseline: bf16 autocast (train.py --dtype)
     arms["fp8"] = [Arm("bf16", "BF16 autocast", bf16),
                    Arm("fp8", "FP8 simulation + BF16 autocast", with_model(bf16, fp8=True), frozenset({"fp8"}))]
@@ -245,15 +252,15 @@ def config_diff(a, b) -> set[str]:
 
 def check_arms(arms: list[Arm], vocab_size: int = 512) -> None:
     """Raise ValueError unless every arm differs from the first exactly in its `differs_in` ModelArgs fields
-    and in nothing else of its train.py configuration (data, seed, batch, budget, optimizer...)."""
+    and `train_differs_in` TrainConfig fields, and in nothing else (data, seed, batch, budget, optimizer...)."""
     first = arms[0]
     for arm in arms[1:]:
         train_diff = config_diff(first.train, arm.train) - {"model"}       # `model` carries the ModelArgs diff
         model_diff = config_diff(first.model_args(vocab_size), arm.model_args(vocab_size))
-        if train_diff or model_diff != set(arm.differs_in):
+        if train_diff != set(arm.train_differs_in) or model_diff != set(arm.differs_in):
             raise ValueError(f"arm '{arm.name}' should differ from '{first.name}' only in ModelArgs "
-                             f"{sorted(arm.differs_in)}, but differs in TrainConfig {sorted(train_diff)} and "
-                             f"ModelArgs {sorted(model_diff)}")
+                             f"{sorted(arm.differs_in)} and TrainConfig {sorted(arm.train_differs_in)}, but differs "
+                             f"in TrainConfig {sorted(train_diff)} and ModelArgs {sorted(model_diff)}")
 
 
 def decode_configs(preset: str, context: int, new_tokens: int, vocab_size: int = 512) -> dict[str, ModelArgs]:
@@ -666,6 +673,22 @@ def efficiency(b: Bench) -> dict:
             "device": b.device, "batch": t.batch_size, "block": t.block_size, "dim": base["args"].dim}
 
 
+def optimizers(b: Bench) -> dict:
+    """6c. Muon for the hidden matrices (train.py's default) vs AdamW for everything (V3 §4.2): val loss at equal
+    seconds and at equal steps, and what a step costs."""
+    n = {"seconds": b.budget.seconds_per_arm}
+    for kind in ("seconds", "tokens"):
+        arms = b.arms[f"optimizer_{kind}"]
+        res = b.run_all(arms, "optimizer.png" if kind == "seconds" else "", x="elapsed")
+        muon, adamw, k = res[arms[0].name], res[arms[1].name], kind[0]
+        n |= {f"{k}_{key}_{arm}": r[src] for arm, r in (("muon", muon), ("adamw", adamw))
+              for key, src in (("loss", "val_loss"), ("steps", "steps"), ("tok_s", "tok_per_s"))}
+        n |= {f"{k}_loss_ratio": muon["val_loss"] / adamw["val_loss"],
+              f"{k}_loss_judge": judge(muon["val_loss"] / adamw["val_loss"])}
+    t = b.arms["optimizer_tokens"][0].train
+    return n | {"tokens": t.max_iters * t.batch_size * t.block_size, "tok_ratio": n["t_tok_s_muon"] / n["t_tok_s_adamw"]}
+
+
 def gpu_efficiency(b: Bench, device: str = "cuda", preset: str = "small", steps: "int | None" = None,
                    batch_size: int = 16, block_size: int = 1024, compile_model: "bool | None" = None,
                    n_examples: int = 60000, model: str = "") -> dict:
@@ -873,7 +896,8 @@ def compiled_decode_vs_hf(b: Bench, fns: dict, prompt: list, n: int, eager_out: 
 
 ROWS = {"1a": cache_bytes, "1b": absorb_decode, "2a": functools.partial(moe_dense, text=False),
         "2b": functools.partial(moe_dense, text=True), "3": balancing, "4a": mtp_loss, "4b": mtp_speculative,
-        "5a": fp8_vs_bf16, "5b": accumulation, "6a": efficiency, "6b": gpu_mode, "7": grpo_time,
+        "5a": fp8_vs_bf16, "5b": accumulation, "6a": efficiency, "6b": gpu_mode, "6c": optimizers,
+        "7": grpo_time,
         "8a": hf_train, "8b": hf_decode}
 
 

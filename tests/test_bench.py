@@ -27,7 +27,10 @@ EXPECTED = {                       # comparison -> {arm: {ModelArgs field: value
                   "no_balance": {"bias_update_speed": 0.0, "seq_aux_alpha": 0.0}},
     "mtp": {"no_mtp": {"mtp_depth": 0}},
     "fp8": {"fp8": {"fp8": True}},
+    "optimizer_seconds": {"adamw_seconds": {}},
+    "optimizer_tokens": {"adamw_tokens": {}},
 }
+TRAIN_EXPECTED = {"adamw_seconds": {"optimizer": "adamw"}, "adamw_tokens": {"optimizer": "adamw"}}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -39,7 +42,10 @@ def test_training_arms_differ_only_in_the_compared_fields(mode):
         first = pair[0]
         for arm in pair[1:]:
             a, b = first.model_args(512), arm.model_args(512)
-            assert bench.config_diff(first.train, arm.train) == {"model"}, (name, arm.name)
+            expected_train = TRAIN_EXPECTED.get(arm.name, {})
+            assert bench.config_diff(first.train, arm.train) - {"model"} == set(expected_train), (name, arm.name)
+            assert all(getattr(arm.train, f) == v for f, v in expected_train.items()), (name, arm.name)
+            assert set(arm.train_differs_in) == set(expected_train), (name, arm.name)
             assert bench.config_diff(a, b) == set(arm.differs_in), (name, arm.name)
             for f, value in EXPECTED[name][arm.name].items():
                 assert getattr(b, f) == value, (name, arm.name, f)
@@ -51,6 +57,8 @@ def test_training_arms_differ_only_in_the_compared_fields(mode):
             assert by_name.setdefault(arm.name, arm.train) == arm.train, arm.name
     assert arms["moe_vs_dense_tokens"][0].name == "base" == arms["balancing"][0].name == arms["mtp"][0].name
     assert arms["fp8"][0].train == replace(by_name["base"], dtype="bfloat16")   # BF16: the base run under bf16
+    assert arms["optimizer_tokens"][0].name == "base" and by_name["base"].optimizer == "muon"   # train.py's default
+    assert arms["optimizer_seconds"][0].name == "moe_seconds"   # row 6c reuses row 2a's runs for its Muon arms
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -68,7 +76,9 @@ def test_budgets_equal_seconds_and_equal_tokens(mode):
             text = "_text" in arm.name
             assert (t.data, t.tokenizer) == (("t.txt", "char") if text else ("", "bpe")), arm.name
             assert (t.seed, t.n_examples, t.preset, t.n_eval) == (cfg.seed, b.n_examples, "tiny", 0)
-    for name in ("balancing", "mtp", "fp8"):
+    for arm in arms["optimizer_seconds"]:
+        assert arm.train.max_seconds == b.seconds_per_arm > 0 and arm.train.max_iters >= 10**9
+    for name in ("balancing", "mtp", "fp8", "optimizer_tokens"):
         assert all(a.train.max_iters == b.steps_per_arm and a.train.max_seconds == 0 for a in arms[name])
     custom = bench.arm_configs(bench.BenchConfig(quick=True, seconds_per_arm=3, steps_per_arm=7))
     assert custom["moe_vs_dense_seconds"][1].train.max_seconds == 3 and custom["fp8"][1].train.max_iters == 7
@@ -94,6 +104,11 @@ def test_check_arms_rejects_any_other_difference():
     bf16, fp8 = bench.arm_configs(MODES["quick"])["fp8"]
     with pytest.raises(ValueError, match="seed"):
         bench.check_arms([bf16, replace(fp8, train=replace(fp8.train, seed=1))])
+    with pytest.raises(ValueError, match="optimizer"):                # a TrainConfig difference must be declared
+        bench.check_arms([bf16, replace(fp8, train=replace(fp8.train, optimizer="adamw"))])
+    muon, adamw = bench.arm_configs(MODES["quick"])["optimizer_tokens"]
+    with pytest.raises(ValueError, match="lr"):                       # ... and is the only one allowed
+        bench.check_arms([muon, replace(adamw, train=replace(adamw.train, lr=1e-3))])
 
 
 def test_decode_and_grpo_arms_differ_in_one_field():
@@ -226,7 +241,7 @@ def test_quick_run_produces_every_row(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "extras.bench", "--quick", f"--out_dir={out}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "row 14/14 (93%)" in proc.stdout and "ETA" in proc.stdout
+    assert "row 15/15 (93%)" in proc.stdout and "ETA" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     ids = [r["id"] for r in res["rows"]]
     assert ids == list(bench.ROWS)
@@ -242,5 +257,7 @@ def test_quick_run_produces_every_row(tmp_path):
     for i in ids:
         assert f"| {i} |" in md
     assert "- date:" in md and "- machine:" in md and "- command: `python -m extras.bench --quick" in md
-    for png in ("moe_vs_dense.png", "moe_vs_dense_text.png", "balancing.png", "mtp.png", "fp8.png", "grpo_time.png"):
+    assert n["6c"]["t_loss_muon"] > 0 and n["6c"]["s_steps_adamw"] > 0
+    for png in ("moe_vs_dense.png", "moe_vs_dense_text.png", "balancing.png", "mtp.png", "fp8.png", "optimizer.png",
+                "grpo_time.png"):
         assert (out / png).stat().st_size > 0 and f"({png})" in md

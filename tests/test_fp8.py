@@ -269,6 +269,10 @@ def test_train_follows_the_v3_schedules_unless_switched_off(tmp_path, monkeypatc
 
 def test_train_with_bf16_moments_keeps_them_in_bf16(tmp_path):
     import train
-    train.main([*SMALL_RUN, f"--out_dir={tmp_path}", "--bf16_moments=true", "--max_iters=3"])
+    train.main([*SMALL_RUN, f"--out_dir={tmp_path}", "--bf16_moments=true", "--max_iters=3", "--optimizer=adamw"])
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+    assert state and all(s["exp_avg"].dtype == torch.bfloat16 for s in state.values())
+    # with Muon (the default) the AdamW half keeps its moments in BF16 too
+    train.main([*SMALL_RUN, f"--out_dir={tmp_path / 'muon'}", "--bf16_moments=true", "--max_iters=3"])
+    state = torch.load(tmp_path / "muon" / "ckpt.pt", weights_only=True)["optimizer"]["adamw"]["state"]
     assert state and all(s["exp_avg"].dtype == torch.bfloat16 for s in state.values())

@@ -77,9 +77,10 @@ def test_bias_update_keeps_maxvio_below_gamma_zero(tmp_path):
     assert balanced < 0.7 * frozen
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_resume_is_exact(tmp_path, monkeypatch, optimizer):
     straight = tmp_path / "straight"
-    run(straight, "--max_iters=20")
+    run(straight, "--max_iters=20", f"--optimizer={optimizer}")
     # Interrupted run: a SIGTERM arrives during step 11; the loop finishes that step, checkpoints and exits.
     resumed = tmp_path / "resumed"
     calls = {"n": 0}
@@ -92,16 +93,74 @@ def test_resume_is_exact(tmp_path, monkeypatch):
         return real_get_batch(*a, **kw)
 
     monkeypatch.setattr(train, "get_batch", get_batch_then_signal)
-    first = run(resumed, "--max_iters=20")
+    first = run(resumed, "--max_iters=20", f"--optimizer={optimizer}")
     monkeypatch.setattr(train, "get_batch", real_get_batch)
     assert first["interrupted"] and first["step"] == 11
-    second = run(resumed, "--max_iters=20", "--resume")
+    second = run(resumed, "--max_iters=20", "--resume", f"--optimizer={optimizer}")
     assert second["step"] == 20
     a = torch.load(straight / "ckpt.pt", weights_only=True)
     b = torch.load(resumed / "ckpt.pt", weights_only=True)
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k              # bit-identical, router biases included
     assert second["val_loss"] == a["final"]["val_loss"]
+
+
+def test_resume_with_another_optimizer_says_which_to_use(tmp_path):
+    run(tmp_path, "--max_iters=3", "--optimizer=adamw")
+    with pytest.raises(CheckpointError, match="--optimizer=adamw"):
+        run(tmp_path, "--max_iters=6", "--resume", "--optimizer=muon")
+
+
+def test_newton_schulz_orthogonalises_each_matrix_of_a_batch_alone():
+    torch.manual_seed(0)
+    G = torch.randn(4, 48, 96) * torch.logspace(-2, 1, 96)           # wide, singular values over 3 decades
+    O = train.zeropower_via_newtonschulz(G)
+    alone = torch.stack([train.zeropower_via_newtonschulz(g[None])[0] for g in G])
+    torch.testing.assert_close(O, alone, rtol=1e-5, atol=1e-6)       # batching changes nothing
+    s = torch.linalg.svdvals(O)                                       # (4, 48): all pushed near 1
+    assert s.min() > 0.6 and s.max() < 1.25, (s.min(), s.max())
+    assert torch.linalg.svdvals(G).max() / torch.linalg.svdvals(G).min() > 100
+    tall = train.zeropower_via_newtonschulz(G.mT)                     # a tall matrix: the transpose's factor
+    torch.testing.assert_close(tall, O.mT, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_step_equals_torch_optim_muon():
+    """Ours (same-shape matrices batched, float32) against torch.optim.Muon (one at a time, bfloat16) with
+    Moonlight's learning-rate scale: the same update up to bfloat16's rounding in the Newton-Schulz step."""
+    torch.manual_seed(0)
+    shapes = [(32, 64), (32, 64), (96, 32), (48, 48)]
+    ours = [torch.nn.Parameter(torch.randn(*s) * 0.1) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    opt = train.Muon(ours, lr=3e-2, weight_decay=0.1)
+    opt_ref = torch.optim.Muon(ref, lr=3e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        for p, r in zip(ours, ref):
+            g = torch.randn_like(p)
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        opt_ref.step()
+    for p, r, p0 in zip(ours, ref, start):
+        moved = (r - p0).norm()
+        assert moved > 0.05 * p0.norm()                               # the steps are not negligible...
+        assert (p - r).norm() < 0.03 * moved                          # ...and agree to bf16 precision
+    with pytest.raises(ValueError, match="2-D"):
+        train.Muon([torch.nn.Parameter(torch.ones(3))])
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    from model import ModelArgs, Transformer
+    model = Transformer(ModelArgs.preset("tiny"))
+    opt = train.make_optimizer(model, train.TrainConfig(optimizer="muon"), "cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    on_muon = {names[id(p)] for g in opt.muon.param_groups for p in g["params"]}
+    on_adamw = {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert on_muon.isdisjoint(on_adamw) and on_muon | on_adamw == set(names.values())
+    assert {"embed.weight", "head.weight", "norm.weight", "layers.1.ffn.gate.weight"} <= on_adamw
+    assert {"layers.0.attn.wq_a.weight", "layers.1.ffn.experts.3.w2.weight", "mtp.0.eh_proj.weight"} <= on_muon
+    assert all(model.get_parameter(n).dim() == 2 for n in on_muon)
+    assert len(opt.param_groups) == 3                                  # one schedule sets every group's lr
+    assert isinstance(train.make_optimizer(model, train.TrainConfig(optimizer="adamw"), "cpu"), torch.optim.AdamW)
 
 
 def test_resume_with_different_model_args_names_the_mismatch(tmp_path):
