@@ -172,7 +172,7 @@ PRESETS = {
     # dense layer, MTP depth 1) at a size that trains usefully on 2 CPU cores. kv_lora_rank (32) is a
     # quarter of dim (128), so the cache really is compressed. Init std 0.02 instead of V3's 0.006: with
     # dim=128 the fan-in is 56x smaller than V3's 7168, and 0.006 would start the network nearly silent.
-    # The bias update speed is raised 10x because a laptop run has ~750 steps, not V3's ~235k (14.8T tokens at
+    # The bias update speed is raised 10x because a laptop run has ~500 steps, not V3's ~235k (14.8T tokens at
     # its final batch of 15,360 sequences x 4,096 tokens; fewer tokens per step during the batch ramp-up).
     "tiny": ModelArgs(init_std=0.02, bias_update_speed=0.01),
     # A smaller student for distillation experiments (extras/r1.py): half the layers of tiny, half its routed experts
