@@ -523,21 +523,32 @@ def absorb_decode(b: Bench) -> dict:
     return n
 
 
+def equal_budgets(b: Bench, comparison: str, plot: str, names: tuple[str, str]) -> tuple[dict, dict]:
+    """Rows 2 and 6c: run the two arms of `comparison`_seconds and `comparison`_tokens (plotting the first against
+    wall-clock seconds). Returns the numbers, {s|t}_{loss|steps|tok_s}_{name} and {s|t}_loss_ratio / _judge
+    (first arm over second), and the equal-tokens results {name: result}."""
+    n = {"seconds": b.budget.seconds_per_arm}
+    for kind in ("seconds", "tokens"):
+        arms = b.arms[f"{comparison}_{kind}"]
+        res = b.run_all(arms, plot if kind == "seconds" else "", x="elapsed")
+        pair, k = {name: res[arm.name] for name, arm in zip(names, arms)}, kind[0]
+        n |= {f"{k}_{key}_{name}": r[src] for name, r in pair.items()
+              for key, src in (("loss", "val_loss"), ("steps", "steps"), ("tok_s", "tok_per_s"))}
+        ratio = pair[names[0]]["val_loss"] / pair[names[1]]["val_loss"]
+        n |= {f"{k}_loss_ratio": ratio, f"{k}_loss_judge": judge(ratio)}
+    t = b.arms[f"{comparison}_tokens"][0].train
+    return n | {"tokens": t.max_iters * t.batch_size * t.block_size}, pair
+
+
 def moe_dense(b: Bench, text: bool) -> dict:
     """2a/2b. MoE vs dense SwiGLU at equal activated parameters: equal seconds and equal tokens (steps)."""
-    suffix, n = "_text" if text else "", {"seconds": b.budget.seconds_per_arm, "data": "text" if text else "built-in"}
-    for kind in ("seconds", "tokens"):
-        arms = b.arms[f"moe_vs_dense{suffix}_{kind}"]
-        res = b.run_all(arms, f"moe_vs_dense{suffix}.png" if kind == "seconds" else "", x="elapsed")
-        moe, dense, k = res[arms[0].name], res[arms[1].name], kind[0]
-        n |= {f"{k}_{key}_{arm}": r[src] for arm, r in (("moe", moe), ("dense", dense))
-              for key, src in (("loss", "val_loss"), ("steps", "steps"), ("tok_s", "tok_per_s"))}
-        n |= {f"{k}_loss_ratio": moe["val_loss"] / dense["val_loss"],
-              f"{k}_loss_judge": judge(moe["val_loss"] / dense["val_loss"])}
-    t, pm, pd = arms[0].train, moe["params"], dense["params"]                # the equal-tokens arms
-    return n | {"tokens": t.max_iters * t.batch_size * t.block_size, "tok_ratio": n["s_tok_s_moe"] / n["s_tok_s_dense"],
+    suffix = "_text" if text else ""
+    n, pair = equal_budgets(b, f"moe_vs_dense{suffix}", f"moe_vs_dense{suffix}.png", ("moe", "dense"))
+    pm, pd = pair["moe"]["params"], pair["dense"]["params"]                  # the equal-tokens arms
+    return n | {"data": "text" if text else "built-in", "tok_ratio": n["s_tok_s_moe"] / n["s_tok_s_dense"],
                 "activated_moe": pm["activated"] / 1e6, "activated_dense": pd["activated"] / 1e6,
-                "total_moe": pm["total"] / 1e6, "total_dense": pd["total"] / 1e6, "dense_inter_dim": dense["args"].inter_dim}
+                "total_moe": pm["total"] / 1e6, "total_dense": pd["total"] / 1e6,
+                "dense_inter_dim": pair["dense"]["args"].inter_dim}
 
 
 def balancing(b: Bench) -> dict:
@@ -676,17 +687,8 @@ def efficiency(b: Bench) -> dict:
 def optimizers(b: Bench) -> dict:
     """6c. Muon for the hidden matrices (train.py's default) vs AdamW for everything (V3 §4.2): val loss at equal
     seconds and at equal steps, and what a step costs."""
-    n = {"seconds": b.budget.seconds_per_arm}
-    for kind in ("seconds", "tokens"):
-        arms = b.arms[f"optimizer_{kind}"]
-        res = b.run_all(arms, "optimizer.png" if kind == "seconds" else "", x="elapsed")
-        muon, adamw, k = res[arms[0].name], res[arms[1].name], kind[0]
-        n |= {f"{k}_{key}_{arm}": r[src] for arm, r in (("muon", muon), ("adamw", adamw))
-              for key, src in (("loss", "val_loss"), ("steps", "steps"), ("tok_s", "tok_per_s"))}
-        n |= {f"{k}_loss_ratio": muon["val_loss"] / adamw["val_loss"],
-              f"{k}_loss_judge": judge(muon["val_loss"] / adamw["val_loss"])}
-    t = b.arms["optimizer_tokens"][0].train
-    return n | {"tokens": t.max_iters * t.batch_size * t.block_size, "tok_ratio": n["t_tok_s_muon"] / n["t_tok_s_adamw"]}
+    n, _ = equal_budgets(b, "optimizer", "optimizer.png", ("muon", "adamw"))
+    return n | {"tok_ratio": n["t_tok_s_muon"] / n["t_tok_s_adamw"]}
 
 
 def gpu_efficiency(b: Bench, device: str = "cuda", preset: str = "small", steps: "int | None" = None,
