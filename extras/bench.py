@@ -4,7 +4,7 @@ tinyseek/extras/bench.py -- DeepSeek-V3's claims, measured side by side on your 
     python -m extras.bench                          # full run: docs/bench/results.md (with its run time) + plots
     python -m extras.bench --quick                  # every row with tiny budgets (~7 min): a smoke test, not a result
     python -m extras.bench --only=1,3               # a subset of the comparisons
-    python -m extras.bench --only=6 --device=cuda   # the GPU row: `small`, bf16 autocast, torch.compile
+    python -m extras.bench --only=6b --device=cuda  # the GPU row: `small`, bf16 autocast, torch.compile
 
 Each row is one short function that measures both arms of a comparison in one process (this one; the
 decoding rows 1b, 4b and 8b a fresh one each, see fresh_process), on the same weights, data and seed, and
@@ -88,7 +88,7 @@ class BenchConfig:
     device: str = flag("cpu", "cpu, cuda, cuda:N, mps, auto (row 6b runs on CUDA whenever a GPU is visible)")
     compile: bool = flag(True, "row 6b: torch.compile the model")
     seed: int = flag(1337, "one seed for every arm (row 5a adds seed+1, seed+2)")
-    only: str = flag("", "comparisons to run, e.g. 1,3 (empty: all eight)")
+    only: str = flag("", "comparisons to run, e.g. 1,3, or single rows, e.g. 6b (empty: all eight)")
 
     def __post_init__(self):
         """Reject flags that make no sense, saying what is allowed."""
@@ -99,16 +99,15 @@ class BenchConfig:
             raise ValueError(f"--device={self.device!r} is invalid: choose {DEVICE_CHOICES}")
         self.selected()
 
-    def selected(self) -> list[int]:
-        """The comparison numbers picked by --only (all of 1..8 when empty)."""
-        try:
-            picked = sorted({int(s) for s in self.only.split(",") if s.strip()}) or list(range(1, 9))
-        except ValueError:
-            raise ValueError(f"--only={self.only!r}: give comparison numbers 1-8 separated by commas, "
-                             "e.g. --only=1,3") from None
-        if not set(picked) <= set(range(1, 9)):
-            raise ValueError(f"--only={self.only!r}: the comparisons are numbered 1-8")
-        return picked
+    def selected(self) -> list[str]:
+        """The rows picked by --only, in table order: a number picks all its rows (6: 6a, 6b, 6c), a row id just
+        that row (6b); empty picks every row."""
+        picks = [s.strip().lower() for s in self.only.split(",") if s.strip()]
+        bad = [p for p in picks if not re.fullmatch(r"[1-8][a-c]?", p) or (len(p) == 2 and p not in ROWS)]
+        if bad:
+            raise ValueError(f"--only={self.only!r}: give comparison numbers 1-8 or row ids such as 6b, separated "
+                             f"by commas, e.g. --only=1,3 or --only=6b (not {', '.join(bad)}); rows: {', '.join(ROWS)}")
+        return [rid for rid in ROWS if not picks or rid in picks or rid[0] in picks]
 
 
 @dataclass(frozen=True)
@@ -724,10 +723,10 @@ def gpu_mode(b: Bench) -> dict:
     scores 3x the numbers per key. Same weights at the start, same data."""
     if not torch.cuda.is_available():
         return skipped("not measured yet: no CUDA GPU on this machine",
-                       "run `python -m extras.bench --only=6 --device=cuda` on a machine with a GPU")
+                       "run `python -m extras.bench --only=6b --device=cuda` on a machine with a GPU")
     device = b.device if b.device.startswith("cuda") else "cuda"
     arms, progress = {}, Progress(2, "attention path", "    ")
-    for impl in ("absorb", "naive"):
+    for impl in ("naive", "absorb"):                 # naive first: what train.py picks for `small`
         progress(impl)
         arms[impl] = gpu_efficiency(b, device, model=f"train_attn_impl={impl}")
         a = arms[impl]
@@ -964,7 +963,7 @@ def main(argv: "list[str] | None" = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     b = Bench(cfg, pick_device(cfg.device), out)
     t0 = time.perf_counter()
-    picked = [rid for rid in ROWS if int(rid[0]) in cfg.selected()]
+    picked = cfg.selected()
     progress, rows, numbers = Progress(len(picked), "row", ""), [], {}
     for rid in picked:
         progress(f"{rid}: {template[rid]['comparison'][:60]}...")

@@ -214,9 +214,10 @@ def test_template_has_every_row_and_its_placeholders_are_the_rows_numbers():
 
 
 def test_flags_and_table():
-    assert bench.BenchConfig(only="3, 1").selected() == [1, 3]
-    assert bench.BenchConfig().selected() == list(range(1, 9))
-    for bad in ("9", "x"):
+    assert bench.BenchConfig(only="3, 1").selected() == ["1a", "1b", "3"]
+    assert bench.BenchConfig(only="6B,4").selected() == ["4a", "4b", "6b"]
+    assert bench.BenchConfig().selected() == list(bench.ROWS)
+    for bad in ("9", "x", "6d", "3a"):
         with pytest.raises(ValueError, match="1-8"):
             bench.BenchConfig(only=bad)
     meta = {"date": "d", "machine": bench.machine(), "command": "python -m extras.bench", "mode": "quick", "seconds": 60}

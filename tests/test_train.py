@@ -122,6 +122,10 @@ def test_newton_schulz_orthogonalises_each_matrix_of_a_batch_alone():
     assert torch.linalg.svdvals(G).max() / torch.linalg.svdvals(G).min() > 100
     tall = train.zeropower_via_newtonschulz(G.mT)                     # a tall matrix: the transpose's factor
     torch.testing.assert_close(tall, O.mT, rtol=1e-5, atol=1e-6)
+    half = train.zeropower_via_newtonschulz(G, dtype=torch.bfloat16)  # the GPU's precision: same factor
+    assert half.dtype == torch.bfloat16
+    err = (half.float() - O).norm() / O.norm()
+    assert err < 0.03, err                                            # bf16 has 8 bits of mantissa
 
 
 def test_muon_step_equals_torch_optim_muon():
