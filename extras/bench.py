@@ -233,11 +233,13 @@ def arm_configs(cfg: BenchConfig, text_file: str = "corpus.txt", vocab_size: int
         Arm("no_balance", "no balancing", with_model(steps, **no_balance), frozenset(no_balance))]
     arms["mtp"] = [Arm("base", "with MTP (D=1)", steps),
                    Arm("no_mtp", "without MTP", with_model(steps, mtp_depth=0), frozenset({"mtp_depth"}))]
-    adamw = frozenset({"optimizer"})                          # row 6c: Muon (train.py's default) vs V3's AdamW
+    adamw = frozenset({"optimizer", "lr"})                    # row 6c: Muon (train.py's default) vs V3's AdamW,
+                                                              # each at its own default learning rate
     for budget_name, base in (("tokens", steps), ("seconds", seconds)):
         arms[f"optimizer_{budget_name}"] = [
             Arm("base" if budget_name == "tokens" else "moe_seconds", "Muon + AdamW (train.py's default)", base),
-            Arm(f"adamw_{budget_name}", "AdamW (V3)", replace(base, optimizer="adamw"), train_differs_in=adamw)]
+            Arm(f"adamw_{budget_name}", "AdamW (V3)", replace(base, optimizer="adamw", lr=0.0),
+                train_differs_in=adamw)]
     bf16 = replace(steps, dtype="bfloat16")                  # V3's baseline: bf16 autocast (train.py --dtype)
     arms["fp8"] = [Arm("bf16", "BF16 autocast", bf16),
                    Arm("fp8", "FP8 simulation + BF16 autocast", with_model(bf16, fp8=True), frozenset({"fp8"}))]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import train
 from extras import bench
 from model import ModelArgs, count_params
 
@@ -30,7 +31,7 @@ EXPECTED = {                       # comparison -> {arm: {ModelArgs field: value
     "optimizer_seconds": {"adamw_seconds": {}},
     "optimizer_tokens": {"adamw_tokens": {}},
 }
-TRAIN_EXPECTED = {"adamw_seconds": {"optimizer": "adamw"}, "adamw_tokens": {"optimizer": "adamw"}}
+TRAIN_EXPECTED = {f"adamw_{k}": {"optimizer": "adamw", "lr": 3e-3} for k in ("seconds", "tokens")}   # AdamW's own lr
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -107,8 +108,9 @@ def test_check_arms_rejects_any_other_difference():
     with pytest.raises(ValueError, match="optimizer"):                # a TrainConfig difference must be declared
         bench.check_arms([bf16, replace(fp8, train=replace(fp8.train, optimizer="adamw"))])
     muon, adamw = bench.arm_configs(MODES["quick"])["optimizer_tokens"]
-    with pytest.raises(ValueError, match="lr"):                       # ... and is the only one allowed
-        bench.check_arms([muon, replace(adamw, train=replace(adamw.train, lr=1e-3))])
+    assert (muon.train.lr, adamw.train.lr) == (train.DEFAULT_LR["muon"], train.DEFAULT_LR["adamw"])
+    with pytest.raises(ValueError, match="seed"):                     # ... and is the only one allowed
+        bench.check_arms([muon, replace(adamw, train=replace(adamw.train, seed=1))])
 
 
 def test_decode_and_grpo_arms_differ_in_one_field():

@@ -213,6 +213,14 @@ def test_bad_input_exits_with_clear_message(tmp_path, flags, message, capsys):
     assert message in str(e.value) + capsys.readouterr().err   # argparse prints config errors to stderr
 
 
+def test_learning_rate_defaults_to_the_optimizers_own():
+    assert train.TrainConfig().lr == train.DEFAULT_LR["muon"] == 4.5e-3
+    assert train.TrainConfig(optimizer="adamw").lr == train.DEFAULT_LR["adamw"] == 3e-3
+    assert train.TrainConfig(optimizer="adamw", lr=1e-3).lr == 1e-3          # a given --lr is kept
+    with pytest.raises(ValueError, match="--lr=-0.001 is invalid"):
+        train.TrainConfig(lr=-1e-3)
+
+
 def test_empty_data_file(tmp_path):
     f = tmp_path / "empty.txt"
     f.write_text("  \n")
