@@ -255,7 +255,7 @@ def test_quick_run_produces_every_row(tmp_path):
     row8 = [r for r in res["rows"] if r["id"].startswith("8")]
     assert all(r["ratio"] == "-" for r in row8) or all(r["ratio"].endswith("x") for r in row8)
     if not torch.cuda.is_available():
-        assert "not measured" in n["6b"]["skipped"] and "--only=6 --device=cuda" in n["6b"]["how"]
+        assert "not measured" in n["6b"]["skipped"] and "--only=6b --device=cuda" in n["6b"]["how"]
     md = (out / "results.md").read_text()
     for i in ids:
         assert f"| {i} |" in md
