@@ -140,7 +140,7 @@ class TrainConfig:
     # ---- optimizer (AdamW, V3 §4.2; or Muon for the matrices) and schedule ----
     optimizer: str = _flag("muon", "adamw (V3 §4.2) | muon (Muon for the hidden matrices, AdamW for the rest)")
     lr: float = _flag(0.0, "peak learning rate; 0 = the optimizer's default, DEFAULT_LR: 4.5e-3 with muon, 3e-3 "
-                           "with adamw (each the best of a sweep on tiny's val loss)")
+                           "with adamw (each chosen by a sweep on tiny's val loss)")
     min_lr_ratio: float = _flag(0.1, "final learning rate as a fraction of lr (cosine decay)")
     warmup_iters: int = _flag(50, "linear warmup steps")
     weight_decay: float = _flag(0.1, "weight decay on matrices, Muon's and AdamW's (not on norms, biases, the embedding)")
