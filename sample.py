@@ -42,6 +42,7 @@ has no UTF-8 form, is encoded as U+FFFD rather than raising.
 
 import functools
 import inspect
+import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -751,6 +752,9 @@ def chat(cfg: SampleConfig) -> int:
         import readline  # noqa: F401  (arrow keys and history for input() in a terminal, where available)
     except ImportError:
         pass
+    # Ctrl-C raises KeyboardInterrupt (below: it stops an answer), also where this process was started with
+    # SIGINT ignored, as a shell does for a job it puts in the background, which Python then leaves ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if cfg.template not in ("auto", "r1", "raw"):
         print(f"error: --template={cfg.template!r} must be auto, r1 or raw", file=sys.stderr)
         return 1
