@@ -103,7 +103,7 @@ class BenchConfig:
         """The rows picked by --only, in table order: a number picks all its rows (6: 6a, 6b, 6c), a row id just
         that row (6b); empty picks every row."""
         picks = [s.strip().lower() for s in self.only.split(",") if s.strip()]
-        bad = [p for p in picks if not re.fullmatch(r"[1-8][a-c]?", p) or (len(p) == 2 and p not in ROWS)]
+        bad = [p for p in picks if p not in {*ROWS, *(rid[0] for rid in ROWS)}]
         if bad:
             raise ValueError(f"--only={self.only!r}: give comparison numbers 1-8 or row ids such as 6b, separated "
                              f"by commas, e.g. --only=1,3 or --only=6b (not {', '.join(bad)}); rows: {', '.join(ROWS)}")
