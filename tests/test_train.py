@@ -55,7 +55,11 @@ def test_short_run_lowers_loss_and_writes_outputs(tmp_path):
     logged = [r for r in rows if "loss" in r]
     assert logged[-1]["ce"] < 0.6 * logged[0]["ce"]
     assert summary["val_loss"] < 0.6 * logged[0]["ce"]
-    assert {"lr", "tok_per_s", "mfu", "max_vio", "mtp", "balance"} <= set(logged[-1])
+    assert {"lr", "tok_per_s", "mfu", "max_vio", "mtp", "balance", "mtp_lambda"} <= set(logged[-1])
+    # each row carries the MTP weight its step used (V3 §4.2: 0.3, then 0.1 from 67.6% of the run), so mtp / mtp_lambda
+    # is the MTP module's own cross-entropy on either side of the switch (notebook 04 plots it)
+    assert logged[0]["mtp_lambda"] == pytest.approx(0.3) and logged[-1]["mtp_lambda"] == pytest.approx(0.1)
+    assert 0.5 * logged[-1]["ce"] < logged[-1]["mtp"] / logged[-1]["mtp_lambda"] < 2 * logged[-1]["ce"]
     for name in ("ckpt.pt", "loss.png", "expert_load.png"):
         assert (tmp_path / name).stat().st_size > 0
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
