@@ -824,8 +824,8 @@ def log_step(run: Run, loss: torch.Tensor, grad_norm: float, lr: float, progress
     mfu = tps * run.fpt / (run.peak * run.ddp.world_size) if run.peak else float("nan")
     parts = run.raw.loss_parts
     row = {"step": run.step, "loss": loss.item(), "ce": parts["ce"], "mtp": parts["mtp"], "balance": parts["balance"],
-           "mtp_lambda": run.raw.mtp_lambda, "lr": lr, "grad_norm": grad_norm, "tok_per_s": tps, "mfu": mfu, "max_vio": run.last_vio.mean().item(),
-           "elapsed": run.elapsed}
+           "mtp_lambda": run.raw.mtp_lambda, "lr": lr, "grad_norm": grad_norm, "tok_per_s": tps, "mfu": mfu,
+           "max_vio": run.last_vio.mean().item(), "elapsed": run.elapsed}
     run.metrics.append(row)
     run.log.log(row)
     run.load_history.append((run.step, run.last_load.cpu()))
