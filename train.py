@@ -391,10 +391,10 @@ def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-
     somewhere in about [0.7, 1.2]. Computed with one batched matmul per product in `dtype`: bfloat16 on a GPU,
     where it runs on the tensor cores; float32 on a CPU, where bfloat16's speed depends on whether the chip
     has bfloat16 instructions, and float32 keeps the update as exact as the rest of training (the bfloat16
-    factor differs from it by up to 2.5% on tiny's matrices). On the AMD EPYC (Zen 4, AVX-512 BF16) VM of the README's figures, tiny's
-    137 matrices take 19.4 ms in bfloat16 vs 29.3 ms in float32 (2 threads): ~5% of a training step, less
-    than its run-to-run spread in tokens/s, so not switched. torch.optim.Muon runs each matrix alone in
-    bfloat16 everywhere; see Muon below.
+    factor differs from it by up to 2.5% on tiny's matrices). On the AMD EPYC (Zen 4, AVX-512 BF16) VM of the
+    README's figures, tiny's 137 matrices take 19.4 ms in bfloat16 vs 29.3 ms in float32 (2 threads): ~5% of
+    a training step, less than its run-to-run spread in tokens/s, so not switched. torch.optim.Muon runs
+    each matrix alone in bfloat16 everywhere; see Muon below.
     """
     a, b, c = 3.4445, -4.775, 2.0315
     X = G.float()
