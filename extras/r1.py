@@ -47,6 +47,7 @@ the language-consistency reward have no counterpart in a one-task toy.
 """
 
 import json
+import math
 import random
 import re
 import shlex
@@ -494,9 +495,8 @@ def distill(cfg: R1Config) -> list[dict]:
     print(f"\n==== distillation vs RL for the {cfg.student_preset} student ====")
     print_table(pipe.results)
     d, r = distilled["accuracy"], rl["accuracy"]
-    verdict = "distillation is ahead" if d > r else "RL is ahead" if r > d else "a tie"
     print(f"distillation on {n_rows} teacher samples: {100 * d:.1f}% in {distilled['seconds']:.0f}s of SFT; "
-          f"RL: {100 * r:.1f}% in {rl['seconds']:.0f}s of GRPO -> {verdict} here "
+          f"RL: {100 * r:.1f}% in {rl['seconds']:.0f}s of GRPO -> {compare_accuracies(d, r, cfg.n_eval)} "
           "(the teacher's own cost is not counted in the distillation time)")
     print(f"wrote {pipe.results_path}, {png}")
     return pipe.results
@@ -505,6 +505,20 @@ def distill(cfg: R1Config) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------
 # 4. Report: table and plot
 # ----------------------------------------------------------------------------------------------------
+
+def compare_accuracies(distilled: float, rl: float, n: int) -> str:
+    """Which student is ahead, read against the noise of scoring on n problems: the standard error of the
+    difference of two accuracies p1, p2 measured on n problems each, sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)
+    (as if the two samples were independent; both students answer the same problems, so it errs on the side
+    of calling a gap noise). A gap of two standard errors or more names the student that is ahead."""
+    se = math.sqrt(distilled * (1 - distilled) / n + rl * (1 - rl) / n)
+    gap = abs(distilled - rl)
+    if gap == 0 or gap < 2 * se:
+        return (f"no clear difference here ({100 * gap:.1f} points apart, less than two standard errors, "
+                f"2 x {100 * se:.1f} points)")
+    ahead = "distillation" if distilled > rl else "RL"
+    return f"{ahead} is ahead here, by {100 * gap:.1f} points" + (f" ({gap / se:.1f} standard errors)" if se else "")
+
 
 def print_table(results: list[dict]) -> None:
     """One line per evaluated stage: accuracy, format and seconds."""

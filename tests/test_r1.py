@@ -133,6 +133,18 @@ def test_distill_without_teacher_data_says_what_to_run(tmp_path):
         r1.main(["distill", f"--out_dir={tmp_path}"])
 
 
+def test_distill_verdict_reads_the_gap_against_its_standard_error():
+    # the README's two runs on 500 problems: 96.4% vs 97.2% (2026-11-30) and 44.2% vs 23.2% (2026-11-28)
+    assert r1.compare_accuracies(0.964, 0.972, 500).startswith("no clear difference")
+    assert "1.1 points" in r1.compare_accuracies(0.964, 0.972, 500)          # sqrt(.964*.036/500 + .972*.028/500)
+    assert r1.compare_accuracies(0.442, 0.232, 500).startswith("distillation is ahead here, by 21.0 points")
+    assert r1.compare_accuracies(0.232, 0.442, 500).startswith("RL is ahead")
+    assert r1.compare_accuracies(0.30, 0.50, 20).startswith("no clear difference")   # 20 points, but on 20 problems
+    assert r1.compare_accuracies(0.30, 0.50, 2000).startswith("RL is ahead")
+    assert r1.compare_accuracies(1.0, 1.0, 500).startswith("no clear difference")
+    assert r1.compare_accuracies(1.0, 0.0, 10) == "distillation is ahead here, by 100.0 points"   # no spread at all
+
+
 @pytest.mark.parametrize("flag", ["--k=0", "--n_eval=0", "--temperature=0", "--n_prompts=0"])
 def test_bad_flag_values_are_usage_errors(flag, capsys):
     with pytest.raises(SystemExit):
