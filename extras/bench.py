@@ -613,8 +613,10 @@ def mtp_speculative(b: Bench) -> dict:
          "plain_s": t["plain"], "spec_s": t["speculative"], "same_tokens": "yes" if same else "NO"}
     if not bu.compile_decode:
         return r | {"compiled": "compiled arms not measured in quick mode", "compiled_ratio": ""}
-    # the compiled arms again at 1 thread: a compiled step of tiny is hundreds of tiny kernels, each a parallel
-    # region, and at 2 threads its speed swings from run to run (row 8b reports both thread counts too)
+    # the compiled arms again at 1 thread: at 2 threads the matrix library splits a round's 2-row products across
+    # the threads and the hand-off costs more than the work (F.linear, 2 x 128 input, 512 x 128 weight: 19.9 vs
+    # 11.5 us at 1 thread; 1-row products are not split), and the 2-thread figure moves from one process to the
+    # next (row 8b reports both thread counts too)
     threads, compiled_arms = torch.get_num_threads(), {k: arms[k] for k in ("plain_compiled", "speculative_compiled")}
     torch.set_num_threads(1)
     try:
