@@ -224,7 +224,17 @@ def compile_decoding(model: Transformer, **compile_kwargs) -> Transformer:
     is a Python wrapper that launches the generated kernels one by one; its C++ wrapper (cpp_wrapper)
     launches them from compiled code, which suits a decoding step of a small model, hundreds of tiny kernels
     (measured on tiny, greedy, batch 1, 1 thread: 1.71x eager with the C++ wrapper, 1.26x with the Python
-    one). Returns the model."""
+    one). Returns the model.
+
+    Duck sizing is switched off for the process (PyTorch's own advice where it bites): by default the compiler
+    gives input sizes that happen to be equal one symbol, so when the cache length at the first compiled call
+    equals some unrelated size among the inputs, the two are tied, the length is specialised, and the next
+    step, one position longer, compiles the function again. Measured on the bench's `tiny` checkpoint: a
+    14-token prompt made greedy speculative decoding compile verify_and_draft twice (5 graphs and 79 s of
+    compiling for plain and speculative decoding; without duck sizing 4 graphs, 64 s). A compile reads the
+    setting when it starts, at a call, not here at torch.compile, hence for the process."""
+    import torch.fx.experimental._config as fx_config
+    fx_config.use_duck_shape = False
     inductor = compile_kwargs.get("backend", "inductor") == "inductor"
     if model.embed.weight.device.type == "cpu" and inductor and not {"mode", "options"} & set(compile_kwargs):
         compile_kwargs["options"] = {"cpp_wrapper": True}
