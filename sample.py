@@ -226,15 +226,13 @@ def compile_decoding(model: Transformer, **compile_kwargs) -> Transformer:
     (measured on tiny, greedy, batch 1, 1 thread: 1.71x eager with the C++ wrapper, 1.26x with the Python
     one). Returns the model.
 
-    Duck sizing is switched off for the process (PyTorch's own advice where it bites): by default the compiler
-    gives input sizes that happen to be equal one symbol, so when the cache length at the first compiled call
-    equals some unrelated size among the inputs, the two are tied, the length is specialised, and the next
-    step, one position longer, compiles the function again. Measured on the bench's `tiny` checkpoint: a
-    14-token prompt made greedy speculative decoding compile verify_and_draft twice (5 graphs and 79 s of
-    compiling for plain and speculative decoding; without duck sizing 4 graphs, 64 s). A compile reads the
-    setting when it starts, at a call, not here at torch.compile, hence for the process."""
-    import torch.fx.experimental._config as fx_config
-    fx_config.use_duck_shape = False
+    A recompile to expect: with dynamic shapes the compiler gives input sizes that happen to be equal one symbol
+    ("duck sizing"), so when a cache length at the first compiled call equals an unrelated size among the
+    inputs, the two are tied and the next, longer step compiles again (the bench's `tiny` checkpoint, a
+    14-token prompt: verify_and_draft compiled twice, 5 graphs and 79 s of compiling for plain and speculative
+    decoding). Turning duck sizing off (torch.fx.experimental._config.use_duck_shape) avoids it (4 graphs,
+    64 s) but made every compiled step slower: the compiled run_blocks for one token took 302-320 vs 245-265 us
+    at 1 thread (four processes, alternating), so it stays on: a second compile once beats 20% on every token."""
     inductor = compile_kwargs.get("backend", "inductor") == "inductor"
     if model.embed.weight.device.type == "cpu" and inductor and not {"mode", "options"} & set(compile_kwargs):
         compile_kwargs["options"] = {"cpp_wrapper": True}
