@@ -52,13 +52,17 @@ def model() -> Transformer:
     return Transformer(small_args()).eval()
 
 
-@pytest.fixture(scope="module")
-def ckpt_path(tmp_path_factory, model) -> Path:
-    """A checkpoint in the format train.py writes, holding the random test model."""
-    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+def write_checkpoint(path: Path, model: Transformer) -> Path:
+    """model saved at path in the format train.py writes (with the char tokenizer); returns path."""
     save_checkpoint(path, {"model": model.state_dict(), "model_args": model.args.to_dict(),
                            "tokenizer": TOK.to_dict(), "config": {}, "kind": "pretrain"})
     return path
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory, model) -> Path:
+    """A checkpoint in the format train.py writes, holding the random test model."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt.pt", model)
 
 
 PROMPTS = [TOK.encode(format_prompt(q), bos=True) for q in ("37+48", "5*6", "123-45")]
@@ -344,10 +348,7 @@ def test_main_with_compile_compiles_before_the_timed_run_and_prints_the_same(tmp
     and an MoE layer and the MTP block, every kind of block, and no more: compiling takes time per kernel."""
     import torch._dynamo
     torch.manual_seed(0)
-    m = Transformer(small_args(n_layers=2)).eval()
-    ckpt_path = tmp_path / "ckpt.pt"
-    save_checkpoint(ckpt_path, {"model": m.state_dict(), "model_args": m.args.to_dict(), "tokenizer": TOK.to_dict(),
-                                "config": {}, "kind": "pretrain"})
+    ckpt_path = write_checkpoint(tmp_path / "ckpt.pt", Transformer(small_args(n_layers=2)).eval())
     base = [f"--init_from={ckpt_path}", "--max_new_tokens=10", "--temperature=0", "--stop=", "--device=cpu"]
     for extra in ([], ["--speculative"]):
         torch._dynamo.reset()
