@@ -653,6 +653,8 @@ class MLA(nn.Module):
                 cache["k"][:B, start_pos:end] = k
                 cache["v"][:B, start_pos:end] = v
                 k, v = cache["k"][:B, :end], cache["v"][:B, :end]  # (B, S, H, ...)
+                if mask is None and T > 1:                         # None means causal here too; SDPA's is_causal
+                    mask = causal_mask(T, end, x.device)           # would anchor its triangle at key 0, not start_pos
             qh = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)      # (B, H, T, qk_head_dim)
             o = attention(qh, k.transpose(1, 2), v.transpose(1, 2), mask, is_causal and T > 1,
                           self.softmax_scale).transpose(1, 2)      # (B, T, H, v_head_dim)
@@ -697,6 +699,12 @@ def attention(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
+def causal_mask(T: int, S: int, device) -> torch.Tensor:
+    """(1, 1, T, S) bool: the last T of S positions as queries, each seeing itself and every earlier position
+    (what a mask of None means for a forward over new tokens, cached or not)."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]
+
+
 def latent_attention_expanded(q, latent, r: int, mask, scale: float) -> torch.Tensor:
     """Absorbed MLA attention, the plain way: copy the one latent key/value head to every query head.
 
@@ -730,7 +738,7 @@ def latent_attention_folded(q, latent, r: int, mask, scale: float) -> torch.Tens
     B, T, H, c = q.shape
     S = latent.shape[1]
     if mask is None and T > 1:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]   # (1, 1, T, S) causal
+        mask = causal_mask(T, S, q.device)                          # (1, 1, T, S)
     if mask is not None and T > 1:
         mask = mask.repeat_interleave(H, dim=-2)                    # (B, 1, T*H, S): row t*H + h is query t
     if B > 1 and T <= 2:
@@ -867,7 +875,7 @@ class KVCache:
         if bool(valid.all()):                                          # no padding: plain causal
             if T == 1:
                 return None                                            # one query may see everything
-            return torch.ones(T, S, dtype=torch.bool, device=valid.device).tril(start_pos)[None, None]
+            return causal_mask(T, S, valid.device)                     # (1, 1, T, S)
         q_pos = torch.arange(start_pos, S, device=valid.device)[:, None]   # (T, 1)
         k_pos = torch.arange(S, device=valid.device)[None, :]              # (1, S)
         # causal & not padding; a query always sees itself so padding rows never become all -inf (NaN)

@@ -132,6 +132,23 @@ def test_next_logits_equals_last_position_of_the_full_forward(model, impl):
         assert torch.allclose(got, full[:, t], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["absorb", "naive"])
+def test_no_mask_means_causal_for_new_tokens_after_a_cache(model, impl):
+    """MLA.forward's contract: mask None is plain causal. After cached positions, a block of new tokens given no
+    mask must see what the explicit causal mask shows it (the naive path once let every new token see the
+    whole block: SDPA's is_causal cannot be used there, its triangle starts at key 0)."""
+    idx = torch.randint(0, 64, (1, 12))
+    with attention_path(model, impl), torch.no_grad():
+        caches = [model.new_cache(1, 16, impl) for _ in range(2)]
+        for c in caches:
+            model.run_blocks(idx[:, :8], c.layers, 0, c.attn_mask(0, 8))
+        explicit = model.run_blocks(idx[:, 8:], caches[0].layers, 8, caches[0].attn_mask(8, 4))
+        implicit = model.run_blocks(idx[:, 8:], caches[1].layers, 8, None)
+        full = model.run_blocks(idx, None, 0, None)                  # no cache: a plain causal forward
+    assert torch.allclose(implicit, explicit, atol=1e-6)
+    assert torch.allclose(implicit, full[:, 8:], atol=1e-5, rtol=1e-4)
+
+
 def test_bytes_read_per_token_absorbed_vs_naive():
     """The absorbed cache reads (d_c + d_h^R) numbers per token per layer, the naive one H (d_h + d_h^R + d_v)."""
     a = small_args()
