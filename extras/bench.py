@@ -2,7 +2,7 @@
 tinyseek/extras/bench.py -- DeepSeek-V3's claims, measured side by side on your own machine.
 
     python -m extras.bench                          # full run: docs/bench/results.md (with its run time) + plots
-    python -m extras.bench --quick                  # every row with tiny budgets (~7 min): a smoke test, not a result
+    python -m extras.bench --quick                  # every row with tiny budgets (~3 min): a smoke test, not a result
     python -m extras.bench --only=1,3               # a subset of the comparisons
     python -m extras.bench --only=6b --device=cuda  # the GPU row: `small`, bf16 autocast, torch.compile
 
