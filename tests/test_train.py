@@ -132,6 +132,33 @@ def test_newton_schulz_orthogonalises_each_matrix_of_a_batch_alone():
     assert err < 0.03, err                                            # bf16 has 8 bits of mantissa
 
 
+def test_newton_schulz_folds_the_sums_into_the_products_without_changing_them():
+    """zeropower_via_newtonschulz writes a X + (b A + c A A) X as two baddbmm calls; the plain form, written
+    out here in float64, gives the same factor."""
+    torch.manual_seed(0)
+    G = torch.randn(3, 32, 80)
+    a, b, c = 3.4445, -4.775, 2.0315
+    X = G.double() / G.double().norm(dim=(-2, -1), keepdim=True)
+    for _ in range(5):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    torch.testing.assert_close(train.zeropower_via_newtonschulz(G).double(), X, rtol=1e-4, atol=1e-5)
+
+
+def test_newton_schulz_runs_in_bfloat16_only_where_the_hardware_has_it(monkeypatch):
+    assert train.newton_schulz_dtype("cuda") == torch.bfloat16
+    seen = []
+    monkeypatch.setattr(train, "zeropower_via_newtonschulz",
+                        lambda G, steps, dtype: seen.append(dtype) or G / G.norm())
+    for has_it, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(train, "cpu_has_bf16_matmul", lambda has_it=has_it: has_it)
+        assert train.newton_schulz_dtype("cpu") == dtype
+        p = torch.nn.Parameter(torch.randn(8, 16))
+        p.grad = torch.randn(8, 16)
+        train.Muon([p]).step()
+        assert seen.pop() == dtype                                     # the step uses what the rule says
+
+
 def test_muon_step_equals_torch_optim_muon():
     """Ours (same-shape matrices batched, float32) against torch.optim.Muon (one at a time, bfloat16) with
     Moonlight's learning-rate scale: the same update up to bfloat16's rounding in the Newton-Schulz step."""
