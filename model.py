@@ -737,6 +737,8 @@ def latent_attention_folded(q, latent, r: int, mask, scale: float) -> torch.Tens
     the expanded copy: one key/value head instead of H copies, and no gradient to sum back over the heads."""
     B, T, H, c = q.shape
     S = latent.shape[1]
+    if mask is None and T == S and T >= 2 * CAUSAL_BLOCKS and q.device.type == "cpu":
+        return latent_attention_causal_blocks(q, latent, r, scale)  # training: skip the masked-out half
     if mask is None and T > 1:
         mask = causal_mask(T, S, q.device)                          # (1, 1, T, S)
     if mask is not None and T > 1:
@@ -756,6 +758,34 @@ def latent_attention_folded(q, latent, r: int, mask, scale: float) -> torch.Tens
     k = latent.unsqueeze(1)                                         # (B, 1, S, r + rope)
     o = F.scaled_dot_product_attention(q.reshape(B, 1, T * H, c), k, k, attn_mask=mask, scale=scale)
     return o[..., :r].view(B, T, H, r)                              # (B, T, H, r)
+
+
+CAUSAL_BLOCKS = 4  # query blocks of latent_attention_causal_blocks (2, 4, 8 measured: 4 was fastest at T = 128)
+
+
+def latent_attention_causal_blocks(q, latent, r: int, scale: float) -> torch.Tensor:
+    """latent_attention_folded for a plain causal forward (no cache, mask None: training), its queries taken in
+    CAUSAL_BLOCKS blocks of positions, each attending only to the keys up to its own last position.
+
+    With the heads folded into the query length the causal mask is no longer a triangle that SDPA's is_causal
+    can express, so it is passed as a mask, and then the CPU kernel computes every score and masks it: at
+    T = 128 its key blocks are the whole sequence, so nothing is skipped. In blocks, block i of n reads the
+    first (i+1)/n of the keys, (n+1)/2n of the scores in all (62.5% for n = 4); each query's softmax still runs
+    over exactly the keys it may see, so the result is the same (tested, values and gradients). Measured at
+    tiny's training shape (B=16, T=128, H=4, 48 channels, 2 threads): forward + backward 4.31 vs 4.77 ms per
+    layer; a training step 1.03x, 1.00x and 1.03x faster in three runs (123.7 vs 127.3, 129.0 vs 129.1 and
+    128.6 vs 132.1 ms; one process each, the two arms interleaved, medians). q (B, T, H, r + rope),
+    latent (B, T, r + rope) -> (B, T, H, r)."""
+    B, T, H, c = q.shape
+    size = -(-T // CAUSAL_BLOCKS)                                   # ceil(T / n) positions per block
+    outs = []
+    for start in range(0, T, size):
+        end = min(start + size, T)
+        mask = causal_mask(end - start, end, q.device).repeat_interleave(H, dim=-2)  # (1, 1, (end-start)*H, end)
+        k = latent[:, :end].unsqueeze(1)                            # (B, 1, end, r + rope): keys up to the block
+        qs = q[:, start:end].reshape(B, 1, (end - start) * H, c)    # (B, 1, (end-start)*H, r + rope)
+        outs.append(F.scaled_dot_product_attention(qs, k, k, attn_mask=mask, scale=scale)[..., :r])
+    return torch.cat(outs, dim=2).view(B, T, H, r)                  # (B, T, H, r)
 
 
 SPLIT_KV_MIN = 2 ** 18  # latent numbers (positions x channels) from which splitting them across threads pays

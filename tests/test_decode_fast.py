@@ -20,6 +20,8 @@ from model import (
     Transformer,
     apply_rope,
     apply_rope_real,
+    causal_mask,
+    latent_attention_causal_blocks,
     latent_attention_expanded,
     latent_attention_folded,
     latent_attention_split,
@@ -116,6 +118,32 @@ def test_split_kv_attention_equals_expanded(S, n, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: n)
     assert torch.allclose(latent_attention_folded(q, latent, r, None, 0.3), ref, atol=1e-5, rtol=1e-5)
     assert len(calls) == 1 and calls[0][-1] == n
+
+
+@pytest.mark.parametrize("T", [16, 37])
+def test_causal_blocks_equal_one_masked_call_values_and_gradients(T, monkeypatch):
+    """Training's causal attention in query blocks (latent_attention_causal_blocks, each block reading only the keys
+    up to its end) == the latent copied to every head with the full causal mask, values and both gradients, for
+    T divisible by the block count or not; and latent_attention_folded takes that path for mask None, S == T."""
+    torch.manual_seed(0)
+    B, H, r, rope = 2, 3, 8, 4
+    q0, latent0 = torch.randn(B, T, H, r + rope), torch.randn(B, T, r + rope)
+
+    def run(fn):
+        q, latent = q0.clone().requires_grad_(), latent0.clone().requires_grad_()
+        out = fn(q, latent)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))   # any fixed weights
+        return out, q.grad, latent.grad
+
+    ref = run(lambda q, latent: latent_attention_expanded(q, latent, r, causal_mask(T, T, "cpu"), 0.3))
+    calls = []
+    monkeypatch.setattr(model_module, "latent_attention_causal_blocks",
+                        lambda *a: calls.append(a) or latent_attention_causal_blocks(*a))
+    for fn in (lambda q, latent: latent_attention_causal_blocks(q, latent, r, 0.3),
+               lambda q, latent: latent_attention_folded(q, latent, r, None, 0.3)):
+        for got, want in zip(run(fn), ref):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1                                           # the dispatch, from latent_attention_folded
 
 
 @pytest.mark.parametrize("impl", ["absorb", "naive"])
