@@ -160,8 +160,9 @@ def test_newton_schulz_runs_in_bfloat16_only_where_the_hardware_has_it(monkeypat
 
 
 def test_muon_step_equals_torch_optim_muon():
-    """Ours (same-shape matrices batched, float32) against torch.optim.Muon (one at a time, bfloat16) with
-    Moonlight's learning-rate scale: the same update up to bfloat16's rounding in the Newton-Schulz step."""
+    """Ours (same-shape matrices batched, in newton_schulz_dtype: float32 or bfloat16 by CPU) against
+    torch.optim.Muon (one at a time, bfloat16) with Moonlight's learning-rate scale: the same update up to
+    bfloat16's rounding in the Newton-Schulz step."""
     torch.manual_seed(0)
     shapes = [(32, 64), (32, 64), (96, 32), (48, 48)]
     ours = [torch.nn.Parameter(torch.randn(*s) * 0.1) for s in shapes]
