@@ -737,7 +737,7 @@ def latent_attention_folded(q, latent, r: int, mask, scale: float) -> torch.Tens
     the expanded copy: one key/value head instead of H copies, and no gradient to sum back over the heads."""
     B, T, H, c = q.shape
     S = latent.shape[1]
-    if mask is None and T == S and T >= 2 * CAUSAL_BLOCKS and q.device.type == "cpu":
+    if mask is None and T == S and T >= CAUSAL_BLOCKS_MIN_T and q.device.type == "cpu":
         return latent_attention_causal_blocks(q, latent, r, scale)  # training: skip the masked-out half
     if mask is None and T > 1:
         mask = causal_mask(T, S, q.device)                          # (1, 1, T, S)
@@ -761,6 +761,7 @@ def latent_attention_folded(q, latent, r: int, mask, scale: float) -> torch.Tens
 
 
 CAUSAL_BLOCKS = 4  # query blocks of latent_attention_causal_blocks (2, 4, 8 measured: 4 was fastest at T = 128)
+CAUSAL_BLOCKS_MIN_T = 64  # from this many positions the blocks pay (see latent_attention_causal_blocks)
 
 
 def latent_attention_causal_blocks(q, latent, r: int, scale: float) -> torch.Tensor:
@@ -774,8 +775,10 @@ def latent_attention_causal_blocks(q, latent, r: int, scale: float) -> torch.Ten
     over exactly the keys it may see, so the result is the same (tested, values and gradients). Measured at
     tiny's training shape (B=16, T=128, H=4, 48 channels, 2 threads): forward + backward 4.31 vs 4.77 ms per
     layer; a training step 1.03x, 1.00x and 1.03x faster in three runs (123.7 vs 127.3, 129.0 vs 129.1 and
-    128.6 vs 132.1 ms; one process each, the two arms interleaved, medians). q (B, T, H, r + rope),
-    latent (B, T, r + rope) -> (B, T, H, r)."""
+    128.6 vs 132.1 ms; one process each, the two arms interleaved, medians). Shorter sequences gain less and
+    then lose to the blocks' extra calls: one call / blocks, fwd + bwd at about 6K tokens, 0.84x at T = 48
+    (GRPO's update), 1.02x at 64, 1.10x at 96, 1.25x at 128, 1.38x at 256; hence CAUSAL_BLOCKS_MIN_T.
+    q (B, T, H, r + rope), latent (B, T, r + rope) -> (B, T, H, r)."""
     B, T, H, c = q.shape
     size = -(-T // CAUSAL_BLOCKS)                                   # ceil(T / n) positions per block
     outs = []

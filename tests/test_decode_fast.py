@@ -124,7 +124,8 @@ def test_split_kv_attention_equals_expanded(S, n, monkeypatch):
 def test_causal_blocks_equal_one_masked_call_values_and_gradients(T, monkeypatch):
     """Training's causal attention in query blocks (latent_attention_causal_blocks, each block reading only the keys
     up to its end) == the latent copied to every head with the full causal mask, values and both gradients, for
-    T divisible by the block count or not; and latent_attention_folded takes that path for mask None, S == T."""
+    T divisible by the block count or not; and latent_attention_folded takes that path for mask None, S == T, from
+    CAUSAL_BLOCKS_MIN_T positions on (lowered here), and the single masked call below it."""
     torch.manual_seed(0)
     B, H, r, rope = 2, 3, 8, 4
     q0, latent0 = torch.randn(B, T, H, r + rope), torch.randn(B, T, r + rope)
@@ -139,11 +140,14 @@ def test_causal_blocks_equal_one_masked_call_values_and_gradients(T, monkeypatch
     calls = []
     monkeypatch.setattr(model_module, "latent_attention_causal_blocks",
                         lambda *a: calls.append(a) or latent_attention_causal_blocks(*a))
-    for fn in (lambda q, latent: latent_attention_causal_blocks(q, latent, r, 0.3),
-               lambda q, latent: latent_attention_folded(q, latent, r, None, 0.3)):
-        for got, want in zip(run(fn), ref):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert len(calls) == 1                                           # the dispatch, from latent_attention_folded
+    folded = lambda q, latent: latent_attention_folded(q, latent, r, None, 0.3)
+    for min_t, dispatched in ((T, 1), (T + 1, 0)):
+        monkeypatch.setattr(model_module, "CAUSAL_BLOCKS_MIN_T", min_t)
+        for fn in (lambda q, latent: latent_attention_causal_blocks(q, latent, r, 0.3), folded):
+            for got, want in zip(run(fn), ref):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert len(calls) == dispatched                              # the spy sees only the dispatch
+        calls.clear()
 
 
 @pytest.mark.parametrize("impl", ["absorb", "naive"])
