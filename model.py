@@ -780,13 +780,15 @@ def latent_attention_causal_blocks(q, latent, r: int, scale: float) -> torch.Ten
     (GRPO's update), 1.02x at 64, 1.10x at 96, 1.25x at 128, 1.38x at 256; hence CAUSAL_BLOCKS_MIN_T.
     q (B, T, H, r + rope), latent (B, T, r + rope) -> (B, T, H, r)."""
     B, T, H, c = q.shape
-    size = -(-T // CAUSAL_BLOCKS)                                   # ceil(T / n) positions per block
-    outs = []
-    for start in range(0, T, size):
-        end = min(start + size, T)
+    outs, end = [], 0
+    # split, not q[:, start:end]: the gradient of a slice is a zero-filled copy of all of q, one per block,
+    # while split's is one concatenation (an MLA layer's fwd + bwd alone 1.09-1.11x faster; a training step
+    # 1.012x and 1.003x in two one-process A/Bs, the zero fills being cheaper inside the step)
+    for q_block in q.split(-(-T // CAUSAL_BLOCKS), dim=1):          # ceil(T / n) positions per block
+        start, end = end, end + q_block.shape[1]
         mask = causal_mask(end - start, end, q.device).repeat_interleave(H, dim=-2)  # (1, 1, (end-start)*H, end)
         k = latent[:, :end].unsqueeze(1)                            # (B, 1, end, r + rope): keys up to the block
-        qs = q[:, start:end].reshape(B, 1, (end - start) * H, c)    # (B, 1, (end-start)*H, r + rope)
+        qs = q_block.reshape(B, 1, (end - start) * H, c)            # (B, 1, (end-start)*H, r + rope)
         outs.append(F.scaled_dot_product_attention(qs, k, k, attn_mask=mask, scale=scale)[..., :r])
     return torch.cat(outs, dim=2).view(B, T, H, r)                  # (B, T, H, r)
 
