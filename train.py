@@ -390,7 +390,7 @@ def cpu_has_bf16_matmul() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def newton_schulz_dtype(device: str) -> torch.dtype:
+def newton_schulz_dtype(device: "str | torch.device") -> torch.dtype:
     """The precision of Muon's Newton-Schulz products: bfloat16, as torch.optim.Muon and Jordan's reference
     compute it, on a GPU and on a CPU with bfloat16 instructions; float32 on other CPUs, where bfloat16 would be
     slower. On the 2-vCPU AMD EPYC VM of the README (AVX-512 BF16), tiny's 137 matrices take 10.8 ms in
@@ -472,7 +472,7 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
                 upd = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
                 O = zeropower_via_newtonschulz(torch.stack(upd), group["ns_steps"],
-                                               dtype=newton_schulz_dtype(str(ps[0].device)))   # (n, A, B)
+                                               dtype=newton_schulz_dtype(ps[0].device))   # (n, A, B)
                 torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
                 torch._foreach_add_(ps, list(O.to(ps[0].dtype).unbind(0)),
                                     alpha=-group["lr"] * 0.2 * math.sqrt(max(A, B)))
