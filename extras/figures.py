@@ -17,10 +17,8 @@ The drawing is boxes and arrows at fixed coordinates, so it runs in about a seco
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+# no pyplot: no global backend switch for whoever imports this module
+from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from cli import parse_config
@@ -148,7 +146,8 @@ def draw_mtp(ax):
 
 def draw(out: Path, dpi: int = 130) -> Path:
     """Draw the three panels into one PNG at `out` (its folder is created) and return the path."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 7.2), gridspec_kw={"width_ratios": [0.8, 1.15, 1.0]})
+    fig = Figure(figsize=(16, 7.2))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [0.8, 1.15, 1.0]})
     draw_block(axes[0])
     draw_mla_moe(axes[1])
     draw_mtp(axes[2])
@@ -157,7 +156,6 @@ def draw(out: Path, dpi: int = 130) -> Path:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
-    plt.close(fig)
     return out
 
 
