@@ -80,6 +80,12 @@ What is simplified, honestly
 - The old log-probs are recomputed by the training forward pass, not stored by the sampler; with the
   same fp32 weights both are the same numbers up to rounding (inference engines in bf16 are not, which
   is why large systems need importance corrections we do not).
+- FP8 (a checkpoint with fp8 on): MLA's two paths round differently. The absorbed one (decoding's default)
+  quantises only wkv_b's weight and keeps the latent c^KV in high precision; the naive one also quantises
+  c^KV, the input of wkv_b's GEMM, to E4M3. Sampled on one and scored on the other, the policies would
+  differ by more than rounding, and with mu=1 there is no ratio to correct it. setup() therefore decodes on
+  the learner's path (args.full_attn_impl()) when fp8 is on: both then apply the same FP8 roundings and
+  agree up to float rounding (tested); the checkpoint keeps the decoding path it came with.
 - Log-probabilities use logits / temperature, i.e. the distribution the samples were drawn from.
 - The reference model is the starting checkpoint forever; DeepSeekMath's iterative GRPO also refreshed
   it and retrained a reward model. Process rewards (a score per reasoning step) are not implemented.
@@ -88,6 +94,12 @@ What is simplified, honestly
 - Under torchrun each rank normalises its own share of the batch and DDP averages the gradients; for
   the dapo/dr_grpo normalisers this weighs ranks equally rather than tokens.
 - No sequence-wise balance loss and no MTP loss during RL: only the policy objective is optimised.
+- Router bias during RL (a decision): the aux-loss-free bias step (V3 §2.1.2) runs after every optimizer
+  step at the preset's constant speed, args.bias_update_speed, also where pretraining's V3 schedule
+  (train.py --v3_schedules) had brought the speed to 0 for its last part. RL trains on a new distribution,
+  the policy's own completions of one task, without any balance loss, and the bias step is what keeps the
+  experts' load balanced there. --update_router_bias=false freezes the biases, as V3's last pretraining
+  phase did.
 
 Map of this file
 ----------------
@@ -209,7 +221,8 @@ class GRPOConfig:
     min_lr_ratio: float = _flag(0.1, "final lr as a fraction of lr when lr_decay")
     weight_decay: float = _flag(0.0, "AdamW weight decay")
     grad_clip: float = _flag(1.0, "clip the gradient norm to this (0: off)")
-    update_router_bias: bool = _flag(True, "aux-loss-free bias update after each optimizer step")
+    update_router_bias: bool = _flag(True, "aux-loss-free bias update after each optimizer step, at the preset's "
+                                           "constant speed (false: biases frozen)")
     max_iters: int = _flag(60, "training steps (the default budget: the same run on any machine)")
     max_seconds: float = _flag(0.0, "also stop starting new steps after this many seconds of training (0: no limit)")
     # ---- evaluation ----
@@ -598,7 +611,9 @@ def policy_update(policy, ref_model, optimizer, groups: list[Group], cfg: GRPOCo
 
 
 def sync_router_bias(model, enabled: bool = True) -> None:
-    """Aux-loss-free bias step (V3 §2.1.2) from the load of this update, averaged over ranks first."""
+    """Aux-loss-free bias step (V3 §2.1.2) from the load of this update, averaged over ranks first, at the
+    preset's constant speed args.bias_update_speed (the policy in the module docstring: never the schedule's
+    end value of pretraining)."""
     if not enabled:
         for m in model.moe_layers():
             m.reset_load()
@@ -607,7 +622,7 @@ def sync_router_bias(model, enabled: bool = True) -> None:
     if _world_size() > 1:
         dist.all_reduce(load)
         load = load / _world_size()
-    model.update_bias(load)
+    model.update_bias(load, model.args.bias_update_speed)
 
 
 def grpo_step(policy, ref_model, optimizer, tok, draw_problems: Callable[[int], list], reward_fn: RewardFn,
