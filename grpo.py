@@ -622,7 +622,8 @@ def sync_router_bias(model, enabled: bool = True) -> None:
     if _world_size() > 1:
         dist.all_reduce(load)
         load = load / _world_size()
-    model.update_bias(load, model.args.bias_update_speed)
+    model.bias_update_speed = model.args.bias_update_speed        # the RL policy: the preset's constant
+    model.update_bias(load)
 
 
 def grpo_step(policy, ref_model, optimizer, tok, draw_problems: Callable[[int], list], reward_fn: RewardFn,
