@@ -7,6 +7,8 @@
  11. checkpoints: a kill in the middle of a save leaves the previous file loadable; a damaged file is one line
  12. every script rejects bad flag values right after parsing: one line naming the flag, no traceback
  13. extras/hf.py speaks the same --key=value parser; a missing folder says so; extras/r1.py --help
+and of issue 33 (reliability): GRPO's backward outside autocast, weight checksums, --init_from on --resume,
+FP8 rollouts on the learner's path and ue8m0 scales, --device=auto never mps, the two RL policies
 
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_hardening.py -q
 """
