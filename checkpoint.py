@@ -11,8 +11,15 @@ the disk (fsync) and then renamed over the target: a process killed in the middl
 previous file as it was (the rename is atomic), and so does a power cut (without the fsync the rename
 could reach the disk before the data, leaving an empty or partial file under the old name). A file that
 cannot be read anyway (truncated by a full disk, damaged in a copy) gives one line naming it.
+
+A file can also be damaged where the format does not notice: torch.load does not check the zip's CRCs, so
+flipped bytes inside a tensor load as different weights, silently. Every checkpoint therefore stores a
+SHA-256 of its weights ("model_sha256", over each tensor's name, dtype, shape and bytes), and loading
+recomputes it; a mismatch is one line naming the file and what to do. Checkpoints written before the
+checksum existed have none and load as before.
 """
 
+import hashlib
 import json
 import os
 import pickle
@@ -58,8 +65,23 @@ def _atomic_write(path, write) -> None:
             pass
 
 
+def weights_sha256(state: dict) -> str:
+    """Hex SHA-256 of a state dict: each tensor's name, dtype, shape and raw bytes, in sorted name order.
+
+    Bit-exact: the same weights on any device give the same digest, and one flipped bit changes it."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(path, payload: dict) -> None:
-    """Atomically and durably write `payload` (a dict of tensors and plain values) to `path` with torch.save."""
+    """Atomically and durably write `payload` (a dict of tensors and plain values) to `path` with torch.save.
+    A payload with weights ("model") gets their checksum ("model_sha256"), which read_checkpoint verifies."""
+    if "model" in payload:
+        payload = {**payload, "model_sha256": weights_sha256(payload["model"])}
     _atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -98,7 +120,32 @@ def read_checkpoint(path, hint: str = "python train.py") -> dict:
     for key in ("model", "model_args", "tokenizer"):
         if key not in ckpt:
             raise CheckpointError(f"{path} lacks the '{key}' entry; recreate it with `{hint}`")
+    stored = ckpt.get("model_sha256")                   # None: written before checksums, loads as before
+    if stored is not None and weights_sha256(ckpt["model"]) != stored:
+        raise CheckpointError(f"{path} is damaged: its weights do not match the checksum stored when it was "
+                              f"written (bytes changed on disk or in a copy); copy it again from a good source "
+                              f"or recreate it with `{hint}`")
     return ckpt
+
+
+def rank_rng_states(ckpt: dict, rank: int, world_size: int, path) -> dict:
+    """This rank's RNG states from a checkpoint, for an exact --resume on `world_size` ranks.
+
+    Each rank draws its own data (seeded with its rank), so the trainers gather every rank's states into
+    ckpt["rng_ranks"] (a list indexed by rank) when they save. A checkpoint from before that holds rank 0's
+    alone in ckpt["rng"]: fine for one process, but on several ranks every rank would restore rank 0's
+    streams and draw the same data, so that is refused, as is a different number of ranks."""
+    ranks = ckpt.get("rng_ranks")
+    if ranks is None:
+        if world_size > 1:
+            raise CheckpointError(f"{path} holds the RNG state of one rank only (written before per-rank states "
+                                  "were saved); resume it as a single process, or start the run again")
+        return ckpt["rng"]
+    if len(ranks) != world_size:
+        raise CheckpointError(f"{path} was written by a run on {len(ranks)} rank(s) and this one has {world_size}; "
+                              f"resume on {len(ranks)} (torchrun --nproc_per_node={len(ranks)}), or start the "
+                              "run again")
+    return ranks[rank]
 
 
 def model_from_checkpoint(ckpt: dict, device="cpu", **arg_overrides) -> tuple[Transformer, Tokenizer]:

@@ -6,6 +6,7 @@ needs: progress with an ETA, a graceful Ctrl-C, and a metrics log (JSON lines, o
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -91,20 +92,25 @@ def print_config(cfg, title: str = "config") -> None:
         print(f"  {k} = {v!r}")
 
 
+MPS_NOTE = ("note: --device=mps (Apple GPU) is untested in tinyseek; if a run fails or its numbers look wrong, "
+            "compare with --device=cpu, which is fast enough for the tiny preset")
+
+
 def pick_device(name: str) -> str:
-    """'auto' -> cuda if available, else mps, else cpu; an explicit device that is absent is an error."""
+    """'auto' -> cuda if available, else cpu; an explicit device that is absent is an error.
+
+    Apple's 'mps' is never picked by 'auto': no tinyseek run has been checked on it, so a student's first
+    command on a Mac runs on the tested CPU path, and 'mps' only when asked for (with a one-line note)."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device={name} but no CUDA GPU is visible; use --device=cpu or --device=auto")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise SystemExit("--device=mps but MPS is not available; use --device=cpu or --device=auto")
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise SystemExit(f"unknown --device={name}; choose auto, cpu, cuda, cuda:N or mps")
+    if name == "mps":
+        print(MPS_NOTE, file=sys.stderr)
     return name
 
 
@@ -185,15 +191,45 @@ def setup_distributed(device: str) -> tuple[Dist, str]:
     return d, device
 
 
+def from_rank0(values: list[float], ddp: Dist, device) -> list[float]:
+    """Rank 0's `values` on every rank (a broadcast); the values themselves when running alone.
+
+    Decisions every rank must take together (stop now, how much of a seconds budget is spent) come from rank
+    0: each rank's own clock and signals differ, and ranks that stop at different steps deadlock in the next
+    collective. The tensor lives on the run's device, the one the process group serves (nccl refuses CPU
+    tensors), in float32, which every backend (MPS too) supports."""
+    if not ddp.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float32, device=device)
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
+def all_ranks(obj, ddp: Dist) -> list:
+    """[rank 0's obj, rank 1's obj, ...] on every rank ([obj] when running alone): an all_gather of picklable
+    objects, e.g. the RNG states each rank must get back on --resume. torch serialises the objects into byte
+    tensors on the group's device itself (the current CUDA device under nccl, the CPU under gloo)."""
+    if not ddp.enabled:
+        return [obj]
+    out = [None] * ddp.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def cleanup_distributed(d: Dist, wait: bool = True) -> None:
     """Leave the process group (no-op for a single process).
 
     wait=True first waits for every rank (a barrier): rank 0 evaluates and writes files at the end while the
     others are done, and a rank that tears its connections down while a peer is still busy can abort at
-    exit. After an error there is no barrier (the other ranks may never arrive)."""
+    exit. After an error there is no barrier (the other ranks may never arrive). The caller drops its DDP
+    wrapper first; the garbage collection here then frees it (DDP's hooks form reference cycles) and with it
+    the last reference to the process group and the work of its last collectives, while the interpreter is
+    fully alive. Left to the interpreter's shutdown, gloo's worker threads can be destroyed in the middle of
+    that work, which aborts the process ("terminate called without an active exception")."""
     if d.enabled and dist.is_initialized():
         if wait:
             dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 

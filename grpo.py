@@ -80,6 +80,12 @@ What is simplified, honestly
 - The old log-probs are recomputed by the training forward pass, not stored by the sampler; with the
   same fp32 weights both are the same numbers up to rounding (inference engines in bf16 are not, which
   is why large systems need importance corrections we do not).
+- FP8 (a checkpoint with fp8 on): MLA's two paths round differently. The absorbed one (decoding's default)
+  quantises only wkv_b's weight and keeps the latent c^KV in high precision; the naive one also quantises
+  c^KV, the input of wkv_b's GEMM, to E4M3. Sampled on one and scored on the other, the policies would
+  differ by more than rounding, and with mu=1 there is no ratio to correct it. setup() therefore decodes on
+  the learner's path (args.full_attn_impl()) when fp8 is on: both then apply the same FP8 roundings and
+  agree up to float rounding (tested); the checkpoint keeps the decoding path it came with.
 - Log-probabilities use logits / temperature, i.e. the distribution the samples were drawn from.
 - The reference model is the starting checkpoint forever; DeepSeekMath's iterative GRPO also refreshed
   it and retrained a reward model. Process rewards (a score per reasoning step) are not implemented.
@@ -88,6 +94,12 @@ What is simplified, honestly
 - Under torchrun each rank normalises its own share of the batch and DDP averages the gradients; for
   the dapo/dr_grpo normalisers this weighs ranks equally rather than tokens.
 - No sequence-wise balance loss and no MTP loss during RL: only the policy objective is optimised.
+- Router bias during RL (a decision): the aux-loss-free bias step (V3 §2.1.2) runs after every optimizer
+  step at the preset's constant speed, args.bias_update_speed, also where pretraining's V3 schedule
+  (train.py --v3_schedules) had brought the speed to 0 for its last part. RL trains on a new distribution,
+  the policy's own completions of one task, without any balance loss, and the bias step is what keeps the
+  experts' load balanced there. --update_router_bias=false freezes the biases, as V3's last pretraining
+  phase did.
 
 Map of this file
 ----------------
@@ -108,6 +120,7 @@ and holding what --resume needs). `--eval_only` writes eval.jsonl. Ctrl-C or SIG
 step, write the checkpoint and say how to resume.
 """
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -128,9 +141,11 @@ import tasks
 from checkpoint import (
     CheckpointError,
     check_state_dict,
-    load_model,
+    model_from_checkpoint,
+    rank_rng_states,
     read_checkpoint,
     save_checkpoint,
+    weights_sha256,
     write_jsonl,
 )
 from cli import (
@@ -138,9 +153,11 @@ from cli import (
     Dist,
     GracefulStop,
     MetricsLog,
+    all_ranks,
     autocast_context,
     cleanup_distributed,
     format_seconds,
+    from_rank0,
     invalid_flag,
     parse_config,
     pick_device,
@@ -204,7 +221,8 @@ class GRPOConfig:
     min_lr_ratio: float = _flag(0.1, "final lr as a fraction of lr when lr_decay")
     weight_decay: float = _flag(0.0, "AdamW weight decay")
     grad_clip: float = _flag(1.0, "clip the gradient norm to this (0: off)")
-    update_router_bias: bool = _flag(True, "aux-loss-free bias update after each optimizer step")
+    update_router_bias: bool = _flag(True, "aux-loss-free bias update after each optimizer step, at the preset's "
+                                           "constant speed (false: biases frozen)")
     max_iters: int = _flag(60, "training steps (the default budget: the same run on any machine)")
     max_seconds: float = _flag(0.0, "also stop starting new steps after this many seconds of training (0: no limit)")
     # ---- evaluation ----
@@ -537,10 +555,13 @@ def make_rl_optimizer(model: torch.nn.Module, cfg: GRPOConfig) -> torch.optim.Op
 
 
 def policy_update(policy, ref_model, optimizer, groups: list[Group], cfg: GRPOConfig, pad_id: int,
-                  lr: "float | None" = None) -> dict:
+                  lr: "float | None" = None, ctx=None) -> dict:
     """Advantages, then `cfg.mu` optimisation passes of the GRPO loss on one sampled batch.
 
     `policy` is the Transformer or its DDP wrapper; `ref_model` the frozen reference or None (beta=0).
+    `ctx` (the run's autocast context, or None) wraps the forward passes only: the backward pass and the
+    optimizer step run outside it, as in train.py, so gradients that are computed in float32 on purpose
+    (FP8LinearFunction's weight gradient, the router's float32 matmul) are not recast to bf16.
     Returns a dict of floats: loss, kl, clip_frac, ratio (means over the mu passes; with mu=1 nothing
     is clipped and ratio is 1), entropy and grad_norm (first pass), trained_seqs, tokens.
     """
@@ -554,7 +575,8 @@ def policy_update(policy, ref_model, optimizer, groups: list[Group], cfg: GRPOCo
         finished = torch.tensor([f for g in groups for f in g.finished], device=device)
         mask = mask & finished[:, None]
     T = mask.shape[1]
-    with torch.no_grad():
+    ctx = ctx if ctx is not None else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
         model.eval()
         ref_logp = (token_logprobs(ref_model, idx, start, T, cfg.temperature)[0]
                     if ref_model is not None and cfg.beta > 0 else None)
@@ -566,11 +588,12 @@ def policy_update(policy, ref_model, optimizer, groups: list[Group], cfg: GRPOCo
     model.train()
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio": 0.0}   # averaged over the mu passes
     for it in range(cfg.mu):
-        logp, entropy = token_logprobs(policy, idx, start, T, cfg.temperature, with_entropy=(it == 0),
-                                       token_mask=real)
-        old = logp.detach() if old_logp is None else old_logp
-        loss, st = grpo_loss(logp, old, ref_logp, adv, mask, cfg.eps, cfg.eps_high, cfg.beta, cfg.loss_type,
-                             cfg.max_new_tokens)
+        with ctx:                                                      # forward only under autocast
+            logp, entropy = token_logprobs(policy, idx, start, T, cfg.temperature, with_entropy=(it == 0),
+                                           token_mask=real)
+            old = logp.detach() if old_logp is None else old_logp
+            loss, st = grpo_loss(logp, old, ref_logp, adv, mask, cfg.eps, cfg.eps_high, cfg.beta, cfg.loss_type,
+                                 cfg.max_new_tokens)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
@@ -588,7 +611,9 @@ def policy_update(policy, ref_model, optimizer, groups: list[Group], cfg: GRPOCo
 
 
 def sync_router_bias(model, enabled: bool = True) -> None:
-    """Aux-loss-free bias step (V3 §2.1.2) from the load of this update, averaged over ranks first."""
+    """Aux-loss-free bias step (V3 §2.1.2) from the load of this update, averaged over ranks first, at the
+    preset's constant speed args.bias_update_speed (the policy in the module docstring: never the schedule's
+    end value of pretraining)."""
     if not enabled:
         for m in model.moe_layers():
             m.reset_load()
@@ -597,13 +622,16 @@ def sync_router_bias(model, enabled: bool = True) -> None:
     if _world_size() > 1:
         dist.all_reduce(load)
         load = load / _world_size()
+    model.bias_update_speed = model.args.bias_update_speed        # the RL policy: the preset's constant
     model.update_bias(load)
 
 
 def grpo_step(policy, ref_model, optimizer, tok, draw_problems: Callable[[int], list], reward_fn: RewardFn,
               cfg: GRPOConfig, n_prompts: "int | None" = None, generator: "torch.Generator | None" = None,
-              lr: "float | None" = None) -> dict:
+              lr: "float | None" = None, ctx=None) -> dict:
     """One GRPO step: sample G completions for each of n_prompts questions, score, update.
+
+    `ctx`, the run's autocast context, wraps sampling and the update's forward passes, never a backward.
 
     `draw_problems(n)` returns n problems (anything with a `.question`), `reward_fn(text, problem)`
     returns {"accuracy", "format", "total"}; main() passes the task's train split and tasks.reward, a
@@ -612,9 +640,10 @@ def grpo_step(policy, ref_model, optimizer, tok, draw_problems: Callable[[int], 
     model = unwrap(policy)
     n_prompts = n_prompts or cfg.prompts_per_step
     t0 = time.perf_counter()
-    groups, info = collect_rollouts(model, tok, draw_problems, n_prompts, cfg, reward_fn, generator)
+    with ctx if ctx is not None else contextlib.nullcontext():
+        groups, info = collect_rollouts(model, tok, draw_problems, n_prompts, cfg, reward_fn, generator)
     t1 = time.perf_counter()
-    upd = policy_update(policy, ref_model, optimizer, groups, cfg, tok.eos_id, lr)
+    upd = policy_update(policy, ref_model, optimizer, groups, cfg, tok.eos_id, lr, ctx)
     t2 = time.perf_counter()
 
     def flat(key):
@@ -721,11 +750,14 @@ def run_eval(model, tok, problems, cfg: GRPOConfig, path: Path, step: "int | Non
     return summary
 
 
-def _mean_over_ranks(stats: dict, keys: tuple) -> dict:
-    """Average the numeric `keys` of `stats` over all ranks (in place for the log of rank 0)."""
+def _mean_over_ranks(stats: dict, keys: tuple, device) -> dict:
+    """Average the numeric `keys` of `stats` over all ranks (in place for the log of rank 0).
+
+    The vector lives on the run's `device`, the one the process group serves (nccl refuses CPU tensors), in
+    float32 (MPS has no float64; these are logged statistics)."""
     if _world_size() == 1:
         return stats
-    vec = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    vec = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float32, device=device)
     dist.all_reduce(vec)
     for k, v in zip(keys, (vec / _world_size()).tolist()):
         stats[k] = v
@@ -756,6 +788,7 @@ class RLRun:
     history: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)          # the latest held-out evaluation
     totals: dict = field(default_factory=lambda: {"sample_s": 0.0, "update_s": 0.0})
+    init_sha256: str = ""              # checksum of the starting weights: --resume checks the reference is the same
 
 
 def setup(cfg: GRPOConfig, ddp: Dist, device: str) -> RLRun:
@@ -766,7 +799,12 @@ def setup(cfg: GRPOConfig, ddp: Dist, device: str) -> RLRun:
                          f"{ddp.world_size} ranks")
     torch.manual_seed(cfg.seed + ddp.rank)
     out_dir = Path(cfg.out_dir)
-    model, tok, ckpt = load_model(cfg.init_from, device, hint="python train.py")
+    ckpt = read_checkpoint(cfg.init_from, hint="python train.py")
+    model, tok = model_from_checkpoint(ckpt, device)
+    if model.args.fp8 and model.args.attn_impl != model.args.full_attn_impl():
+        # with FP8 the two MLA paths round differently (module docstring, "FP8"): decode on the learner's path
+        model, tok = model_from_checkpoint(ckpt, device, attn_impl=model.args.full_attn_impl())
+    model.eval()
     task = make_task(cfg)
     eval_problems = tasks.heldout_problems(task, cfg.n_eval, cfg.eval_seed) if cfg.n_eval else []
     check_fits(model, tok, cfg, [p.question for p in eval_problems] +
@@ -784,7 +822,8 @@ def setup(cfg: GRPOConfig, ddp: Dist, device: str) -> RLRun:
     run = RLRun(cfg, ddp, device, out_dir, model, policy, ref_model, tok, ckpt, task, eval_problems,
                 make_rl_optimizer(model, cfg), torch.Generator(device=device).manual_seed(cfg.seed + 1000 * ddp.rank),
                 random.Random(cfg.seed * 1000 + ddp.rank),           # questions: different on each rank
-                autocast_context(cfg.dtype, device), None)
+                autocast_context(cfg.dtype, device), None,
+                init_sha256=ckpt.get("model_sha256") or weights_sha256(ckpt["model"]))
     if cfg.resume:
         resume_state(run)
     if ddp.master and not cfg.eval_only:
@@ -793,33 +832,50 @@ def setup(cfg: GRPOConfig, ddp: Dist, device: str) -> RLRun:
 
 
 def save(run: RLRun) -> None:
-    """Write out_dir/ckpt.pt atomically (rank 0): loadable by sample.py, and holding everything --resume needs
-    (optimizer, RNG states of sampling and question drawing, step, history)."""
+    """Write out_dir/ckpt.pt atomically: loadable by sample.py, and holding everything --resume needs
+    (optimizer, step, history, and the RNG states of sampling and question drawing of EVERY rank).
+
+    Called by every rank at the same point: each rank's RNG states are gathered (all_ranks) and rank 0
+    writes them all, so that on --resume each rank continues its own streams; with rank 0's alone, every
+    rank would sample the same questions and completions and the batch would silently shrink."""
+    states = all_ranks({"torch": torch.get_rng_state(), "sample": run.generator.get_state(),
+                        "questions": run.rng.getstate()}, run.ddp)
     if not run.ddp.master:
         return
+    # the decoding path as the checkpoint had it (setup may switch it for FP8; that is a property of the run)
+    model_args = {**run.model.args.to_dict(), "attn_impl": run.init_ckpt["model_args"].get("attn_impl", "absorb")}
     save_checkpoint(run.out_dir / "ckpt.pt", {
-        "model": run.model.state_dict(), "model_args": run.model.args.to_dict(),
+        "model": run.model.state_dict(), "model_args": model_args,
         "tokenizer": run.init_ckpt["tokenizer"], "config": run.init_ckpt.get("config", {}), "kind": "grpo",
         "grpo_config": dataclasses.asdict(run.cfg), "step": run.step, "init_from": str(run.cfg.init_from),
-        "heldout": run.summary, "optimizer": run.optimizer.state_dict(), "elapsed": run.elapsed,
-        "rng": {"torch": torch.get_rng_state(), "sample": run.generator.get_state(),
-                "questions": run.rng.getstate()},
-        "history": run.history, "totals": run.totals})
+        "init_sha256": run.init_sha256, "heldout": run.summary, "optimizer": run.optimizer.state_dict(),
+        "elapsed": run.elapsed, "rng": states[0], "rng_ranks": states, "history": run.history,
+        "totals": run.totals})
 
 
 def resume_state(run: RLRun) -> None:
-    """Continue from out_dir/ckpt.pt exactly: weights (router biases included), optimizer, RNGs, step."""
+    """Continue from out_dir/ckpt.pt exactly: weights (router biases included), optimizer, this rank's RNGs,
+    step. Refused when --init_from names other weights than the run started from: the KL reference is the
+    starting checkpoint, and swapping it in the middle of a run would silently change the objective."""
     path = run.out_dir / "ckpt.pt"
     ckpt = read_checkpoint(path, hint="python grpo.py")
     if ckpt.get("kind") != "grpo" or "optimizer" not in ckpt:
         raise CheckpointError(f"{path} is not a GRPO checkpoint with training state (kind={ckpt.get('kind')!r}); "
                               "--resume continues a run of grpo.py in the same --out_dir")
+    started = ckpt.get("init_from", "?")
+    same = (ckpt["init_sha256"] == run.init_sha256 if "init_sha256" in ckpt     # older runs: compare the path
+            else started == str(run.cfg.init_from))
+    if not same:
+        raise CheckpointError(f"cannot resume: {path} started from --init_from={started}, whose weights (the KL "
+                              f"reference) differ from --init_from={run.cfg.init_from}; resume with "
+                              f"--init_from={started}")
     check_state_dict(run.model, ckpt["model"])
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    run.generator.set_state(ckpt["rng"]["sample"])
-    version, state, gauss = ckpt["rng"]["questions"]
+    rng = rank_rng_states(ckpt, run.ddp.rank, run.ddp.world_size, path)
+    torch.set_rng_state(rng["torch"])
+    run.generator.set_state(rng["sample"])
+    version, state, gauss = rng["questions"]
     run.rng.setstate((version, tuple(state), gauss))
     run.step, run.elapsed, run.history, run.summary = ckpt["step"], ckpt["elapsed"], ckpt["history"], ckpt["heldout"]
     run.totals = ckpt["totals"]
@@ -847,11 +903,7 @@ def should_stop(run: RLRun, stop: GracefulStop, t_start: float, elapsed_before: 
     """A signal arrived or the seconds budget is spent; under torchrun rank 0 decides for every rank."""
     run.elapsed = elapsed_before + time.perf_counter() - t_start
     halt = stop.requested or (run.cfg.max_seconds > 0 and run.elapsed >= run.cfg.max_seconds)
-    if run.ddp.enabled:
-        flag = torch.tensor([float(halt)])
-        dist.broadcast(flag, src=0)
-        halt = bool(flag.item())
-    return halt
+    return bool(from_rank0([float(halt)], run.ddp, run.device)[0])
 
 
 STEP_KEYS = ("reward", "accuracy", "format", "zero_var_frac", "trunc_frac", "length", "kl", "clip_frac",
@@ -867,24 +919,22 @@ def train_loop(run: RLRun, stop: GracefulStop) -> None:
     t_start, elapsed_before = time.perf_counter(), run.elapsed
     while run.step < cfg.max_iters and not should_stop(run, stop, t_start, elapsed_before):
         lr = rl_lr_at(run.step, cfg)
-        with run.ctx:
-            stats = grpo_step(run.policy, run.ref_model, run.optimizer, run.tok, draw_problems, reward_fn, cfg,
-                              cfg.prompts_per_step // run.ddp.world_size, run.generator, lr)
-        stats = _mean_over_ranks(stats, STEP_KEYS)
+        stats = grpo_step(run.policy, run.ref_model, run.optimizer, run.tok, draw_problems, reward_fn, cfg,
+                          cfg.prompts_per_step // run.ddp.world_size, run.generator, lr, ctx=run.ctx)
+        stats = _mean_over_ranks(stats, STEP_KEYS, run.device)
         run.step += 1
         run.totals["sample_s"] += stats["sample_s"]
         run.totals["update_s"] += stats["update_s"]
         run.elapsed = elapsed_before + time.perf_counter() - t_start
-        if not master:
-            continue
-        rec = {"step": run.step, "lr": lr, **stats}
-        evaluating = cfg.eval_interval and run.step % cfg.eval_interval == 0
-        if run.eval_problems and (evaluating or run.step == cfg.max_iters):
-            heldout(run, rec)
-        log(run, rec)
-        print(f"{progress(run.step, cfg.max_iters, run.elapsed)} | {format_step(rec)}", flush=True)
+        evaluating = bool(cfg.eval_interval and run.step % cfg.eval_interval == 0)
+        if master:
+            rec = {"step": run.step, "lr": lr, **stats}
+            if run.eval_problems and (evaluating or run.step == cfg.max_iters):
+                heldout(run, rec)
+            log(run, rec)
+            print(f"{progress(run.step, cfg.max_iters, run.elapsed)} | {format_step(rec)}", flush=True)
         if evaluating:
-            save(run)
+            save(run)                  # every rank: its RNG states are gathered, rank 0 writes the file
 
 
 def draw_train_problems(task: tasks.Task, rng: random.Random, n: int) -> list:
@@ -894,8 +944,11 @@ def draw_train_problems(task: tasks.Task, rng: random.Random, n: int) -> list:
 
 def finish(run: RLRun, stop: GracefulStop) -> dict:
     """Final held-out evaluation (if the last step had none and the run was not interrupted), checkpoint, plots,
-    and a summary."""
+    and a summary. Every rank calls it (the checkpoint gathers every rank's RNG states); ranks > 0 return {}."""
     cfg = run.cfg
+    if not run.ddp.master:
+        save(run)
+        return {}
     if run.eval_problems and run.history and "heldout_acc" not in run.history[-1] and not stop.requested:
         rec = {"step": run.step}
         heldout(run, rec)
@@ -953,7 +1006,7 @@ def run_grpo(cfg: GRPOConfig, ddp: Dist, device: str) -> dict:
         print(LOSS_NOTE)
     with GracefulStop() as stop:          # Ctrl-C / SIGTERM: finish the step, checkpoint, exit
         train_loop(run, stop)
-    return finish(run, stop) if run.ddp.master else {}
+    return finish(run, stop)
 
 
 def main(argv=None) -> dict:

@@ -75,7 +75,7 @@ class ModelArgs:
     seq_aux_alpha: float = 0.0001     # alpha, sequence-wise balance loss weight (V3 eq. 17)
     fp8: bool = False                 # simulate FP8 (E4M3) matmuls in the blocks' Linear layers
     fp8_block: int = 128              # tile/block size of the fine-grained FP8 scales
-    fp8_scale_fmt: str = ""           # "" FP32 scales (max|x| / 448) or "ue8m0" (power-of-two scales)
+    fp8_scale_fmt: str = "ue8m0"      # "ue8m0" power-of-two scales (V3 §3.3, the default) or "" FP32 scales
     attn_impl: str = "absorb"         # "naive" or "absorb" (same weights, same outputs; see MLA): decoding
     train_attn_impl: str = "auto"     # the same choice for forwards without a cache (training); auto: see MLA
     init_std: float = 0.006           # std of the normal init of every weight matrix (V3 §4.2)
@@ -219,9 +219,10 @@ PRESETS = {
 # The GEMM itself accumulates in the matmul's precision (FP32); `matmul_limited_acc` simulates the ~14-bit
 # tensor-core accumulator and V3's promotion to FP32 every N_C = 128 products (§3.3.2).
 #
-# Scales: by default max|x| / 448 in FP32. With scale_fmt="ue8m0" (the official inference code's option) the
-# scale is rounded up to a power of two, so scale * E4M3 value has at most 4 significant bits and is exact
-# in BF16 too: under BF16 autocast the dequantised operands are then not rounded a second time.
+# Scales: max|x| / 448 in FP32, or with scale_fmt="ue8m0" that scale rounded up to a power of two, so
+# scale * E4M3 value has at most 4 significant bits and is exact in BF16 too: under BF16 autocast the
+# dequantised operands are then not rounded a second time. ModelArgs defaults to "ue8m0", the power-of-two
+# scaling factors V3 §3.3 uses (and its official inference code's option); "" keeps FP32 scales.
 # Edge cases (tested): an all-zero tile stays zero; a tile of tiny values keeps E4M3's relative precision
 # (the scale only has to stay a normal float32, i.e. max|x| >= 448 * 1.2e-38 ~ 5e-36; below that values
 # drift into E4M3's subnormals and then to zero); huge finite values are fine (the scale absorbs them); a

@@ -45,7 +45,7 @@ import inspect
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -733,8 +733,9 @@ def chat_settings(cfg: SampleConfig) -> str:
 
 
 def chat_answer(model: Transformer, tok: Tokenizer, question: str, cfg: SampleConfig,
-                gen: torch.Generator) -> None:
-    """Stream one answer to `question` under the current settings, then a line with its speed."""
+                gen: torch.Generator, interrupted: "Callable[[], bool] | None" = None) -> None:
+    """Stream one answer to `question` under the current settings, then a line with its speed.
+    `interrupted()` turning true (Ctrl-C, see ChatInterrupt) stops it with KeyboardInterrupt before the next token."""
     if cfg.template == "r1":                               # the answer starts inside the template's <think>
         prompt, stop, shown = prompt_tokens(tok, question), cfg.stop, THINK_OPEN
     else:                                                  # text files are trained on without BOS
@@ -746,10 +747,31 @@ def chat_answer(model: Transformer, tok: Tokenizer, question: str, cfg: SampleCo
     tokens = (speculative_stream(model, prompt, cfg.max_new_tokens, stats=stats, **sampling)
               if cfg.speculative else stream(model, prompt, cfg.max_new_tokens, **sampling))
     print(shown, end="", flush=True)
-    n = len(print_stream(tokens, tok, stop))
+    n = len(print_stream(tokens, tok, stop, interrupted))
     seconds = time.perf_counter() - t0
     spec = f", {stats.acceptance:.0%} of MTP drafts accepted" if cfg.speculative else ""
     print(f"[{n} tokens, {n / seconds:.1f} tokens/s{spec}]", flush=True)
+
+
+class ChatInterrupt:
+    """The chat's SIGINT handler. At the prompt it raises KeyboardInterrupt, which ends the blocking input();
+    while an answer streams it only sets `requested`, which the token loop (print_stream) reads before each
+    token, so the answer always stops there.
+
+    Why not let Ctrl-C raise KeyboardInterrupt during an answer too: the exception is raised in whatever
+    Python code runs when the signal is handled, and when that is a finaliser (a __del__ or a weakref callback
+    run by the garbage collector), the interpreter prints "Exception ignored in ..." and drops it, so the
+    answer went on as if no key had been pressed."""
+
+    def __init__(self):
+        self.at_prompt = False
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        """Raise at the prompt; otherwise remember the request for the token loop."""
+        if self.at_prompt:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 def chat(cfg: SampleConfig) -> int:
@@ -781,7 +803,19 @@ def chat(cfg: SampleConfig) -> int:
     print(f"tinyseek chat: {model.args.n_layers} layers, dim {model.args.dim}, device {device}; {why}, so "
           f"{'questions get the R1-Zero prompt' if template == 'r1' else 'your text is continued as is'}\n"
           f"{chat_settings(cfg)}\n{CHAT_HELP}", flush=True)
+    interrupt = ChatInterrupt()
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        return chat_loop(cfg, model, tok, gen, interrupt)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def chat_loop(cfg: SampleConfig, model: Transformer, tok: Tokenizer, gen: torch.Generator,
+              interrupt: ChatInterrupt) -> int:
+    """Read a line, answer it or run a /command, until /quit or end of input (returns 0)."""
     while True:
+        interrupt.at_prompt = True
         try:
             line = input("> ")
         except EOFError:                                   # end of input: Ctrl-D, or the end of a piped file
@@ -790,6 +824,9 @@ def chat(cfg: SampleConfig) -> int:
         except KeyboardInterrupt:                          # Ctrl-C at the prompt: say how to leave
             print("\n(/quit or Ctrl-D leaves)", flush=True)
             continue
+        finally:
+            interrupt.at_prompt = False
+        interrupt.requested = False
         try:
             if line.startswith("/"):
                 result = chat_command(line, cfg, model)
@@ -799,7 +836,8 @@ def chat(cfg: SampleConfig) -> int:
                 cfg, message = result
                 print(message, flush=True)
             elif line.strip():
-                chat_answer(model, tok, line.strip() if cfg.template == "r1" else line, cfg, gen)
+                chat_answer(model, tok, line.strip() if cfg.template == "r1" else line, cfg, gen,
+                            lambda: interrupt.requested)
         except KeyboardInterrupt:                          # Ctrl-C during an answer: drop it, keep chatting
             print("\n[stopped]", flush=True)
         except ValueError as e:                            # e.g. max_new_tokens leaves no room for the prompt
@@ -810,13 +848,17 @@ def chat(cfg: SampleConfig) -> int:
 # 8. Main
 # ----------------------------------------------------------------------------------------------------
 
-def print_stream(tokens: Iterable[int], tok: Tokenizer, stop: str) -> list[int]:
+def print_stream(tokens: Iterable[int], tok: Tokenizer, stop: str,
+                 interrupted: "Callable[[], bool] | None" = None) -> list[int]:
     """Print tokens as text while they arrive; stop after EOS or the stop string. Returns the ids used.
 
     Every step decodes all new ids and prints the part not shown yet; trailing U+FFFD is held back, since
-    it may be the first bytes of a multi-byte character whose remaining bytes are still to come."""
+    it may be the first bytes of a multi-byte character whose remaining bytes are still to come. When
+    `interrupted()` is true before a token, KeyboardInterrupt is raised here, in the loop itself."""
     ids, shown = [], ""
     for t in tokens:
+        if interrupted is not None and interrupted():
+            raise KeyboardInterrupt
         ids.append(t)
         text, ended = completion_text(tok, ids, stop)
         safe = text if ended else text.rstrip("\ufffd")

@@ -479,6 +479,12 @@ def parse_int(text: str) -> int | None:
     """`text` as an integer if it is one (optional sign, 1-40 ASCII digits, outer spaces), else None.
 
     Unicode digits such as '٣', underscores, and Python's other int() liberties are rejected.
+
+    Policy (decided, issue 33): the verifier judges the value, not the spelling. Non-canonical integers such as
+    '085', '+85', '-0' or ' 85 ' are accepted as 85, 85, 0 and 85, so the accuracy reward and the held-out
+    accuracy (both call this) count a right number as right, the way a grader checking the value would. The
+    corpus itself always writes canonical integers, and the length cap (40 digits) keeps padded answers from
+    growing without limit; a stricter spelling rule would be a format reward, not an accuracy one.
     """
     if not isinstance(text, str) or len(text) > 64:
         return None
@@ -557,7 +563,8 @@ def check_countdown(expr: str, numbers, target) -> bool:
 def accuracy_reward(completion: str, problem: Problem) -> float:
     """1.0 if the answer in `completion` is verified correct for `problem`, else 0.0.
 
-    Arithmetic: the answer must be a plain integer (see `parse_int`) equal to the value.
+    Arithmetic: the answer must be a plain integer equal to the value; leading zeros and a '+' are allowed
+    (the policy of `parse_int`: the value is verified, not its spelling).
     Countdown: the answer must pass `check_countdown` with the problem's numbers and target.
     """
     answer = parse_answer(completion)

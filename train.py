@@ -56,6 +56,7 @@ import tasks
 from checkpoint import (
     CheckpointError,
     model_from_checkpoint,
+    rank_rng_states,
     read_checkpoint,
     save_checkpoint,
     write_jsonl,
@@ -65,9 +66,11 @@ from cli import (
     Dist,
     GracefulStop,
     MetricsLog,
+    all_ranks,
     autocast_context,
     cleanup_distributed,
     format_seconds,
+    from_rank0,
     invalid_flag,
     parse_config,
     pick_device,
@@ -739,8 +742,8 @@ def build_model(cfg: TrainConfig, device: str):
 
 
 def resume_state(run: Run, ckpt_path: Path) -> None:
-    """Load model, optimizer, step, RNG states and metrics from out_dir/ckpt.pt: the run continues exactly as
-    if it had never stopped (tested bit for bit)."""
+    """Load model, optimizer, step, this rank's RNG states and metrics from out_dir/ckpt.pt: the run continues
+    exactly as if it had never stopped (tested bit for bit, on one process and on two ranks)."""
     ckpt = read_checkpoint(ckpt_path, hint="python train.py")
     if ckpt["model_args"] != run.args.to_dict():
         diff = {k: (ckpt["model_args"].get(k), v) for k, v in run.args.to_dict().items()
@@ -753,8 +756,9 @@ def resume_state(run: Run, ckpt_path: Path) -> None:
                               f"asks for --optimizer={run.cfg.optimizer}; resume with --optimizer={trained_with}")
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.step, run.elapsed, run.metrics = ckpt["step"], ckpt["elapsed"], ckpt.get("metrics", [])
-    run.gen.set_state(ckpt["rng"]["data"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
+    rng = rank_rng_states(ckpt, run.ddp.rank, run.ddp.world_size, ckpt_path)   # each rank its own batches
+    run.gen.set_state(rng["data"])
+    torch.set_rng_state(rng["torch"])
 
 
 def setup(cfg: TrainConfig, ddp: Dist, device: str) -> Run:
@@ -797,13 +801,16 @@ def setup(cfg: TrainConfig, ddp: Dist, device: str) -> Run:
 
 
 def save(run: Run, final: "dict | None" = None) -> None:
-    """Write out_dir/ckpt.pt atomically (rank 0 only) with everything --resume needs."""
+    """Write out_dir/ckpt.pt atomically with everything --resume needs. Every rank calls it at the same point:
+    each rank draws its own batches (generator seeded with seed + rank), so every rank's RNG states are
+    gathered and rank 0 writes them all; --resume gives each rank back its own."""
+    states = all_ranks({"data": run.gen.get_state(), "torch": torch.get_rng_state()}, run.ddp)
     if not run.ddp.master:
         return
     save_checkpoint(run.out_dir / "ckpt.pt", {
         "model": run.raw.state_dict(), "model_args": run.args.to_dict(), "tokenizer": run.tok.to_dict(),
         "config": asdict(run.cfg), "kind": run.kind, "step": run.step, "elapsed": run.elapsed,
-        "optimizer": run.optimizer.state_dict(), "rng": {"data": run.gen.get_state(), "torch": torch.get_rng_state()},
+        "optimizer": run.optimizer.state_dict(), "rng": states[0], "rng_ranks": states,
         "metrics": run.metrics, **({"final": final} if final else {})})
 
 
@@ -866,7 +873,7 @@ def evaluate_and_save(run: Run) -> None:
         run.metrics.append(row)
         run.log.log(row)
         print(f"step {run.step:5d} | eval: train CE {losses['train']:.4f}, val CE {losses['val']:.4f}")
-        save(run)
+    save(run)                                 # every rank: the RNG states are gathered, rank 0 writes
 
 
 def train_loop(run: Run, stop: GracefulStop) -> None:
@@ -883,7 +890,11 @@ def train_loop(run: Run, stop: GracefulStop) -> None:
     while True:
         run.elapsed = elapsed_before + time.perf_counter() - t_start
         budget_used = max(run.step / cfg.max_iters, run.elapsed / cfg.max_seconds if cfg.max_seconds else 0.0)
-        if budget_used >= 1.0 or stop.requested:
+        # under torchrun rank 0's clock and signals decide for all: ranks that stopped at different steps, or
+        # followed schedules from different clocks, would deadlock or drift apart
+        halt, budget_used = from_rank0([float(budget_used >= 1.0 or stop.requested), budget_used], run.ddp,
+                                       run.device)
+        if halt:
             break
         lr = lr_at(budget_used, run.step, cfg)
         if cfg.v3_schedules:                 # V3 §4.2 proportions of this run's budget
@@ -906,6 +917,7 @@ def finish(run: Run, stop: GracefulStop) -> dict:
     summary = {"step": run.step, "seconds": round(run.elapsed, 1), "train_loss": losses["train"],
                "val_loss": losses["val"], "interrupted": stop.requested}
     if not run.ddp.master:
+        save(run)                              # joins rank 0's gather of the RNG states
         return summary
     row = {"step": run.step, "train_loss": losses["train"], "val_loss": losses["val"]}
     run.metrics.append(row)
@@ -938,7 +950,7 @@ def main(argv=None) -> dict:
     if device.startswith("cuda"):
         # any float32 matmul (Muon on a float32 run, ops autocast keeps in float32) on TF32 tensor cores
         torch.set_float32_matmul_precision("high")
-    finished = False
+    finished, run = False, None
     try:
         run = setup(cfg, ddp, device)
         with GracefulStop() as stop:          # Ctrl-C / SIGTERM: finish the step, checkpoint, exit
@@ -947,6 +959,7 @@ def main(argv=None) -> dict:
         finished = True
         return summary
     finally:
+        run = None                            # drop the DDP wrapper before the process group (cleanup_distributed)
         cleanup_distributed(ddp, wait=finished)
 
 

@@ -114,7 +114,8 @@ def test_every_linear_of_the_blocks_runs_fp8_in_all_three_gemms_on_the_naive_pat
     assert used_experts and all(set(m.record) == {"fprop", "dgrad", "wgrad"} for m in used_experts)
     attn = model.layers[0].attn
     kv = attn.kv_norm(attn.wkv_a(model.layers[0].attn_norm(model.embed(idx))).split([8, 4], -1)[0])
-    assert torch.equal(attn.wkv_b.record["fprop"][0], fp8_quant_dequant(kv.detach().reshape(-1, 8), (1, 8)))
+    assert torch.equal(attn.wkv_b.record["fprop"][0], fp8_quant_dequant(kv.detach().reshape(-1, 8), (1, 8),
+                                                                      attn.wkv_b.fp8_scale_fmt))
     assert isinstance(model.head, torch.nn.Linear) and not isinstance(model.head, Linear)  # head stays high precision
 
 

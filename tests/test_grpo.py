@@ -341,9 +341,9 @@ def test_step_with_kl_mu_dynamic_sampling_and_router_bias():
     loads = []                                                 # record every router bias update
     update_bias = model.update_bias
 
-    def recording_update_bias(load=None):
+    def recording_update_bias(load=None, speed=None):
         loads.append(load.clone())
-        return update_bias(load)
+        return update_bias(load, speed)
 
     model.update_bias = recording_update_bias
     opt = make_rl_optimizer(model, cfg)
@@ -403,7 +403,7 @@ def test_incompatible_checkpoint_is_a_clear_error(tmp_path, capsys):
     save_tiny_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
     ckpt["model"].pop("norm.weight")
-    torch.save(ckpt, path)
+    save_checkpoint(path, ckpt)                    # a consistent file (its checksum is of these weights)
     with pytest.raises(SystemExit) as e:
         main([f"--init_from={path}", f"--out_dir={tmp_path}", "--device=cpu", "--eval_only"])
     assert e.value.code == 1 and "norm.weight" in capsys.readouterr().err
