@@ -227,20 +227,22 @@ def test_rl_lr_at_named_steps():
 # ---------------------------------------------------------------------------------------------- 4. evaluate
 
 def test_evaluate_counts_exactly_the_scripted_correct_completions(monkeypatch):
-    """evaluate() on six held-out problems whose greedy completions are scripted: two right and well formed,
-    one right but badly formed (accuracy only needs a single answer tag pair), one well formed but wrong,
-    one truncated before its answer, one with two answers."""
+    """evaluate() on seven held-out problems whose greedy completions are scripted: two right and well formed,
+    two right but badly formed (accuracy only needs a single answer tag pair), one well formed but wrong,
+    one truncated before its answer, one with two answers: 4/7 correct, 3/7 well formed."""
     tok = get_tokenizer("char")
-    problems = tasks.heldout_problems(tasks.default_task(), 6, seed=0)
+    problems = tasks.heldout_problems(tasks.default_task(), 7, seed=0)
     a = [int(p.answer) for p in problems]
     texts = [f"ok</think><answer>{a[0]}</answer>",                     # right, well formed
              f"</think><answer> {a[1]} </answer>",                      # right, well formed (spaces are fine)
              f"no closing think tag <answer>{a[2]}</answer>",           # right answer, bad format
              f"</think><answer>{a[3] + 1}</answer>",                    # well formed, wrong
              "still thinking about it",                                 # truncated: no answer
-             f"</think><answer>{a[5]}</answer><answer>{a[5]}</answer>"]  # two answers: neither
-    correct, well_formed = [True, True, True, False, False, False], [True, True, False, True, False, False]
-    finished = [True, True, True, True, False, True]
+             f"</think><answer>{a[5]}</answer><answer>{a[5]}</answer>",  # two answers: neither
+             f"</think><answer>{a[6]}</answer> and more"]                # right, text after the answer
+    correct = [True, True, True, False, False, False, True]
+    well_formed = [True, True, False, True, False, False, False]
+    finished = [True, True, True, True, False, True, True]
     script = {tuple(sample.prompt_tokens(tok, p.question)): tok.encode(t) + ([tok.eos_id] if f else [])
               for p, t, f in zip(problems, texts, finished)}
     calls = []
@@ -253,16 +255,16 @@ def test_evaluate_counts_exactly_the_scripted_correct_completions(monkeypatch):
     monkeypatch.setattr(sample, "generate_batch", scripted)
     model = torch.nn.Linear(1, 1)                         # evaluate only switches it to eval mode
     records, summary = sample.evaluate(model, tok, problems, max_new_tokens=64, batch_size=4, step=7)
-    assert calls == [(4, 0.0, tok.eos_id), (2, 0.0, tok.eos_id)]          # greedy, in batches of 4
+    assert calls == [(4, 0.0, tok.eos_id), (3, 0.0, tok.eos_id)]          # greedy, in batches of 4
     assert [r["question"] for r in records] == [p.question for p in problems]
     assert [r["correct"] for r in records] == correct
     assert [r["format"] for r in records] == well_formed
     assert [r["finished"] for r in records] == finished and all(r["step"] == 7 for r in records)
     assert [r["completion"] for r in records] == texts                   # the EOS is not part of the text
     assert records[0]["predicted"] == str(a[0]) and records[4]["predicted"] is None
-    assert summary["accuracy"] == pytest.approx(3 / 6) and summary["format"] == pytest.approx(3 / 6)
-    assert summary["n"] == 6
-    assert summary["length"] == pytest.approx(sum(len(script[k]) for k in script) / 6)
+    assert summary["accuracy"] == pytest.approx(4 / 7) and summary["format"] == pytest.approx(3 / 7)
+    assert summary["n"] == 7
+    assert summary["length"] == pytest.approx(sum(len(script[k]) for k in script) / 7)
 
 
 # ---------------------------------------------------------------------------------------------- 5. speculative
