@@ -289,7 +289,9 @@ def test_bf16_autocast_decoding_runs_on_cpu(model):
     assert [len(c) for c in comps] == [10, 10, 10] and len(spec) == 10
     assert all(0 <= t < 64 for c in comps + [spec] for t in c)
     assert torch.isfinite(low).all()
-    assert (low - ref).abs().max() < 0.05 * ref.abs().max() + 0.05   # bf16 has ~3 significant digits
+    # bf16 keeps 8 significant bits (2^-8 = 0.4% per rounding); the handful of roundings along three layers stays
+    # within 2% of the largest logit, while a wrong cache or attention path under autocast would not
+    assert (low - ref).abs().max() < 0.02 * ref.abs().max()
 
 
 def test_per_step_decoding_path_has_no_graph_break():

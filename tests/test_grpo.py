@@ -11,13 +11,13 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import grpo
 import tasks
 from checkpoint import load_model, save_checkpoint
 from grpo import (
@@ -256,7 +256,12 @@ COUNTDOWN = tasks.Problem("3 7 25 -> 46", "25+3*7", "countdown", {"numbers": [3,
 
 
 @pytest.mark.parametrize("text", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
-def test_adversarial_completions_get_zero_reward(text):
+def test_adversarial_completions_get_zero_reward(text, monkeypatch):
+    """Zero reward, and no adversarial text ever reaches arithmetic: the cost bound is an operation count
+    (calls of the exact evaluator tasks._value), not a wall-clock threshold."""
+    evaluated = []
+    value = tasks._value
+    monkeypatch.setattr(tasks, "_value", lambda node: evaluated.append(node) or value(node))
     tok = get_tokenizer("char")
     ids = tok.encode(text)
     for finished in (True, False):                 # with EOS, or truncated at the length limit
@@ -264,10 +269,10 @@ def test_adversarial_completions_get_zero_reward(text):
         decoded, ended = completion_text(tok, completion)
         assert decoded == text and ended == finished                    # the EOS is never part of the scored text
         for problem in (tasks.arithmetic_problem("37+48"), COUNTDOWN):
-            t0 = time.perf_counter()
             r = tasks.reward(decoded, problem, 1.0, 0.1)
-            assert time.perf_counter() - t0 < 0.5
             assert r == {"accuracy": 0.0, "format": 0.0, "total": 0.0}
+    assert evaluated == []
+    assert tasks.reward("</think><answer>25+3*7</answer>", COUNTDOWN)["accuracy"] == 1.0 and evaluated  # the probe works
 
 
 @pytest.mark.parametrize("answer", ["9**9**9", "__import__('os')", "\u0668\u0665", "85.0", "0x55", "8_5"])
@@ -332,7 +337,7 @@ def test_short_grpo_run_increases_reward():
     assert first < 0.75 and last > 0.9 and last > first + 0.25, rewards
 
 
-def test_step_with_kl_mu_dynamic_sampling_and_router_bias():
+def test_step_with_kl_mu_dynamic_sampling_and_router_bias(monkeypatch):
     model, tok, cfg, problems = toy_setup(beta=0.04, mu=2, dynamic_sampling=True, eps_high=0.28,
                                           loss_type="dapo", scale_rewards="none", max_new_tokens=3)
     ref = Transformer(model.args)
@@ -346,6 +351,16 @@ def test_step_with_kl_mu_dynamic_sampling_and_router_bias():
         return update_bias(load, speed)
 
     model.update_bias = recording_update_bias
+    passes = []                                                # (k3 by hand, reported kl) of every loss pass
+    loss_fn = grpo.grpo_loss
+
+    def recording_loss(logp, old_logp, ref_logp, adv, mask, *args):
+        loss, st = loss_fn(logp, old_logp, ref_logp, adv, mask, *args)
+        x = torch.exp(ref_logp - logp.detach())[mask.bool()]                   # pi_ref / pi_theta per token
+        passes.append(((x - torch.log(x) - 1).mean().item(), st["kl"]))
+        return loss, st
+
+    monkeypatch.setattr(grpo, "grpo_loss", recording_loss)
     opt = make_rl_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):
@@ -353,7 +368,13 @@ def test_step_with_kl_mu_dynamic_sampling_and_router_bias():
     for key in ("reward", "kl", "clip_frac", "entropy", "loss", "zero_var_frac", "trunc_frac", "length",
                 "sample_s", "update_s", "sample_tok_s", "train_tok_s"):
         assert math.isfinite(stats[key]), key
-    assert stats["kl"] > 0                                     # the policy moved away from the reference
+    # the first pass scores the reference itself: KL exactly 0; after each optimizer step the policy has moved
+    # away from the reference, and the reported KL is the masked k3 mean, then the mean over the mu passes
+    assert len(passes) == 2 * cfg.mu and passes[0] == (0.0, 0.0)
+    for by_hand, reported in passes:
+        assert reported == pytest.approx(by_hand, rel=1e-5, abs=1e-9)
+    assert all(kl > 1e-6 for kl, _ in passes[1:])
+    assert stats["kl"] == pytest.approx(sum(kl for _, kl in passes[cfg.mu:]) / cfg.mu, rel=1e-6)
     assert stats["ratio"] != pytest.approx(1.0, abs=1e-6)      # the second pass sees rho != 1
     assert len(loads) == 2 * cfg.mu and all(float(load.sum()) > 0 for load in loads)  # once per optimizer step
     assert float(model.expert_load().sum()) == 0               # load counters were reset after the update
@@ -429,9 +450,15 @@ def test_eval_only_writes_spec_jsonl(tmp_path):
     for line in lines:
         rec = json.loads(line)
         assert {"question", "completion", "answer", "correct"} <= set(rec)
-        assert isinstance(rec["correct"], bool) and tasks.is_heldout(rec["question"])
+        assert tasks.is_heldout(rec["question"])
+        problem = tasks.arithmetic_problem(rec["question"])       # the verifier, applied again to the text
+        assert rec["answer"] == problem.answer
+        assert rec["correct"] is (tasks.accuracy_reward(rec["completion"], problem) == 1.0)
+        assert rec["format"] is (tasks.format_reward(rec["completion"]) == 1.0)
         seen.add(rec["question"])
     assert len(seen) == 6
+    accuracy = sum(json.loads(line)["correct"] for line in lines) / 6
+    assert f"held-out accuracy {100 * accuracy:.1f}%" in proc.stdout
 
 
 def test_short_training_run_end_to_end(tmp_path):

@@ -210,12 +210,34 @@ def test_cold_start_and_rejection_prompts_are_disjoint(tmp_path, monkeypatch):
 _REFERENCE = re.compile(r"User: (.*)\nAssistant: <think>")   # the old definition, quadratic on long lines
 
 
+class ScanCountingStr(str):
+    """A str that counts the characters its find/rfind calls look at (the span each search covers)."""
+    scanned = 0
+
+    def find(self, sub, start=0, end=None):
+        """str.find, counting the span [start, end)."""
+        end = len(self) if end is None else end
+        ScanCountingStr.scanned += max(0, end - start)
+        return str.find(self, sub, start, end)
+
+    def rfind(self, sub, start=0, end=None):
+        """str.rfind, counting the span [start, end)."""
+        end = len(self) if end is None else end
+        ScanCountingStr.scanned += max(0, end - start)
+        return str.rfind(self, sub, start, end)
+
+
 def test_question_of_is_linear_on_long_adversarial_input():
-    """180 KB of 'User: ' on one line (36 s with the regex) and 180 KB of short lines: well under a second."""
-    for text in ("User: " * 30_000, "User: x\n" * 22_500, "User: " * 30_000 + "\nAssistant: <think>"):
-        t0 = time.perf_counter()
-        got = tasks.question_of(text)
-        assert time.perf_counter() - t0 < 1.0, len(text)
+    """180 KB of 'User: ' on one line (36 s with the regex, which retries the line from every 'User: ') and
+    180 KB of short lines: question_of's searches together look at no more than 3 characters per input
+    character, an operation count that does not depend on the machine (a quadratic scan would look at
+    ~30,000 per character here). The count needs question_of to read the text through str.find/rfind,
+    which the first assert checks."""
+    for text in ("User: " * 30_000, "User: x\n" * 22_500, "User: " * 30_000 + "\nAssistant: <think>",
+                 ("User: \nAssistant: " * 5_000) + "User: 1+1\nAssistant: <think>"):
+        ScanCountingStr.scanned = 0
+        got = tasks.question_of(ScanCountingStr(text))
+        assert 0 < ScanCountingStr.scanned <= 3 * len(text), (len(text), ScanCountingStr.scanned)
         assert got == (_REFERENCE.search(text).group(1) if text.endswith("<think>") else None)
 
 

@@ -163,7 +163,16 @@ def test_recipe_and_distill_end_to_end(tmp_path):
     stages = [r["stage"] for r in results]
     assert stages == ["base", "cold start", "RL", "rejection sampling", "rejection SFT", "RL again",
                       "R1-Zero (RL from base)"]
-    assert all(0 <= r["accuracy"] <= 1 and r["n"] == 20 for r in results if "accuracy" in r)
+    for r in results:
+        if "accuracy" not in r:
+            continue
+        records = [json.loads(line) for line in
+                   (tmp_path / f"eval_{r1.slug(r['stage'])}.jsonl").read_text().splitlines()]
+        assert r["n"] == len(records) == 20
+        for rec in records:                                  # the verifier, applied again to each completion
+            problem = tasks.arithmetic_problem(rec["question"])
+            assert rec["correct"] is (tasks.accuracy_reward(rec["completion"], problem) == 1.0)
+        assert r["accuracy"] == sum(rec["correct"] for rec in records) / 20
     rs = results[3]
     assert rs["samples"] == 160 and 0 < rs["kept"] <= 160 and rs["yield"] == rs["kept"] / 160
     rows = train.read_sft_jsonl(tmp_path / "rejection.jsonl")
