@@ -31,9 +31,12 @@ Two questions every student of R1-Zero asks next
      nosig_weak     a base pretrained 60 steps                          no signal: zero-variance groups
      nosig_dapo     the same with --dynamic_sampling                    what DAPO's filter does about it
      collapse       --lr=3e-3 --beta=0                                  entropy collapse, degenerate output
+     collapse_mild  --lr=1e-3 --beta=0                                  the same, ten times gentler
+     hack_lenient_1.0  the lenient verifier on the flaw 1.0 base        hacking where the right habit is rare
 
-   The cure of hack_lenient, len_dr_grpo and collapse is the default run `beyond_0.6` (grpo.py's defaults on
-   the flaw 0.6 base); the cure of fmt_weak is nosig_weak (w_fmt=0.1, the same weak base).
+   The cure of hack_lenient, len_dr_grpo and the collapses is the default run `beyond_0.6` (grpo.py's defaults
+   on the flaw 0.6 base), that of hack_lenient_1.0 is beyond_1.0, and that of fmt_weak is nosig_weak
+   (w_fmt=0.1, the same weak base).
 
 Every run is grpo.py (or train.py) itself, called with the flags printed in results.json, so any curve can be
 re-made by hand. The budget is small on purpose (GRPO 30 steps of 16 questions x 8 samples, each run a
@@ -66,7 +69,6 @@ from checkpoint import load_model, read_checkpoint
 from cli import parse_config, print_config
 from sample import evaluate_pass_at_k
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMAND = "python -m extras.rl_lab"
 
 
@@ -145,10 +147,14 @@ RUNS = [   # in the order they run: the flaw 0.6 base serves the first five
     Run("nosig_weak", "no signal", "weak", []),
     Run("nosig_dapo", "no signal", "weak", ["--dynamic_sampling"], cure="nosig_weak"),
     Run("fmt_weak", "format dominates", "weak", ["--w_fmt=1.0"], cure="nosig_weak"),
+    Run("hack_lenient_1.0", "reward hacking, flaw 1.0", "flaw1.0", ["--lab_verifier=lenient"], cure="beyond_1.0",
+        passk=True),
+    Run("collapse_mild", "mild collapse", "flaw0.6", ["--lr=1e-3", "--beta=0"], cure="beyond_0.6", passk=True),
 ]
 FAILURES = [("reward hacking", "hack_lenient", "beyond_0.6"), ("format dominates", "fmt_weak", "nosig_weak"),
             ("length bias", "beyond_0.6", "len_dr_grpo"), ("no signal", "nosig_weak", "nosig_dapo"),
-            ("collapse", "collapse", "beyond_0.6")]
+            ("collapse", "collapse", "beyond_0.6"), ("reward hacking, flaw 1.0", "hack_lenient_1.0", "beyond_1.0"),
+            ("mild collapse", "collapse_mild", "beyond_0.6")]
 
 
 def pretrain_argv(cfg: LabConfig, name: str) -> list[str]:
@@ -248,13 +254,15 @@ def passk_of(cfg: LabConfig, ckpt_path: Path) -> dict:
     return json.loads(json.dumps(res))                 # int keys become strings, as after a reload
 
 
-_REPEAT = re.compile(r"(.)\1{5,}")   # one character six times in a row: never in a worked solution
+# degenerate output: one character 4+ times in a row ("!!!!") or a piece of 2-12 characters 3+ times
+# ("<answer><answer><answer>"); no worked solution of the default task contains either
+_REPEAT = re.compile(r"(.)\1{3,}|(.{2,12}?)\2{2,}")
 
 
 def eval_stats(path: Path) -> dict:
     """Greedy held-out completions of one evaluation (grpo.py's eval_step{N}.jsonl): strict accuracy, what the
     lenient verifier would accept, accuracy on the flaw-situation questions, and the share of degenerate
-    completions (a character repeated six times or more, e.g. "!!!!!!")."""
+    completions (_REPEAT: "!!!!" or "<answer><answer><answer>", which no worked solution contains)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     flaw = [tasks.in_flaw_situation(tasks.arithmetic_problem(r["question"])) for r in rows]
     n, n_flaw = max(1, len(rows)), max(1, sum(flaw))
@@ -361,7 +369,8 @@ def write_markdown(results: dict, path: Path) -> None:
                      f"{span('entropy', num)} | {span('kl', num)} | {span('zero_var_frac')} | "
                      f"{span('length', lambda x: f'{x:.1f}')} |")
     lines += ["", ("Rollout columns: first and last GRPO step (sampled at temperature 1). Degenerate: share of greedy "
-                   "held-out completions with one character repeated six times or more."), "", "## Commands", ""]
+                   "held-out completions that repeat themselves (one character 4+ times or a piece of 2-12 characters 3+ "
+                   "times in a row)."), "", "## Commands", ""]
     for name, cmd in results["commands"].items():
         lines.append(f"- {name}: `{cmd}`")
     path.write_text("\n".join(lines) + "\n")
@@ -429,7 +438,7 @@ def plot_all(results: dict, out: Path) -> list[Path]:
                 if key == "heldout":
                     line, = ax.plot([e["step"] for e in rec["evals"]], [100 * e["accuracy"] for e in rec["evals"]],
                                     marker="o", label=f"{rec['name']} (strict)")
-                    if section == "reward hacking":
+                    if section.startswith("reward hacking"):
                         ax.plot([e["step"] for e in rec["evals"]], [100 * e["lenient_accuracy"] for e in rec["evals"]],
                                 ls="--", color=line.get_color(), label=f"{rec['name']} (lenient)")
                 else:
@@ -438,7 +447,7 @@ def plot_all(results: dict, out: Path) -> list[Path]:
         for ax in axes.flat:
             ax.legend(fontsize=7)
         fig.suptitle(f"Failure mode: {section} ({bad} vs {good})")
-        save(fig, f"failure_{section.replace(' ', '_')}.png")
+        save(fig, f"failure_{re.sub('[^a-z0-9]+', '_', section)}.png")
     return paths
 
 
