@@ -33,6 +33,7 @@ Two questions every student of R1-Zero asks next
      collapse       --lr=3e-3 --beta=0                                  entropy collapse, degenerate output
      collapse_mild  --lr=1e-3 --beta=0                                  the same, ten times gentler
      hack_lenient_1.0  the lenient verifier on the flaw 1.0 base        hacking where the right habit is rare
+     len_dr_grpo_weak  dr_grpo on the weak base (vs nosig_weak)         length bias where lengths vary
 
    The cure of hack_lenient, len_dr_grpo and the collapses is the default run `beyond_0.6` (grpo.py's defaults
    on the flaw 0.6 base), that of hack_lenient_1.0 is beyond_1.0, and that of fmt_weak is nosig_weak
@@ -150,11 +151,12 @@ RUNS = [   # in the order they run: the flaw 0.6 base serves the first five
     Run("hack_lenient_1.0", "reward hacking, flaw 1.0", "flaw1.0", ["--lab_verifier=lenient"], cure="beyond_1.0",
         passk=True),
     Run("collapse_mild", "mild collapse", "flaw0.6", ["--lr=1e-3", "--beta=0"], cure="beyond_0.6", passk=True),
+    Run("len_dr_grpo_weak", "length bias, weak base", "weak", ["--loss_type=dr_grpo"], cure="nosig_weak"),
 ]
 FAILURES = [("reward hacking", "hack_lenient", "beyond_0.6"), ("format dominates", "fmt_weak", "nosig_weak"),
             ("length bias", "beyond_0.6", "len_dr_grpo"), ("no signal", "nosig_weak", "nosig_dapo"),
             ("collapse", "collapse", "beyond_0.6"), ("reward hacking, flaw 1.0", "hack_lenient_1.0", "beyond_1.0"),
-            ("mild collapse", "collapse_mild", "beyond_0.6")]
+            ("mild collapse", "collapse_mild", "beyond_0.6"), ("length bias, weak base", "nosig_weak", "len_dr_grpo_weak")]
 
 
 def pretrain_argv(cfg: LabConfig, name: str) -> list[str]:
