@@ -2,7 +2,7 @@
 tinyseek/extras/rl_lab.py -- what RL really adds, and how it goes wrong: pass@k and a lab of GRPO's failure modes.
 
     python -m extras.rl_lab                 # every run below, one after the other; finished runs are skipped
-    python -m extras.rl_lab --quick         # a seconds-long smoke test of the whole pipeline (tiny budgets)
+    python -m extras.rl_lab --quick         # a smoke test of the whole pipeline with tiny budgets
     python -m extras.rl_lab --only=collapse # some runs only (comma-separated names); the report is rebuilt
 
 Results go to docs/rl_lab/: results.json (every curve and figure, with the command that made it), results.md
@@ -40,9 +40,9 @@ Two questions every student of R1-Zero asks next
    (w_fmt=0.1, the same weak base).
 
 Every run is grpo.py (or train.py) itself, called with the flags printed in results.json, so any curve can be
-re-made by hand. The budget is small on purpose (GRPO 30 steps of 16 questions x 8 samples, each run a
-minute or two on a CPU core): a failure that needs a GPU-day elsewhere appears here in minutes, because the
-model and the task are tiny. What is simplified: one seed per run (differences of a few points are noise:
+re-made by hand. The budget is small on purpose (GRPO 30 steps of 16 questions x 8 samples, from bases
+pretrained with train.py's defaults): a failure that needs many GPU hours elsewhere shows up here on a CPU,
+because the model and the task are tiny. What is simplified: one seed per run (differences of a few points are noise:
 the held-out set has 300 questions, about 100 of them in the flaw situation), and pass@k is estimated from
 64 samples of 200 held-out questions at temperature 1, the rollout temperature.
 
