@@ -207,6 +207,8 @@ class GRPOConfig:
     # ---- rewards (R1 §2.2) ----
     w_acc: float = _flag(1.0, "weight of the accuracy reward")
     w_fmt: float = _flag(0.1, "weight of the format reward (keep small: a large bonus can dominate the advantage)")
+    lab_verifier: str = _flag("strict", "strict (the real verifier) | lenient: a deliberately exploitable substring "
+                                        "check for the reward-hacking lab (extras/rl_lab.py); evaluation stays strict")
     # ---- objective ----
     loss_type: str = _flag("grpo", "grpo | dr_grpo | dapo: how token terms are normalised")
     scale_rewards: str = _flag("group", "group: divide advantages by the group std; none: Dr. GRPO")
@@ -272,6 +274,10 @@ class GRPOConfig:
             bad("digits_min", f"exceeds --digits_max={self.digits_max}")
         if not self.ops or set(self.ops) - set("+-*"):
             bad("ops", "must be a non-empty subset of '+-*'")
+        if self.lab_verifier not in tasks.LAB_VERIFIERS:
+            bad("lab_verifier", "choose strict or lenient (lenient is only for the reward-hacking lab)")
+        if self.lab_verifier == "lenient" and self.task != "arithmetic":
+            bad("lab_verifier", "lenient exists for the arithmetic task only")
 
 
 def make_task(cfg: GRPOConfig) -> tasks.Task:
@@ -916,6 +922,8 @@ def train_loop(run: RLRun, stop: GracefulStop) -> None:
     cfg, master = run.cfg, run.ddp.master
     draw_problems = functools.partial(draw_train_problems, run.task, run.rng)
     reward_fn = functools.partial(tasks.reward, w_acc=cfg.w_acc, w_fmt=cfg.w_fmt)  # R1-Zero's rule-based reward
+    if cfg.lab_verifier == "lenient":   # the lab's exploitable verifier (tasks.lenient_reward); held-out stays strict
+        reward_fn = functools.partial(tasks.lenient_reward, w_acc=cfg.w_acc, w_fmt=cfg.w_fmt)
     t_start, elapsed_before = time.perf_counter(), run.elapsed
     while run.step < cfg.max_iters and not should_stop(run, stop, t_start, elapsed_before):
         lr = rl_lr_at(run.step, cfg)

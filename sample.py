@@ -635,6 +635,60 @@ def evaluate(model: Transformer, tok: Tokenizer, problems: list, max_new_tokens:
     return records, summary
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of Chen et al. 2021 (arXiv 2107.03374, eq. 1) from n samples of which c are right.
+
+    pass@k = 1 - C(n-c, k) / C(n, k): the chance that k of the n samples, drawn without replacement, hold
+    at least one right one. The ratio of binomials is computed as prod_{i=n-c+1}^{n} (1 - k / i), which
+    never forms the huge binomials themselves (stable for any n). Requires 0 <= c <= n and 1 <= k <= n.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:                                    # every k-subset holds a right sample
+        return 1.0
+    prob_none = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_none *= 1.0 - k / i
+    return 1.0 - prob_none
+
+
+def evaluate_pass_at_k(model: Transformer, tok: Tokenizer, problems: list, max_new_tokens: int, n_samples: int,
+                       ks: "tuple[int, ...]" = (1, 8, 64), temperature: float = 1.0, batch_size: int = 512,
+                       generator: "torch.Generator | None" = None, groups: "dict | None" = None) -> dict:
+    """pass@k on held-out problems: n_samples sampled completions per problem, verified by tasks.eval_record.
+
+    Each problem's c right answers out of n give pass_at_k(n, c, k) for every k in `ks` (k <= n_samples);
+    the summary averages them over all problems and over each subset in `groups` (name -> one bool per
+    problem, e.g. the flaw-situation questions). Returns {"n_samples", "temperature", "correct": [c per
+    problem], "all": {"n", "pass@k": {k: value}}, <group name>: {...}}. Sampling, not greedy: pass@1 here is
+    the mean sampled accuracy, which can differ from the greedy accuracy of `evaluate`.
+    """
+    bad = [k for k in ks if not 1 <= k <= n_samples]
+    if bad:
+        raise ValueError(f"every k must be in [1, n_samples={n_samples}], got {bad}; raise n_samples or drop k")
+    model.eval()
+    prompts = [prompt_tokens(tok, p.question) for p in problems for _ in range(n_samples)]  # problem-major
+    right = []
+    for i in range(0, len(prompts), batch_size):
+        comps, _ = generate_batch(model, prompts[i:i + batch_size], max_new_tokens, temperature=temperature,
+                                  eos_id=tok.eos_id, generator=generator)
+        for j, c in enumerate(comps):
+            right.append(eval_record(problems[(i + j) // n_samples], completion_text(tok, c)[0])["correct"])
+    correct = [sum(right[q * n_samples:(q + 1) * n_samples]) for q in range(len(problems))]
+
+    def summarise(keep: list) -> dict:
+        """Mean pass@k over the problems where keep is True."""
+        cs = [c for c, kept in zip(correct, keep) if kept]
+        return {"n": len(cs), "pass@k": {k: sum(pass_at_k(n_samples, c, k) for c in cs) / max(1, len(cs))
+                                          for k in ks}}
+
+    out = {"n_samples": n_samples, "temperature": temperature, "correct": correct,
+           "all": summarise([True] * len(problems))}
+    for name, keep in (groups or {}).items():
+        out[name] = summarise(list(keep))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # 7. Cache sizes (decoding speed is measured side by side by `python -m extras.bench`, rows 1b, 4b, 8b)
 # ----------------------------------------------------------------------------------------------------

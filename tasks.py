@@ -590,6 +590,35 @@ def reward(completion: str, problem: Problem, w_acc: float = 1.0, w_fmt: float =
     return {"accuracy": acc, "format": fmt, "total": w_acc * acc + w_fmt * fmt}
 
 
+LAB_VERIFIERS = ("strict", "lenient")  # grpo.py --lab_verifier; only "strict" is ever a real verifier
+
+
+def lenient_accuracy_reward(completion: str, problem: Problem) -> float:
+    """LAB ONLY, deliberately exploitable: 1.0 if the expected answer text occurs anywhere in `completion`.
+
+    The naive grader ``str(answer) in response``: an answer listing several numbers, or reasoning that
+    happens to contain the right digits (``10-1`` answered ``19`` contains ``9``), is counted as right.
+    extras/rl_lab.py trains against it to show reward hacking (the policy maximises what the verifier
+    checks, not what it means); `accuracy_reward` is the strict verifier and the cure. Arithmetic only;
+    never raises (non-strings and over-long completions give 0.0).
+    """
+    if not isinstance(completion, str) or len(completion) > 4096 or problem.task != "arithmetic":
+        return 0.0
+    return 1.0 if problem.answer in completion else 0.0
+
+
+def lenient_reward(completion: str, problem: Problem, w_acc: float = 1.0, w_fmt: float = 0.1) -> dict:
+    """LAB ONLY: `reward` with `lenient_accuracy_reward` in place of the strict accuracy reward.
+
+    Returns ``{"accuracy", "format", "total"}`` like `reward` (accuracy is the lenient one) plus
+    ``"strict_accuracy"``, so a run can log how much of its reward the strict verifier would refuse.
+    """
+    acc = lenient_accuracy_reward(completion, problem)
+    fmt = format_reward(completion)
+    return {"accuracy": acc, "format": fmt, "total": w_acc * acc + w_fmt * fmt,
+            "strict_accuracy": accuracy_reward(completion, problem)}
+
+
 def eval_record(problem: Problem, completion: str) -> dict:
     """One JSON-ready evaluation line: question, completion, answer, correct, ...
 
