@@ -1,5 +1,7 @@
-"""Execute every notebook in notebooks/ from top to bottom, fail on any cell error, and record how long each
-took; check that every notebook finds the repository from any working directory.
+"""Execute every notebook in notebooks/ and every solutions notebook in notebooks/solutions/ from top to bottom,
+fail on any cell error (the solutions assert their known answers), and record how long each took; check that
+every notebook finds the repository from any working directory, and that every exercise list links to a
+solutions notebook with one section per exercise.
 
 The notebooks import the real code (model.py, train.py, sample.py, ...), so this is what keeps them from
 rotting when that code changes. Each notebook is read into memory and executed there: the committed file,
@@ -8,11 +10,12 @@ printed (`-s` shows them) and written to notebook_times.json in pytest's tempora
 printed too). Each notebook is meant to take at most about two minutes on a quiet 2-core machine:
 
     python -m pytest tests/test_notebooks.py -s          # needs nbclient, nbformat, ipykernel (requirements-dev.txt)
-    python -m pytest tests/test_notebooks.py -k 02_mla   # one notebook
+    python -m pytest tests/test_notebooks.py -k 02_mla   # one notebook and its solutions
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,6 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+SOLUTIONS = sorted((ROOT / "notebooks" / "solutions").glob("*_solutions.ipynb"))
 CELL_TIMEOUT_S = 600
 
 nbformat = pytest.importorskip("nbformat", reason="notebook tests need nbformat (pip install -r requirements-dev.txt)")
@@ -43,7 +47,7 @@ def times_file(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=[p.name for p in NOTEBOOKS + SOLUTIONS])
 def test_notebook_executes_without_errors(path, times_file):
     nb = nbformat.read(path, as_version=4)              # an in-memory copy; the file on disk stays untouched
     nb.cells.append(nbformat.v4.new_code_cell(CPU_PROBE))
@@ -63,12 +67,39 @@ def test_notebook_executes_without_errors(path, times_file):
     times[path.name] = record
     times_file.write_text(json.dumps(times, indent=1))
     print(f"\n{path.name}: {seconds:.1f} s wall, {cpu:.1f} s kernel CPU ({times_file})")
-    assert nb.cells[-2].cell_type == "markdown" and nb.cells[-2].source.startswith("## Exercises"), \
-        f"{path.name} should end with its exercises"
+    if path in NOTEBOOKS:
+        assert nb.cells[-2].cell_type == "markdown" and nb.cells[-2].source.startswith("## Exercises"), \
+            f"{path.name} should end with its exercises"
 
 
 def test_notebooks_exist():
     assert NOTEBOOKS, f"no notebooks found in {ROOT / 'notebooks'}"
+
+
+def exercise_numbers(path: Path) -> list[int]:
+    """The numbers of the exercises listed in a notebook's last cell ("1. ...", "2. ...")."""
+    return [int(n) for n in re.findall(r"^(\d+)\. ", nbformat.read(path, as_version=4).cells[-1].source, re.MULTILINE)]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_exercises_link_to_a_solution_for_each_exercise(path):
+    """The exercise cell links to notebooks/solutions/<name>_solutions.ipynb, which exists and has a section
+    "## Exercise N" for every exercise N of the list, in order, and nothing else numbered."""
+    solutions = path.parent / "solutions" / f"{path.stem}_solutions.ipynb"
+    exercises = nbformat.read(path, as_version=4).cells[-1].source
+    assert f"(solutions/{solutions.name})" in exercises, f"{path.name}: its exercise cell should link to {solutions.name}"
+    assert solutions.is_file(), f"{solutions} is missing"
+    numbers = exercise_numbers(path)
+    assert numbers == list(range(1, len(numbers) + 1)) and numbers, f"{path.name}: exercises not numbered 1..N"
+    sections = [int(m) for c in nbformat.read(solutions, as_version=4).cells if c.cell_type == "markdown"
+                for m in re.findall(r"^## Exercise (\d+)\b", c.source, re.MULTILINE)]
+    assert sections == numbers, f"{solutions.name}: sections {sections}, exercises {numbers}"
+
+
+def test_every_solutions_notebook_belongs_to_a_notebook():
+    stems = {p.stem for p in NOTEBOOKS}
+    orphans = [p.name for p in SOLUTIONS if p.stem.removesuffix("_solutions") not in stems]
+    assert SOLUTIONS and not orphans, f"solutions without a notebook: {orphans}"
 
 
 def first_code_cell(path: Path) -> str:
@@ -77,7 +108,7 @@ def first_code_cell(path: Path) -> str:
     return next(c.source for c in nb.cells if c.cell_type == "code")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=[p.name for p in NOTEBOOKS + SOLUTIONS])
 def test_first_cell_finds_the_repository_from_anywhere(path, tmp_path):
     """From a folder outside the repository: with TINYSEEK_ROOT set, the cell makes the code importable;
     without it, it stops with a one-line message saying what to do."""
