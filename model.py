@@ -25,7 +25,6 @@ Shapes in comments: B batch, T new tokens in this call, S = tokens visible to at
 H = n_heads, D = dim, E = n_routed_experts, K = n_activated_experts, N = B*T flattened tokens.
 """
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -890,9 +889,7 @@ class Gate(Float32Buffers):
         Args: x (N, D).
         Returns: gates (N, K) float32, indices (N, K) int64, scores (N, E) float32 unbiased affinities.
         """
-        # float32 even under autocast; entering the context costs microseconds per call, so only when needed
-        autocast_on = torch.is_autocast_enabled(x.device.type)
-        with torch.autocast(device_type=x.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
+        with torch.autocast(device_type=x.device.type, enabled=False):        # float32 even under autocast
             logits = F.linear(x.float(), self.weight.float())                 # (N, E)
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         biased = scores + self.bias                                            # (N, E) selection scores
