@@ -25,7 +25,6 @@ Shapes in comments: B batch, T new tokens in this call, S = tokens visible to at
 H = n_heads, D = dim, E = n_routed_experts, K = n_activated_experts, N = B*T flattened tokens.
 """
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -469,41 +468,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> (..., dim)."""
-        # F.rms_norm is the same arithmetic as x * rsqrt(mean(x^2) + eps) * weight in one call (fewer operations
-        # per decoding step); .float() and .to() are no-ops for a float32 x. Its gradient, though, is autograd's
-        # chain through every elementary step; when one is needed RMSNormFunction computes it in closed form.
-        x32, w32 = x.float(), self.weight.float()
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) and \
-                not torch.compiler.is_compiling():                   # the compiler fuses the plain version
-            return RMSNormFunction.apply(x32, w32, self.eps).to(x.dtype)
-        return F.rms_norm(x32, (x.shape[-1],), w32, self.eps).to(x.dtype)
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with its backward pass written out: y = x_hat * w, x_hat = x * r, r = 1 / sqrt(mean(x^2) + eps).
-
-    Differentiating (d channels, g = dL/dy):  dL/dw = sum over tokens of g * x_hat, and
-    dL/dx = r * (g w - x_hat * mean(g w * x_hat)), the second term being the part of the gradient that moves
-    mean(x^2). Three elementwise passes instead of the ~10 autograd records for F.rms_norm's decomposition
-    (measured, fwd+bwd at (16, 128, 128) on 2 threads: 0.93 vs 1.46 ms; ~14 such norms per `tiny` step).
-    A test compares both gradients with autograd's."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        """x (..., d), weight (d,) float32 -> (..., d)."""
-        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)   # (..., 1)
-        x_hat = x * r                                            # (..., d)
-        ctx.save_for_backward(x_hat, weight, r)
-        return x_hat * weight
-
-    @staticmethod
-    def backward(ctx, g):
-        """g (..., d) -> dL/dx (..., d), dL/dweight (d,)."""
-        x_hat, weight, r = ctx.saved_tensors
-        gw = g * weight                                          # (..., d)
-        dx = r * torch.addcmul(gw, x_hat, (gw * x_hat).mean(-1, keepdim=True), value=-1)
-        dw = (g * x_hat).reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def precompute_rope(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -532,25 +497,11 @@ def precompute_rope(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2j, 2j+1) of x by position-dependent angles.
-
-    The official code's complex multiplication: each pair is the complex number x_2j + i x_2j+1, and
-    rotating it by angle a is multiplying by e^{ia} = cos a + i sin a. Written with real numbers it is
-    (x0 cos - x1 sin, x0 sin + x1 cos) (see apply_rope_real); the complex form is the same arithmetic in
-    fewer tensor operations, which is what decoding one token at a time pays for in eager mode; under
-    torch.compile the real form is used, since the compiler fuses it but falls back to eager for complex numbers.
+    """Rotate adjacent channel pairs (2j, 2j+1) of x by position-dependent angles: (x0, x1) ->
+    (x0 cos - x1 sin, x0 sin + x1 cos). The official code writes the same rotation as a complex product,
+    (x0 + i x1) e^{i angle}.
     Args: x (B, T, n, d_rope) with n heads (1 for the shared key); cos, sin (T, d_rope/2).
     """
-    if torch.compiler.is_compiling():                                # inductor generates no code for complex
-        return apply_rope_real(x, cos, sin)                          # numbers; the real form fuses into one kernel
-    xf = x.float().contiguous().unflatten(-1, (-1, 2))               # (B, T, n, d/2, 2) (complex views need
-    z = torch.view_as_complex(xf)                                    # even strides) -> (B, T, n, d/2) pairs
-    rot = torch.complex(cos, sin)[None, :, None, :]                  # (1, T, 1, d/2) e^{i angle}
-    return torch.view_as_real(z * rot).flatten(-2).to(x.dtype)       # (B, T, n, d_rope)
-
-
-def apply_rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """apply_rope written out with real numbers: the plain version the complex form is tested against."""
     xf = x.float().unflatten(-1, (-1, 2))                    # (B, T, n, d/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]                          # (B, T, n, d/2) each
     c, s = cos[None, :, None, :], sin[None, :, None, :]      # (1, T, 1, d/2)
@@ -580,17 +531,14 @@ class MLA(nn.Module):
               latent c directly; likewise apply W^UV after the attention-weighted sum of latents. The cache
               then holds only c^KV and k^R: kv_lora_rank + qk_rope_head_dim numbers per token and layer.
               Seen this way, absorbed MLA is multi-query attention whose single key/value head is the latent,
-              and that is how it is computed (latent_attention_folded: the latent is read once, not once per
-              head); latent_attention_expanded, the plain version it is tested against, copies it to every head.
+              and that is how it is computed (latent_attention: the latent is read once, not once per head).
     Decoding (a forward with a cache) runs the path args.attn_impl names; a forward without one (training,
     loss estimates, GRPO's scoring) the path args.full_attn_impl() names. They differ because absorption is an
     inference trick (V2 §2.1.3): it saves reading a long cache for a few new queries, but per head and key it
     scores d_c + d_h^R numbers instead of d_h + d_h^R, and when there are as many queries as keys (training)
-    that arithmetic is the cost: 3x at V3's shape (576 vs 192 numbers) and at `small`'s (288 vs 96; its
-    absorbed attention also takes an explicit mask, so fused kernels cannot skip the masked half). Measured,
-    forward + backward of `small` at 1 x 1,024 tokens on 2 CPU threads: naive 4.37 s, absorbed 8.12 s. At
-    `tiny`'s shape (d_c = d_h = 32) both cost the same: 146.7 ms absorbed (computed as multi-query attention)
-    vs 145.8 ms naive at 16 x 128 tokens, so 'auto' trains tiny absorbed, one path for training and decoding.
+    that arithmetic is the cost: 3x at V3's shape (576 against 192 numbers) and at `small`'s (288 against 96).
+    At `tiny`'s shape (d_c = d_h = 32) both do the same arithmetic, so 'auto' trains tiny absorbed: one path
+    for training and decoding.
     """
 
     def __init__(self, args: ModelArgs):
@@ -668,21 +616,15 @@ class MLA(nn.Module):
             wkv_b = self.wkv_b.effective_weight().view(H, -1, self.kv_lora_rank)  # (H, nope + v, kv_lora_rank)
             w_uk = wkv_b[:, :self.qk_nope_head_dim]                # (H, nope, kv_lora_rank)
             w_uv = wkv_b[:, self.qk_nope_head_dim:]                # (H, v, kv_lora_rank)
-            # einsum("bthd,hdc->bthc", q_nope, w_uk) as one batched matmul over heads (fewer operations)
-            q_lat = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)   # (H, B*T, kv_lora_rank)
-            q_lat = q_lat.transpose(0, 1).view(B, T, H, self.kv_lora_rank)          # (B, T, H, kv_lora_rank)
+            q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)   # (B, T, H, kv_lora_rank) = W^UK^T q^C
             q_abs = torch.cat([q_lat, q_pe], dim=-1)               # (B, T, H, kv_lora_rank + rope)
             # One shared key "head" [c^KV; k^R] (B, S, kv_lora_rank + rope); its first d_c channels are the value.
             latent = torch.cat([kv, k_pe.squeeze(2)], dim=-1)      # (B, T, kv_lora_rank + rope) new positions
             if cache is not None:
                 cache["latent"][:B, start_pos:end] = latent        # one write ("kv" and "pe" are views of it)
                 latent = cache["latent"][:B, :end]                 # (B, S, kv_lora_rank + rope)
-            # multi-query attention over the latent (latent_attention_expanded is the plain version)
-            o_lat = latent_attention_folded(q_abs, latent, self.kv_lora_rank, mask,
-                                            self.softmax_scale)    # (B, T, H, kv_lora_rank)
-            # W^UV applied late: einsum("bthc,hdc->bthd", o_lat, w_uv), again one batched matmul over heads
-            o = torch.bmm(o_lat.reshape(B * T, H, -1).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, v)
-            o = o.transpose(0, 1)                                  # (B*T, H, v_head_dim)
+            o_lat = latent_attention(q_abs, latent, self.kv_lora_rank, mask, self.softmax_scale)  # (B, T, H, r)
+            o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)       # (B, T, H, v_head_dim): W^UV applied late
         return self.wo(o.reshape(B, T, H * self.v_head_dim))      # (B, T, D), eq. 19
 
 
@@ -706,127 +648,23 @@ def causal_mask(T: int, S: int, device) -> torch.Tensor:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]
 
 
-def latent_attention_expanded(q, latent, r: int, mask, scale: float) -> torch.Tensor:
-    """Absorbed MLA attention, the plain way: copy the one latent key/value head to every query head.
+def latent_attention(q, latent, r: int, mask, scale: float) -> torch.Tensor:
+    """Absorbed MLA attention as multi-query attention: every query head attends to the one latent head.
 
-    q (B, T, H, r + rope) absorbed queries [W^UK^T q^C; q^R]; latent (B, S, r + rope) = [c^KV; k^R] of every
-    visible position, whose first r channels are the value c^KV. mask as in `attention` (None: causal).
+    q (B, T, H, r + rope) are the absorbed queries [W^UK^T q^C; q^R]; latent (B, S, r + rope) = [c^KV; k^R]
+    of every visible position, whose first r channels are the value c^KV; mask (B or 1, 1, T, S) bool or
+    None (causal). All H heads share the key, so the H heads of T queries are H*T queries of one head and
+    the latent is read once, not once per head: q (B, 1, T*H, r + rope) against k (B, 1, S, r + rope). The
+    key doubles as the value; the output's last rope channels (attention-weighted k^R) are dropped.
     Returns the attention-weighted latents (B, T, H, r)."""
-    H, T = q.shape[2], q.shape[1]
-    kh = latent.unsqueeze(1).expand(-1, H, -1, -1)                 # (B, H, S, r + rope) one head, H times
-    # The key doubles as the value (as in latent_attention_folded): the output's last rope channels are
-    # attention-weighted k^R, dropped; cheaper than slicing the value to r channels and padding it back.
-    o = attention(q.transpose(1, 2), kh, kh, mask, mask is None and T > 1, scale)[..., :r]  # (B, H, T, r)
-    return o.transpose(1, 2)                                        # (B, T, H, r)
-
-
-def latent_attention_folded(q, latent, r: int, mask, scale: float) -> torch.Tensor:
-    """Absorbed MLA attention as multi-query attention: the heads are folded into the query length.
-
-    Every head attends to the same single key/value head, so the H heads of T queries are just H*T queries
-    of one head: q (B, 1, T*H, r + rope) against k (B, 1, S, r + rope). The latent is then read once per
-    step instead of once per head (the expanded version copies it H times). The key doubles as the value:
-    the output's last rope channels are attention-weighted k^R, which are dropped, so no value copy or pad
-    is needed. Same arguments and result as latent_attention_expanded (mask None: causal).
-
-    A batched decoding step (B > 1 rows, T = 1 or 2 new tokens each) computes it as the two matmuls it is:
-    its scores are only (B, T*H, S) numbers, and on a CPU the fused kernel's per-row blocking then costs
-    more than the arithmetic (measured, 2 threads: batch 128 at 40 cached positions 0.12 vs 0.27 ms, batch 8
-    at 2048 positions 0.17 vs 0.21 ms). For one row the fused kernel is as fast or faster (batch 1 at 200
-    positions: 0.016 vs 0.019 ms), and it keeps long queries (prefill, training) from materialising the scores.
-    Training (`tiny`: B=16, T=128, H=4) is faster folded too, forward + backward 8.4 vs 10.1 ms per layer with
-    the expanded copy: one key/value head instead of H copies, and no gradient to sum back over the heads."""
     B, T, H, c = q.shape
-    S = latent.shape[1]
-    if mask is None and T == S and T >= CAUSAL_BLOCKS_MIN_T and q.device.type == "cpu":
-        return latent_attention_causal_blocks(q, latent, r, scale)  # training: skip the masked-out half
     if mask is None and T > 1:
-        mask = causal_mask(T, S, q.device)                          # (1, 1, T, S)
-    if mask is not None and T > 1:
-        mask = mask.repeat_interleave(H, dim=-2)                    # (B, 1, T*H, S): row t*H + h is query t
-    if B > 1 and T <= 2:
-        scores = torch.bmm(q.reshape(B, T * H, c), latent.transpose(1, 2)) * scale   # (B, T*H, S)
-        if mask is not None:
-            # mask (B or 1, 1, T*H or 1, S) -> (B or 1, T*H or 1, S), broadcast over rows and heads
-            scores = scores.masked_fill(~mask.reshape(mask.shape[0], -1, S), float("-inf"))
-        o = torch.bmm(scores.softmax(-1), latent[..., :r])          # (B, T*H, r): the value is c^KV
-        return o.view(B, T, H, r)                                   # (B, T, H, r)
-    # is_compiling first: under torch.compile the size test on S would become a guard, checked at every step
-    # (compiled `tiny`, batch 1: 1.29 vs 1.01 ms per token) and a recompile where it flips
-    if not torch.compiler.is_compiling() and B == 1 and mask is None and S * c >= SPLIT_KV_MIN \
-            and q.device.type == "cpu" and torch.get_num_threads() > 1:
-        return latent_attention_split(q, latent, r, scale, torch.get_num_threads())
+        mask = causal_mask(T, latent.shape[1], q.device)            # (1, 1, T, S)
+    if mask is not None:
+        mask = mask.repeat_interleave(H, dim=-2)                    # (B|1, 1, T*H, S): row t*H + h is query t
     k = latent.unsqueeze(1)                                         # (B, 1, S, r + rope)
     o = F.scaled_dot_product_attention(q.reshape(B, 1, T * H, c), k, k, attn_mask=mask, scale=scale)
     return o[..., :r].view(B, T, H, r)                              # (B, T, H, r)
-
-
-CAUSAL_BLOCKS = 4  # query blocks of latent_attention_causal_blocks (2, 4, 8 measured: 4 was fastest at T = 128)
-CAUSAL_BLOCKS_MIN_T = 64  # from this many positions the blocks pay (see latent_attention_causal_blocks)
-
-
-def latent_attention_causal_blocks(q, latent, r: int, scale: float) -> torch.Tensor:
-    """latent_attention_folded for a plain causal forward (no cache, mask None: training), its queries taken in
-    CAUSAL_BLOCKS blocks of positions, each attending only to the keys up to its own last position.
-
-    With the heads folded into the query length the causal mask is no longer a triangle that SDPA's is_causal
-    can express, so it is passed as a mask, and then the CPU kernel computes every score and masks it: at
-    T = 128 its key blocks are the whole sequence, so nothing is skipped. In blocks, block i of n reads the
-    first (i+1)/n of the keys, (n+1)/2n of the scores in all (62.5% for n = 4); each query's softmax still runs
-    over exactly the keys it may see, so the result is the same (tested, values and gradients). Measured at
-    tiny's training shape (B=16, T=128, H=4, 48 channels, 2 threads): forward + backward 4.31 vs 4.77 ms per
-    layer; a training step 1.03x, 1.00x and 1.03x faster in three runs (123.7 vs 127.3, 129.0 vs 129.1 and
-    128.6 vs 132.1 ms; one process each, the two arms interleaved, medians). Shorter sequences gain less and
-    then lose to the blocks' extra calls: one call / blocks, fwd + bwd at about 6K tokens, 0.84x at T = 48
-    (GRPO's update), 1.02x at 64, 1.10x at 96, 1.25x at 128, 1.38x at 256; hence CAUSAL_BLOCKS_MIN_T.
-    q (B, T, H, r + rope), latent (B, T, r + rope) -> (B, T, H, r)."""
-    B, T, H, c = q.shape
-    outs, end = [], 0
-    # split, not q[:, start:end]: the gradient of a slice is a zero-filled copy of all of q, one per block,
-    # while split's is one concatenation (an MLA layer's fwd + bwd alone 1.09-1.11x faster; a training step
-    # 1.012x and 1.003x in two one-process A/Bs, the zero fills being cheaper inside the step)
-    for q_block in q.split(-(-T // CAUSAL_BLOCKS), dim=1):          # ceil(T / n) positions per block
-        start, end = end, end + q_block.shape[1]
-        mask = causal_mask(end - start, end, q.device).repeat_interleave(H, dim=-2)  # (1, 1, (end-start)*H, end)
-        k = latent[:, :end].unsqueeze(1)                            # (B, 1, end, r + rope): keys up to the block
-        qs = q_block.reshape(B, 1, (end - start) * H, c)            # (B, 1, (end-start)*H, r + rope)
-        outs.append(F.scaled_dot_product_attention(qs, k, k, attn_mask=mask, scale=scale)[..., :r])
-    return torch.cat(outs, dim=2).view(B, T, H, r)                  # (B, T, H, r)
-
-
-SPLIT_KV_MIN = 2 ** 18  # latent numbers (positions x channels) from which splitting them across threads pays
-
-
-def latent_attention_split(q, latent, r: int, scale: float, n: int) -> torch.Tensor:
-    """latent_attention_folded for one row (B = 1, no mask) with its positions split into n chunks attended in
-    parallel, then merged: split-KV ("flash-decoding").
-
-    The fused CPU kernel shares its work out by (row, head, block of queries); absorbed decoding of one sequence
-    is one row, one key/value head and T*H <= 32 queries, so one thread does it all while the other cores idle.
-    Given as n rows of S/n positions, every thread reads its own chunk. Each chunk's softmax is normalised over
-    its own positions; with the chunk's log-sum-exp of the scores, lse_j, the full softmax is recovered as a
-    weighted sum: o = sum_j softmax_j(lse) o_j. (The kernel returns lse; the public
-    F.scaled_dot_product_attention does not, hence the aten operator it dispatches to.) Measured on `small`'s
-    shape (12 heads, 288 channels, 2 threads): 0.31 vs 0.45 ms per call at 2,048 positions, 0.16 vs 0.22 ms at
-    1,024, equal at 512; at `tiny`'s (4 heads, 48 channels) equal at 2,048 and slower below: the latent must
-    hold some SPLIT_KV_MIN numbers (1 MiB in float32) for the split to pay. Positions beyond the last whole
-    chunk (S % n) form their own chunk. q (1, T, H, c), latent (1, S, c) -> (1, T, H, r)."""
-    _, T, H, c = q.shape
-    S = latent.shape[1]
-    step = S // n
-    qs = q.reshape(1, 1, T * H, c)                                  # (1, 1, T*H, c)
-    chunks = [latent[:, :step * n].reshape(n, 1, step, c)]          # (n, 1, S/n, c), positions in order
-    if S % n:
-        chunks.append(latent[:, step * n:].unsqueeze(1))            # (1, 1, S % n, c)
-    outs, lses = [], []
-    for k in chunks:
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qs.expand(k.shape[0], -1, -1, -1), k, k, scale=scale)[:2]   # (m, 1, T*H, c), (m, 1, T*H)
-        outs.append(o)
-        lses.append(lse)
-    o, lse = torch.cat(outs), torch.cat(lses)                       # (chunks, 1, T*H, c), (chunks, 1, T*H)
-    w = torch.softmax(lse, dim=0)                                   # each chunk's share of the full softmax
-    return (o * w[..., None]).sum(0)[..., :r].view(1, T, H, r)      # (1, T, H, r)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -961,33 +799,27 @@ class MLP(nn.Module):
 
 
 # A grouped matmul multiplies consecutive row slices of one matrix by different matrices: rows
-# offs[e-1]:offs[e] of the expert-sorted tokens by expert e's weight, every expert in one call. PyTorch has it
-# as torch._grouped_mm, but its shape function for torch.compile accepts bf16 only, so it is wrapped here as
-# an operator of our own whose output shape and gradient are written out; torch.compile then keeps it as one
-# opaque call in the graph (no graph break), in any dtype.
+# offs[e-1]:offs[e] of the expert-sorted tokens by expert e's weight, every expert in one call and without
+# reading the counts on the host, so torch.compile can trace it. F.grouped_mm computes it, but its shape
+# function for torch.compile accepts bf16 only, so it is wrapped as an operator of our own whose output shape
+# and gradient are written out; the compiler then keeps it as one opaque call in the graph, in any dtype.
 
 def _fused_grouped_mm_ok(*tensors: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm takes these operands: any dtype on CPU (bf16 elsewhere), and every stride
+    """Whether F.grouped_mm takes these operands: any dtype on CPU (bf16 elsewhere), and every stride
     but the unit one a multiple of 16 bytes (so a width like 33 takes the per-group fallback)."""
     t0 = tensors[0]
     return ((t0.device.type == "cpu" or t0.dtype == torch.bfloat16)
             and all(s == 1 or s * t.element_size() % 16 == 0 for t in tensors for s in t.stride()))
 
 
-def grouped_mm_plain(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e] for x (M, K), w (E, K, N) and offs (E,) int32,
-    the cumulative row counts (offs[-1] = M) -> out (M, N). Empty groups are allowed. The function itself,
-    which decoding (no gradient, no compiler) calls directly: a call through the operator costs ~35 us more."""
-    if _fused_grouped_mm_ok(x, w):
-        return torch._grouped_mm(x, w, offs=offs)
-    ends = offs.tolist()                                          # elsewhere: one matmul per group
-    return torch.cat([x[a:b] @ w[e] for e, (a, b) in enumerate(zip([0] + ends[:-1], ends))])
-
-
 @torch.library.custom_op("tinyseek::grouped_mm", mutates_args=())
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """grouped_mm_plain as an operator, with the gradient below and an output shape for torch.compile."""
-    return grouped_mm_plain(x, w, offs)
+    """out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e] for x (M, K), w (E, K, N) and offs (E,) int32,
+    the cumulative row counts (offs[-1] = M) -> out (M, N). Empty groups are allowed."""
+    if _fused_grouped_mm_ok(x, w):
+        return F.grouped_mm(x, w, offs=offs)
+    ends = offs.tolist()                                          # elsewhere: one matmul per group
+    return torch.cat([x[a:b] @ w[e] for e, (a, b) in enumerate(zip([0] + ends[:-1], ends))])
 
 
 @torch.library.custom_op("tinyseek::grouped_mm_wgrad", mutates_args=())
@@ -995,7 +827,7 @@ def grouped_mm_wgrad(x: torch.Tensor, g: torch.Tensor, offs: torch.Tensor) -> to
     """The weight gradient of grouped_mm: out[e] = x[offs[e-1]:offs[e]]^T g[offs[e-1]:offs[e]] for x (M, K),
     g (M, N) -> (E, K, N); a group with no rows gets zeros."""
     if _fused_grouped_mm_ok(x.t(), g):
-        return torch._grouped_mm(x.t(), g, offs=offs)
+        return F.grouped_mm(x.t(), g, offs=offs)
     ends = offs.tolist()
     return torch.stack([x[a:b].t() @ g[a:b] for a, b in zip([0] + ends[:-1], ends)])
 
@@ -1021,29 +853,6 @@ def _grouped_mm_backward(ctx, grad):
 
 grouped_mm.register_autograd(_grouped_mm_backward,
                              setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
-
-
-# Decoding a token or two routes fewer (token, expert) pairs than there are experts; then each token's K experts
-# are best called on it directly, the way eq. 12 reads. Eager decoding does that with experts_per_token below,
-# on the experts' plain weights. A compiled decoding step cannot: which experts a token picks is a value, and a
-# graph cannot branch on values. It gathers the K chosen experts' rows of the stacked weights instead
-# (MoE._gathered), the same products in two batched matmuls, which a graph can trace. Before, the graph called
-# experts_per_token as an opaque operator of our own; gathering measured 0.60 vs 0.86 ms per compiled step
-# (the bench's tiny checkpoint, one token at 40 positions, 2 threads, the same script on both versions).
-
-def experts_per_token(x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor, w1: list[torch.Tensor],
-                      w2: list[torch.Tensor], w3: list[torch.Tensor]) -> torch.Tensor:
-    """The routed experts of a handful of tokens, the way eq. 12 reads: x (N, D), gates (N, K) float32, indices
-    (N, K), expert e's SwiGLU weights w1[e], w3[e] (I, D) and w2[e] (D, I) -> (N, D) float32, the sum over k of
-    gates[:, k] * FFN_{indices[:, k]}(x) with FFN(x) = w2 (silu(w1 x) * w3 x) as in MLP."""
-    rows = []
-    for t, chosen in enumerate(indices.tolist()):                  # N tokens, K expert ids each
-        xt = x[t:t + 1].to(w2[0].dtype)                            # (1, D), cast once, not each weight
-        outs = [F.linear(F.silu(F.linear(xt, w1[e])) * F.linear(xt, w3[e]), w2[e]) for e in chosen]   # (1, D) each
-        # the gated sum as one (1, K) @ (K, D) product: fewer operations than K multiplies and adds (measured,
-        # with the single cast above: tiny 29 vs 45 us per call, small 291 vs 342 us)
-        rows.append(gates[t:t + 1] @ torch.cat(outs).float())      # (1, D)
-    return torch.cat(rows)                                         # (N, D)
 
 
 # How many of a group's highest biased scores make its group score: the official code's hard-coded 2. V3's
@@ -1081,9 +890,7 @@ class Gate(Float32Buffers):
         Args: x (N, D).
         Returns: gates (N, K) float32, indices (N, K) int64, scores (N, E) float32 unbiased affinities.
         """
-        # float32 even under autocast; entering the context costs microseconds per call, so only when needed
-        autocast_on = torch.is_autocast_enabled(x.device.type)
-        with torch.autocast(device_type=x.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
+        with torch.autocast(device_type=x.device.type, enabled=False):        # float32 even under autocast
             logits = F.linear(x.float(), self.weight.float())                 # (N, E)
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         biased = scores + self.bias                                            # (N, E) selection scores
@@ -1116,20 +923,16 @@ class MoE(Float32Buffers):
 
     The residual add happens in Block. Routed experts are fine-grained SwiGLU MLPs of width
     moe_inter_dim; every expert runs only on the tokens routed to it. Two implementations, same weights,
-    same outputs (a test compares values and gradients), and a shortcut for decoding:
-      loop:    tokens sorted by expert, one small MLP call per expert on its contiguous slice (the plain
-               reference; also the FP8 path, whose per-expert Linear layers simulate FP8 matmuls).
-      per-token: with fewer (token, expert) pairs than experts -- decoding a token or two -- each token's
-               K experts are called on it directly: no sort, no gather, no weight stacking (`_per_token`
-               through the expert modules; `experts_per_token` on their weights when no gradient is
-               needed; in a compiled decoding step, the chosen experts' weights gathered, `_gathered`).
-      grouped: the same sorted slices, but all experts in one grouped matmul per projection
-               (torch._grouped_mm over the experts' weights stacked to (E, ...)), gate and up projection
-               fused into one. No Python loop over experts and no host sync, so the graph has fixed
-               shapes (what torch.compile needs) and a GPU gets two launches instead of 3E. On a CPU both
-               paths take about the same time at the tiny preset's sizes (measured), the matmuls dominate.
-    The weights are the per-expert MLPs either way (`experts.{i}.w1.weight`, the official names); the
-    grouped path stacks them on the fly, a copy of ~E*3*D*I numbers that is cheap next to the matmuls.
+    same outputs (a test compares values and gradients):
+      loop:    tokens sorted by expert, one small MLP call per expert on its contiguous slice, as the
+               official code does (the plain reference; also the FP8 path, whose per-expert Linear layers
+               simulate FP8 matmuls). It reads each expert's weights in place, so decoding uses it.
+      grouped: the same sorted slices, but all experts in one grouped matmul per projection over the
+               experts' weights stacked to (E, ...), gate and up projection fused into one. No Python loop
+               over experts and no host sync, so a compiled graph has fixed shapes and a GPU gets two
+               launches instead of 3E. Used when a backward follows (training) or under torch.compile;
+               stacking copies ~E*3*D*I numbers per call, which only the backward's gradients need.
+    The weights are the per-expert MLPs either way (`experts.{i}.w1.weight`, the official names).
     The layer keeps two statistics for training: `load` (E,), tokens per expert accumulated across
     forward passes in training mode until `reset_load()` (the bias update and MaxVio use it), and
     `balance_loss`, the sequence-wise auxiliary loss of V3 eq. 17-20 for this forward (None when the
@@ -1148,11 +951,7 @@ class MoE(Float32Buffers):
                                if args.n_shared_experts > 0 else None)
         self.register_buffer("load", torch.zeros(args.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
-        # FP8 keeps the loop: its per-expert Linear layers do the FP8 simulation. Older torch has no grouped mm.
-        self.impl = "grouped" if hasattr(torch, "_grouped_mm") and not args.fp8 else "loop"
-        self.keep_stacks = 0             # > 0 inside Transformer.expert_stacks(): reuse the stacked weights
-        self._stacks: tuple | None = None
-        self._weights: tuple | None = None
+        self.impl = "loop" if args.fp8 else "grouped"   # FP8 keeps the loop: its Linear layers simulate FP8
 
     def reset_load(self) -> None:
         """Zero the accumulated per-expert token counts."""
@@ -1169,36 +968,12 @@ class MoE(Float32Buffers):
             counted = chosen if real is None else chosen * real           # padding counts nowhere
             self.load += counted.sum(0).detach()
             self.balance_loss = self._sequence_balance_loss(counted, scores, real, B, T)
-        # With fewer assignments than experts (decoding a token or two), sorting the assignments and stacking
-        # every expert's weights cost more than the work itself: call the K chosen experts of each token
-        # directly (measured on tiny: one token 0.06 vs 0.10 ms for the sorted loop, two tokens 0.13 vs
-        # 0.22 ms). Without gradients (decoding) that is experts_per_token on the plain weights, or, in a compiled
-        # graph, which cannot branch on the chosen experts' ids, the same products on their gathered weights;
-        # with gradients or FP8 it goes through the expert modules, which a compiled graph cannot trace either,
-        # so a compiled graph then sorts.
-        few = indices.numel() < self.n_routed_experts
-        if few and self.impl == "grouped" and not torch.is_grad_enabled():   # decoding, plain Linear weights
-            if torch.compiler.is_compiling():                          # the chosen experts' weights gathered
-                y = self._gathered(flat, gates, indices).to(flat.dtype)    # (N, D)
-            else:                                                      # the same function, without module calls
-                y = experts_per_token(flat, gates, indices, *self._expert_weights()).to(flat.dtype)   # (N, D)
-        elif few and not torch.compiler.is_compiling():
-            y = self._per_token(flat, gates, indices)                  # (N, D) through the expert modules
-        else:
-            order = indices.flatten().argsort(stable=True)             # (N*K,) assignments sorted by expert
-            y = (self._grouped if self.impl == "grouped" else self._loop)(flat, gates, indices, order)  # (N, D)
+        order = indices.flatten().argsort(stable=True)                 # (N*K,) assignments sorted by expert
+        grouped = self.impl == "grouped" and (torch.is_grad_enabled() or torch.compiler.is_compiling())
+        y = (self._grouped if grouped else self._loop)(flat, gates, indices, order)   # (N, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)                          # shared experts see every token
         return y.view(B, T, D)
-
-    def _per_token(self, flat, gates, indices) -> torch.Tensor:
-        """Routed experts for a handful of tokens, the way eq. 12 reads: each token's K chosen experts called on
-        that token and summed with their gates. (N, D) -> (N, D); no sort, no scatter."""
-        rows = []
-        for t, chosen in enumerate(indices.tolist()):                  # N tokens, K expert ids each
-            x = flat[t:t + 1]                                          # (1, D)
-            rows.append(sum(gates[t:t + 1, k:k + 1] * self.experts[e](x).float() for k, e in enumerate(chosen)))
-        return torch.cat(rows).to(flat.dtype)                          # (N, D)
 
     def _loop(self, flat, gates, indices, order) -> torch.Tensor:
         """Routed experts, the plain way: each expert runs on its slice of the sorted assignments, results
@@ -1212,7 +987,7 @@ class MoE(Float32Buffers):
             if n == 0:
                 continue
             tok = token_of[start:start + n]                            # (n,) token ids for expert e
-            out = self.experts[e](flat[tok]) * gate_of[start:start + n, None]   # (n, D)
+            out = self.experts[e](flat.index_select(0, tok)) * gate_of[start:start + n, None]   # (n, D)
             y.index_add_(0, tok, out.float())
             start += n
         return y.to(flat.dtype)
@@ -1230,27 +1005,13 @@ class MoE(Float32Buffers):
         w13, w2 = self._stacked_weights(dtype)                         # (E, 2I, D), (E, D, I)
         token_of = order // K                                          # (N*K,) token of each sorted slot
         # index_select, not flat[token_of]: same rows, but its backward is an index_add_ where indexing's is
-        # an accumulating index_put_ (measured, fwd+bwd at tiny's 4,096 slots: 0.34 vs 0.9-2.1 ms)
+        # an accumulating index_put_, the slower of the two on a CPU
         xs = flat.index_select(0, token_of).to(dtype)                  # (N*K, D)
-        mm = grouped_mm if torch.is_grad_enabled() or torch.compiler.is_compiling() else grouped_mm_plain
-        h = mm(xs, w13.transpose(1, 2), offs)                          # (N*K, 2I)
+        h = grouped_mm(xs, w13.transpose(1, 2), offs)                  # (N*K, 2I)
         h1, h3 = h.chunk(2, dim=-1)                                    # (N*K, I) each
-        out = mm(F.silu(h1) * h3, w2.transpose(1, 2), offs)            # (N*K, D)
+        out = grouped_mm(F.silu(h1) * h3, w2.transpose(1, 2), offs)    # (N*K, D)
         out = out.float() * gates.flatten().index_select(0, order)[:, None]   # (N*K, D) weighted by the gates
         return torch.zeros_like(flat, dtype=torch.float32).index_add_(0, token_of, out).to(flat.dtype)  # (N, D)
-
-    def _gathered(self, flat, gates, indices) -> torch.Tensor:
-        """Routed experts for a handful of tokens in a compiled decoding step: the same sum as experts_per_token,
-        with each token's K chosen experts gathered from the stacked weights (no branch on which experts).
-        (N, D) -> (N, D) float32."""
-        N, K = indices.shape
-        w13, w2 = self._stacked_weights(self._matmul_dtype(flat))      # (E, 2I, D), (E, D, I)
-        chosen = indices.flatten()                                     # (N*K,) expert of each (token, k)
-        xs = flat.repeat_interleave(K, dim=0).to(w13.dtype)[:, None]   # (N*K, 1, D) each token once per pick
-        h = torch.bmm(xs, w13.index_select(0, chosen).transpose(1, 2))   # (N*K, 1, 2I)
-        h1, h3 = h.chunk(2, dim=-1)                                    # (N*K, 1, I) each
-        out = torch.bmm(F.silu(h1) * h3, w2.index_select(0, chosen).transpose(1, 2))  # (N*K, 1, D)
-        return (gates[:, :, None] * out.view(N, K, -1).float()).sum(1)  # (N, D) gated sum over the K picks
 
     @staticmethod
     def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -1259,33 +1020,12 @@ class MoE(Float32Buffers):
 
     def _stacked_weights(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts' weights stacked for the grouped matmul, in dtype: one stack of [w1_0, w3_0, w1_1, ...]
-        viewed as (E, 2I, D), each expert's [w1; w3] fused, and w2 (E, D, I).
-
-        Stacking copies every expert's weights, on every call: in training that is what lets each expert's
-        own weight get its gradient. Decoding runs the layer once per step on unchanged weights, so inside
-        Transformer.expert_stacks() the copy is made once, on entering, and reused (measured, one MoE layer
-        without the copy: `small` at 8 tokens 7.0 vs 30.6 ms, `tiny` at 128 tokens 0.32 vs 0.49 ms). A compiled
-        decoding step reads the kept stacks as inputs of its graph, so the graph copies nothing either."""
-        if not torch.is_grad_enabled() and self._stacks is not None and self._stacks[0] == dtype:
-            return self._stacks[1]
+        viewed as (E, 2I, D), each expert's [w1; w3] fused, and w2 (E, D, I). A copy, made at every call, so
+        that each expert's own weight gets its gradient through the stack."""
         E, D = self.n_routed_experts, self.experts[0].w1.weight.shape[1]
         w13 = torch.stack([w for e in self.experts for w in (e.w1.weight, e.w3.weight)]).view(E, -1, D)
         w2 = torch.stack([e.w2.weight for e in self.experts])        # (E, D, I)
-        stacks = (w13.to(dtype), w2.to(dtype))
-        if self.keep_stacks > 0 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._stacks = (dtype, stacks)
-        return stacks
-
-    def _expert_weights(self) -> tuple[list, list, list]:
-        """The experts' weights as three lists (w1, w2, w3 of every expert), experts_per_token's operands.
-        Collected once inside Transformer.expert_stacks(): gathering them through the modules' attribute
-        lookups every step cost ~3 ms per generated token on `small` (32 experts x 3 x 11 layers)."""
-        if self._weights is not None and self.keep_stacks > 0:
-            return self._weights
-        w = tuple([getattr(e, name).weight for e in self.experts] for name in ("w1", "w2", "w3"))
-        if self.keep_stacks > 0 and not torch.compiler.is_compiling():
-            self._weights = w
-        return w
+        return w13.to(dtype), w2.to(dtype)
 
     def _sequence_balance_loss(self, chosen, scores, real, B, T) -> torch.Tensor:
         """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
@@ -1511,43 +1251,14 @@ class Transformer(Float32Buffers):
 
     def run_mtp(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, layer_cache: dict, start: int,
                 mask: "torch.Tensor | None") -> torch.Tensor:
-        """The work of mtp_draft without its host-side bookkeeping (verify_and_draft calls it too, inside its
-        compiled graph): MTP module 1 on h_prev (B, T, D) and Emb(next_tokens) (B, T) at positions start..
+        """The work of mtp_draft without its host-side bookkeeping (sample.py's fused speculative round calls it
+        too, inside its compiled graph): MTP module 1 on h_prev (B, T, D) and Emb(next_tokens) (B, T) at positions start..
         -> logits (B, T, V)."""
         T = h_prev.shape[1]
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         module = self.mtp[0]
         h = module(h_prev, self.embed(next_tokens), cos, sin, layer_cache, start, mask)   # (B, T, D) h^1
         return self.head(module.norm(h)).float()
-
-    def prefill_and_draft(self, idx: torch.Tensor, layer_caches: list, mtp_cache: dict,
-                          mask: "torch.Tensor | None") -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy self-speculative decoding's first call: the prompt and the first draft in one call.
-
-        idx (B, P), the prompt at positions 0..P-1, goes through the trunk, whose last position picks the
-        greedy x_P; MTP module 1 then reads every prompt position with the token one step later (x_1 .. x_P),
-        and its last position drafts x_{P+1}. Writes positions 0..P-1 of the main and the MTP caches; the
-        caller sets cache.pos and cache.mtp_pos to P. Returns (x_P (B,), q logits (B, V) of the first draft)."""
-        h = self.run_blocks(idx, layer_caches, 0, mask)                  # (B, P, D)
-        nxt = self.head(self.norm(h[:, -1])).float().argmax(-1)          # (B,) x_P
-        ahead = torch.cat([idx[:, 1:], nxt[:, None]], dim=1)             # (B, P) x_1 .. x_P
-        return nxt, self.run_mtp(h, ahead, mtp_cache, 0, mask)[:, -1]    # (B,), (B, V)
-
-    def verify_and_draft(self, pair: torch.Tensor, layer_caches: list, mtp_cache: dict, start: int,
-                         mask: "torch.Tensor | None") -> tuple[torch.Tensor, torch.Tensor]:
-        """One round of greedy self-speculative decoding in one call: verify a draft and draft the next round.
-
-        pair (B, 2) = [x_m, d], the newest token and the draft, at positions start = m and m + 1. The trunk
-        verifies both (h_m, h_{m+1}) and picks the greedy tokens after them, picks (B, 2) = [x_{m+1}, x_{m+2}];
-        d is right iff picks[:, 0] == d. MTP module 1 then drafts from both positions at once with the
-        picked tokens as its inputs, so one of its two outputs is the next round's draft whatever the
-        verdict: q[:, 0] from (h_m, x_{m+1}), the draft for x_{m+2} if d is rejected, and q[:, 1] from
-        (h_{m+1}, x_{m+2}), the draft for x_{m+3} if d is kept. Writes positions m, m+1 of the main and the MTP
-        caches; the caller sets cache.pos and cache.mtp_pos to m + 1 (reject) or m + 2 (accept). Returns
-        (picks (B, 2), q logits (B, 2, V)). Same tokens as mtp_draft + trunk, in one call instead of two."""
-        h = self.run_blocks(pair, layer_caches, start, mask)             # (B, 2, D) h_m, h_{m+1}
-        picks = self.head(self.norm(h)).float().argmax(-1)               # (B, 2) x_{m+1}, x_{m+2}
-        return picks, self.run_mtp(h, picks, mtp_cache, start, mask)   # (B, 2), (B, 2, V)
 
     # ---- balancing ----
     def expert_load(self) -> torch.Tensor:
@@ -1573,33 +1284,6 @@ class Transformer(Float32Buffers):
         p = self.embed.weight
         return KVCache(self.args, batch_size, max_len, device=p.device, dtype=p.dtype, attn_impl=attn_impl)
 
-    def decoding_mode(self):
-        """The autograd mode decoding runs in: torch.inference_mode (no autograd bookkeeping at all, faster
-        than no_grad), or no_grad once run_blocks is compiled (sample.compile_decoding), since torch.compile
-        cannot take the inference tensors that inference_mode creates."""
-        return torch.no_grad() if getattr(self, "compiled_decoding", False) else torch.inference_mode()
-
-    @contextlib.contextmanager
-    def expert_stacks(self):
-        """Decoding's promise that the weights stay as they are: inside, each MoE layer stacks its experts'
-        weights for the grouped matmul once, here, in the dtype the matmuls will run in (autocast's if it is
-        on), and reuses the stack at every step (see MoE._stacked_weights); on leaving the last such context
-        the stacks are dropped. Nestable."""
-        layers = self.moe_layers()
-        dtype = MoE._matmul_dtype(self.embed.weight)                   # what decoding's activations will meet
-        for m in layers:
-            m.keep_stacks += 1
-            if m.keep_stacks == 1 and m.impl == "grouped":
-                with torch.no_grad():
-                    m._stacked_weights(dtype)                          # made now, kept until the end
-        try:
-            yield
-        finally:
-            for m in layers:
-                m.keep_stacks -= 1
-                if m.keep_stacks == 0:
-                    m._stacks = m._weights = None
-
     def next_logits(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Decoding's forward: idx (B, T) new tokens -> (B, V) float32 logits for the token after the last.
 
@@ -1614,9 +1298,10 @@ class Transformer(Float32Buffers):
 
         temperature 0 means greedy. Rows that produced eos_id keep emitting eos_id; generation stops early
         when every row has. Raises ValueError if the total length exceeds max_seq_len. The loop runs under
-        decoding_mode() (inference_mode); the result is copied out of it, so it can be used in training."""
+        torch.inference_mode (no autograd bookkeeping); the result is copied out of it, so it can be used in
+        training."""
         B, T = idx.shape
-        with self.decoding_mode(), self.expert_stacks():
+        with torch.inference_mode():
             cache = self.new_cache(B, T + max_new_tokens)
             out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)  # no cat per step
             out[:, :T] = idx
@@ -1662,13 +1347,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: "int | No
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = sampling_probs(logits, temperature, top_k, top_p)              # (B, V)
-    # Inverse CDF: the first token whose cumulative probability exceeds u * total, u ~ U[0, 1). One uniform
-    # number per row, where torch.multinomial draws V exponentials per row (measured at 128 x 285: a tenth
-    # of its time). A token of probability 0 never exceeds its predecessor's cumulative value, so it is
-    # never picked; searchsorted always finds an index, since u * total < total.
-    cdf = probs.cumsum(-1)                                                # (B, V)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]   # (B, 1)
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)             # (B,)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
 # ----------------------------------------------------------------------------------------------------

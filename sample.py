@@ -29,7 +29,7 @@ Three ideas are on show here, each a few dozen lines.
    predicts the token *after* the next one from the trunk's hidden state and the next token's embedding.
    The report notes it can be kept at inference as a draft model: it guesses token n+2 cheaply, and the
    main model checks the guess in the same forward pass that produces token n+1, so an accepted guess is
-   a token for free. V3 reports 85-90% acceptance of the second token and 1.8x tokens per second (V3
+   a token for free. V3 reports 85-90% acceptance of the second token and 1.8 times the tokens per second (V3
    §5.4.3). The official inference code does not use MTP at all; this file does, with the standard
    speculative-sampling acceptance rule, so the text has exactly the main model's distribution.
 
@@ -41,7 +41,6 @@ has no UTF-8 form, is encoded as U+FFFD rather than raising.
 """
 
 import functools
-import inspect
 import signal
 import sys
 import time
@@ -218,28 +217,25 @@ def attention_path(model: Transformer, attn_impl: "str | None"):
 
 def compile_decoding(model: Transformer, **compile_kwargs) -> Transformer:
     """torch.compile the per-step path of decoding, in place: Transformer.run_blocks (embedding and blocks),
-    and greedy speculative decoding's calls, Transformer.prefill_and_draft and verify_and_draft, with dynamic
-    shapes since the cache grows by one position per step. The host-side decisions of a step
-    (position, mask, which rows are still running) stay in Python around it. On a CPU, inductor's default
-    is a Python wrapper that launches the generated kernels one by one; its C++ wrapper (cpp_wrapper)
-    launches them from compiled code, which suits a decoding step of a small model, hundreds of tiny kernels
-    (measured on tiny, greedy, batch 1, 1 thread: 1.71x eager with the C++ wrapper, 1.26x with the Python
-    one). Returns the model.
+    and greedy speculative decoding's two calls, prefill_and_draft and verify_and_draft (kept on the model as
+    `model.compiled_rounds`), with dynamic shapes since the cache grows by one
+    position per step. The host-side decisions of a step (position, mask, which rows are still running) stay
+    in Python around it. On a CPU, inductor's C++ wrapper (cpp_wrapper) launches the generated kernels from
+    compiled code instead of from Python, which suits a decoding step of a small model: hundreds of tiny
+    kernels. Returns the model.
 
     A recompile to expect: with dynamic shapes the compiler gives input sizes that happen to be equal one symbol
     ("duck sizing"), so when a cache length at the first compiled call equals an unrelated size among the
-    inputs, the two are tied and the next, longer step compiles again (the bench's `tiny` checkpoint, a
-    14-token prompt: verify_and_draft compiled twice, 5 graphs and 79 s of compiling for plain and speculative
-    decoding). Turning duck sizing off (torch.fx.experimental._config.use_duck_shape) avoids it (4 graphs,
-    64 s) but made every compiled step slower: the compiled run_blocks for one token took 302-320 vs 245-265 us
-    at 1 thread (four processes, alternating), so it stays on: a second compile once beats 20% on every token."""
+    inputs, the two are tied and the next, longer step compiles again. Duck sizing stays on: turning it off
+    (torch.fx.experimental._config.use_duck_shape) made every compiled step slower, a cost paid per token
+    where the recompile is paid once."""
     inductor = compile_kwargs.get("backend", "inductor") == "inductor"
     if model.embed.weight.device.type == "cpu" and inductor and not {"mode", "options"} & set(compile_kwargs):
         compile_kwargs["options"] = {"cpp_wrapper": True}
     model.run_blocks = torch.compile(model.run_blocks, dynamic=True, **compile_kwargs)
     if model.mtp:   # greedy speculative decoding's two calls (the MTP block inside); sampled drafts stay eager
-        model.prefill_and_draft = torch.compile(model.prefill_and_draft, dynamic=True, **compile_kwargs)
-        model.verify_and_draft = torch.compile(model.verify_and_draft, dynamic=True, **compile_kwargs)
+        model.compiled_rounds = tuple(torch.compile(functools.partial(fn, model), dynamic=True, **compile_kwargs)
+                                      for fn in (prefill_and_draft, verify_and_draft))
     model.compiled_decoding = True                   # decode under no_grad: compile cannot take inference tensors
     return model
 
@@ -253,24 +249,21 @@ def current_attn_impl(model: Transformer) -> str:
 # 4. Decoding: without a cache, and with the (latent or naive) KV cache
 # ----------------------------------------------------------------------------------------------------
 
+def decoding_mode(model: Transformer):
+    """The autograd mode decoding runs in: torch.inference_mode (no autograd bookkeeping at all), or no_grad
+    once run_blocks is compiled (compile_decoding), since torch.compile cannot take the inference tensors
+    that inference_mode creates."""
+    return torch.no_grad() if getattr(model, "compiled_decoding", False) else torch.inference_mode()
+
+
 def decoding(fn):
-    """Decorator: run fn(model, ...) under model.decoding_mode(), i.e. torch.inference_mode, or no_grad when
-    the model's decoding path is compiled, and inside model.expert_stacks() (the MoE layers stack their
-    experts' weights once, not at every step). Generator functions are handled as torch's own decorators
-    do: the mode holds inside each step only, never in the caller's code between steps; the expert stacks
-    live until the generator is finished or closed."""
+    """Decorator: run fn(model, ...) under decoding_mode(model), i.e. torch.inference_mode, or no_grad when
+    the model's decoding path is compiled. Generator functions are handled as torch's own decorators do: the
+    mode holds inside each step only, never in the caller's code between steps."""
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
         """fn wrapped by this model's decoding mode, chosen at call time (compiling may change it)."""
-        run = model.decoding_mode()(fn)
-        if inspect.isgeneratorfunction(fn):
-            def steps():
-                """The generator's steps, inside the expert stacks."""
-                with model.expert_stacks():
-                    yield from run(model, *args, **kwargs)
-            return steps()
-        with model.expert_stacks():
-            return run(model, *args, **kwargs)
+        return decoding_mode(model)(fn)(model, *args, **kwargs)
     return wrapper
 
 
@@ -414,13 +407,12 @@ def stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperatu
 #     overwritten next round and never attended to before that); pending = [h_m]; next round at m+1.
 #
 # Greedy decoding needs no random draw between verify and draft, so it runs a round as one call
-# (Transformer.verify_and_draft): the trunk verifies [x_m, d] and picks x_{m+1}, x_{m+2}; in the same call the
+# (verify_and_draft below): the trunk verifies [x_m, d] and picks x_{m+1}, x_{m+2}; in the same call the
 # MTP block drafts from positions m and m+1 with those picks as inputs. Position m's input is final either
 # way; position m+1's only if d is kept, and rolling the positions back to m+1 drops it otherwise, exactly
 # like the main cache's slot. The prompt and the first draft are one call too (prefill_and_draft). One call
 # per round instead of two: a compiled round pays dynamo's per-call guard check and the host work around it
-# once (bench row 4b, compiled: 1.28x plain decoding at 2 threads, 1.38x at 1; the same rounds as two calls,
-# the draft compiled as well, measured 0.89x at 2 threads; eager, fused or not, ~1.07-1.10x).
+# once (bench row 4b and docs/results_history.md give the measured effect).
 
 @dataclass
 class SpecStats:
@@ -465,7 +457,7 @@ def speculative_stream(model: Transformer, prompt: list[int], max_new_tokens: in
 
     Yields each new token id as soon as it is final; updates `stats` (a SpecStats) if given. Stops after
     max_new_tokens tokens or eos_id. Uses the model's current attention path. Greedy decoding (temperature
-    0) runs each round as one call, Transformer.verify_and_draft, unless fused=False; fused=False, and any
+    0) runs each round as one call, verify_and_draft, unless fused=False; fused=False, and any
     sampling, runs the plain version: a draft call (mtp_draft) and a verify call (trunk) per round. Both
     give the same tokens and counts. Raises ValueError if the model has no MTP module or the prompt is
     empty."""
@@ -556,15 +548,53 @@ def _emit(rounds: Iterator[tuple[list[int], bool]], x: list[int], stats: SpecSta
                 return
 
 
+def prefill_and_draft(model: Transformer, idx: torch.Tensor, layer_caches: list, mtp_cache: dict,
+                      mask: "torch.Tensor | None") -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy self-speculative decoding's first call: the prompt and the first draft in one call.
+
+    idx (B, P), the prompt at positions 0..P-1, goes through the trunk, whose last position picks the
+    greedy x_P; MTP module 1 then reads every prompt position with the token one step later (x_1 .. x_P),
+    and its last position drafts x_{P+1}. Writes positions 0..P-1 of the main and the MTP caches; the
+    caller sets cache.pos and cache.mtp_pos to P. Returns (x_P (B,), q logits (B, V) of the first draft)."""
+    h = model.run_blocks(idx, layer_caches, 0, mask)                     # (B, P, D)
+    nxt = model.head(model.norm(h[:, -1])).float().argmax(-1)            # (B,) x_P
+    ahead = torch.cat([idx[:, 1:], nxt[:, None]], dim=1)                 # (B, P) x_1 .. x_P
+    return nxt, model.run_mtp(h, ahead, mtp_cache, 0, mask)[:, -1]       # (B,), (B, V)
+
+
+def verify_and_draft(model: Transformer, pair: torch.Tensor, layer_caches: list, mtp_cache: dict, start: int,
+                     mask: "torch.Tensor | None") -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of greedy self-speculative decoding in one call: verify a draft and draft the next round.
+
+    pair (B, 2) = [x_m, d], the newest token and the draft, at positions start = m and m + 1. The trunk
+    verifies both (h_m, h_{m+1}) and picks the greedy tokens after them, picks (B, 2) = [x_{m+1}, x_{m+2}];
+    d is right iff picks[:, 0] == d. MTP module 1 then drafts from both positions at once with the
+    picked tokens as its inputs, so one of its two outputs is the next round's draft whatever the
+    verdict: q[:, 0] from (h_m, x_{m+1}), the draft for x_{m+2} if d is rejected, and q[:, 1] from
+    (h_{m+1}, x_{m+2}), the draft for x_{m+3} if d is kept. Writes positions m, m+1 of the main and the MTP
+    caches; the caller sets cache.pos and cache.mtp_pos to m + 1 (reject) or m + 2 (accept). Returns
+    (picks (B, 2), q logits (B, 2, V)). Same tokens as mtp_draft + trunk, in one call instead of two."""
+    h = model.run_blocks(pair, layer_caches, start, mask)                # (B, 2, D) h_m, h_{m+1}
+    picks = model.head(model.norm(h)).float().argmax(-1)                 # (B, 2) x_{m+1}, x_{m+2}
+    return picks, model.run_mtp(h, picks, mtp_cache, start, mask)       # (B, 2), (B, 2, V)
+
+
+def _round_calls(model: Transformer) -> tuple:
+    """(prefill_and_draft, verify_and_draft) bound to model: their compiled forms after compile_decoding."""
+    return getattr(model, "compiled_rounds", None) or (functools.partial(prefill_and_draft, model),
+                                                       functools.partial(verify_and_draft, model))
+
+
 def _fused_greedy(model: Transformer, prompt: list[int], cache, max_new_tokens: int, eos_id: "int | None",
                   stats: SpecStats) -> Iterator[int]:
-    """speculative_stream's greedy path, one model call per round: Transformer.prefill_and_draft for the prompt
-    and the first draft, then Transformer.verify_and_draft for each round. Yields the new tokens, counting them
-    in stats; cache is empty and holds prompt + max_new_tokens positions."""
+    """speculative_stream's greedy path, one model call per round: prefill_and_draft for the prompt and the
+    first draft, then verify_and_draft for each round (their compiled forms after compile_decoding). Yields the
+    new tokens, counting them in stats; cache is empty and holds prompt + max_new_tokens positions."""
     device = model.embed.weight.device
     P = len(prompt)
-    nxt, q = model.prefill_and_draft(torch.tensor([prompt], device=device), cache.layers, cache.mtp_layers[0],
-                                     cache.attn_mask(0, P))               # x_P (1,), first draft's logits (1, V)
+    prefill, _ = _round_calls(model)
+    nxt, q = prefill(torch.tensor([prompt], device=device), cache.layers, cache.mtp_layers[0],
+                     cache.attn_mask(0, P))                               # x_P (1,), first draft's logits (1, V)
     cache.pos = cache.mtp_pos = P
     x = prompt + [int(nxt[0])]
     stats.forwards += 1
@@ -574,13 +604,14 @@ def _fused_greedy(model: Transformer, prompt: list[int], cache, max_new_tokens: 
 
 
 def _fused_rounds(model: Transformer, x: list[int], draft: int, cache) -> Iterator[tuple[list[int], bool]]:
-    """The greedy rounds of _fused_greedy, one Transformer.verify_and_draft call each: x holds the prompt and
-    x_P (the caller appends each round's tokens), draft is the first draft. Yields (new tokens, draft kept)."""
+    """The greedy rounds of _fused_greedy, one verify_and_draft call each: x holds the prompt and x_P (the
+    caller appends each round's tokens), draft is the first draft. Yields (new tokens, draft kept)."""
     device = model.embed.weight.device
+    _, verify = _round_calls(model)
     while True:
         m = cache.pos                                                     # position of x_m = x[-1]
         pair = torch.tensor([[x[m], draft]], device=device)               # (1, 2) positions m, m+1
-        picks, q = model.verify_and_draft(pair, cache.layers, cache.mtp_layers[0], m, cache.attn_mask(m, 2))
+        picks, q = verify(pair, cache.layers, cache.mtp_layers[0], m, cache.attn_mask(m, 2))
         token, bonus = picks[0].tolist()                                  # the main model's x_{m+1}, x_{m+2}
         guesses = q[0].argmax(-1).tolist()                                # next draft after a reject / an accept
         accepted = token == draft

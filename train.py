@@ -384,23 +384,12 @@ def sft_token_mask(y: torch.Tensor) -> torch.Tensor:
 # 3. Optimizer, schedule, FLOPs
 # ----------------------------------------------------------------------------------------------------
 
-@functools.cache
-def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AVX-512 BF16 or AMX tiles: Intel since Cooper Lake
-    / Sapphire Rapids, AMD since Zen 4). Without them bfloat16 products are emulated through float32, which
-    typically costs more than float32 alone."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")   # private helpers of torch.cpu; absent: no
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 def newton_schulz_dtype(device: "str | torch.device") -> torch.dtype:
-    """The precision of Muon's Newton-Schulz products: bfloat16, as torch.optim.Muon and Jordan's reference
-    compute it, on a GPU and on a CPU with bfloat16 instructions; float32 on other CPUs, where bfloat16 would be
-    slower. On the 2-vCPU AMD EPYC VM of the README (AVX-512 BF16), tiny's 137 matrices take 10.8 ms in
-    bfloat16 against 19.5 ms in float32 per step (2 threads, medians)."""
-    if torch.device(device).type != "cpu" or cpu_has_bf16_matmul():
-        return torch.bfloat16
-    return torch.float32
+    """The precision of Muon's Newton-Schulz products: bfloat16 on a GPU, as torch.optim.Muon and Jordan's
+    reference compute it, and float32 on a CPU. The rule reads the device type only, never the CPU model, so a
+    seed gives the same run on every CPU: bfloat16 products are native on some CPUs and emulated through
+    float32 (and slower) on others, and the two precisions give slightly different updates."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
 def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7,
@@ -411,10 +400,9 @@ def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-
     X <- a X + (b X X^T + c (X X^T)^2) X is applied `steps` times; its coefficients (3.4445, -4.775, 2.0315,
     Jordan's, as in torch.optim.Muon) push every singular value towards 1 fast, ending near (not at) 1,
     somewhere in about [0.7, 1.2]. Each step is three batched products in `dtype` (newton_schulz_dtype), the
-    scalings and the sums folded into them as baddbmm's beta and alpha, as torch.optim.Muon does with addmm:
-    on tiny's matrices 19.5 ms per step in float32 against 24.6 ms with the multiplication by a and the sum
-    written out (2 CPU threads; the same values up to rounding, tested). The bfloat16 factor differs from the
-    float32 one by up to 2.5% on tiny's matrices. torch.optim.Muon runs each matrix alone; see Muon below.
+    scalings and the sums folded into them as baddbmm's beta and alpha, as torch.optim.Muon does with addmm
+    (fewer passes over the matrices than the multiplication by a and the sum written out; the same values up
+    to rounding, tested). The bfloat16 factor differs from the float32 one by up to 2.5% on tiny's matrices. torch.optim.Muon runs each matrix alone; see Muon below.
     """
     a, b, c = 3.4445, -4.775, 2.0315
     X = G.float()
@@ -443,12 +431,10 @@ class Muon(torch.optim.Optimizer):
 
     The update is torch.optim.Muon's; what differs is how it is computed: matrices of one shape (a layer's
     experts, the same projection in every layer) are orthogonalised together by batched matmuls
-    (zeropower_via_newtonschulz), in bfloat16 where the hardware has it and float32 elsewhere
-    (newton_schulz_dtype). Measured on `tiny`'s 137 matrices (2 threads of the AMD EPYC VM, AVX-512 BF16):
-    Muon.step 10.9 ms against 43.2 ms for torch.optim.Muon, one matrix at a time in bfloat16 (tests check
-    both give the same update to bfloat16's precision). On an H200,
-    `small` (bf16 autocast, eager): Newton-Schulz in float32 made Muon's step 81 ms against AdamW's 32 ms
-    (clipping included) of a 203 ms step. Only for matrices: embeddings, the output head, norms and the
+    (zeropower_via_newtonschulz), in bfloat16 on a GPU and float32 on a CPU (newton_schulz_dtype); tests
+    check that it gives torch.optim.Muon's update to bfloat16's precision. The batching, not the precision,
+    is what makes it cheaper than torch.optim.Muon's one matrix at a time (docs/results_history.md has the
+    measurements). Only for matrices: embeddings, the output head, norms and the
     router go to AdamW (`make_optimizer`).
     """
 
@@ -532,8 +518,8 @@ def make_optimizer(model: Transformer, cfg: TrainConfig, device: str):
     if cfg.bf16_moments:
         adamw = AdamWBF16(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     else:
-        # fused: one kernel updates every parameter (CUDA and CPU); on a CPU the default for-each version costs
-        # 11.1 vs 2.1 ms per step at tiny's ~100 parameter tensors (measured, 2 threads), ~5% of a step
+        # fused: one kernel updates every parameter (CUDA and CPU), instead of a few operations per tensor for
+        # each of tiny's ~100 parameter tensors
         adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.startswith(("cuda", "cpu")))
     if cfg.optimizer == "adamw":

@@ -1,7 +1,7 @@
 """Tests for the fast decoding paths: each one agrees with the plain version it sits next to.
 
-Complex RoPE vs real RoPE, absorbed attention with the heads folded into the query length (multi-query) vs
-the latent expanded to every head, logits for the last position vs the full forward, dropping finished rows
+RoPE vs the official code's complex product, absorbed attention with the heads folded into the query length
+(multi-query) vs per-head attention written out, logits for the last position vs the full forward, dropping finished rows
 from a batch vs computing them to the end, greedy speculative decoding vs plain greedy decoding, and the
 cache bytes read per generated token. Also: generate() returns a tensor usable in training, decoding runs
 under bf16 autocast on CPU, and the per-step path compiles without graph breaks (the compiled run itself is
@@ -14,17 +14,12 @@ import pytest
 import torch
 from test_model import tiny
 
-import model as model_module
 from model import (
     ModelArgs,
     Transformer,
     apply_rope,
-    apply_rope_real,
     causal_mask,
-    latent_attention_causal_blocks,
-    latent_attention_expanded,
-    latent_attention_folded,
-    latent_attention_split,
+    latent_attention,
 )
 from sample import (
     attention_path,
@@ -58,14 +53,16 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------- RoPE
 
 @pytest.mark.parametrize("offset", [0, 1, 3])
-def test_complex_rope_equals_real_rope_also_on_strided_slices(offset):
-    """The complex form matches the real one, including on a slice at an odd offset (q_pe is a slice of q)."""
+def test_rope_equals_the_official_complex_product_also_on_strided_slices(offset):
+    """apply_rope (real pairs) == the official code's (x_2j + i x_2j+1) e^{i angle}, including on a slice at an
+    odd offset (q_pe is a slice of q)."""
     T, d = 5, 8
     big = torch.randn(2, T, 3, offset + d + 2)
     x = big[..., offset:offset + d]                                   # (2, T, 3, d) non-contiguous view
     angles = torch.randn(T, d // 2)
     got = apply_rope(x, angles.cos(), angles.sin())
-    ref = apply_rope_real(x, angles.cos(), angles.sin())
+    z = torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2)))  # (2, T, 3, d/2)
+    ref = torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[None, :, None]).flatten(-2)
     assert got.shape == x.shape
     assert torch.allclose(got, ref, atol=1e-6)
     assert not torch.allclose(got, x, atol=1e-3)                     # it really rotated something
@@ -73,12 +70,22 @@ def test_complex_rope_equals_real_rope_also_on_strided_slices(offset):
 
 # ---------------------------------------------------------------------------------------------- MLA
 
+def per_head_latent_attention(q, latent, r, mask, scale):
+    """The plain reference of latent_attention: every head's scores against the latent written out,
+    q (B, T, H, r + rope), latent (B, S, r + rope), mask (B|1, 1, T, S) or None (causal) -> (B, T, H, r)."""
+    T, S = q.shape[1], latent.shape[1]
+    scores = torch.einsum("bthc,bsc->bhts", q, latent) * scale            # (B, H, T, S)
+    if mask is None:
+        mask = causal_mask(T, S, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhts,bsc->bthc", scores.softmax(-1), latent[..., :r])
+
+
 @pytest.mark.parametrize("T", [1, 2, 4])
 @pytest.mark.parametrize("masked", [False, True, "shared"])
-def test_folded_latent_attention_equals_expanded(T, masked):
-    """Multi-query form (heads folded into the query length; two matmuls for batched T <= 2, else the fused
-    kernel) == the latent copied to every head, at batch 2 and 1. Masks: none (causal), per row (padding),
-    one for all rows (1, 1, T, S)."""
+def test_latent_attention_equals_per_head_attention(T, masked):
+    """Multi-query form (heads folded into the query length, one fused call) == every head's attention written
+    out, at batch 2 and 1. Masks: none (causal), per row (padding), one for all rows (1, 1, T, S)."""
     torch.manual_seed(0)
     B, H, r, rope = 2, 3, 8, 4
     S = 9 if masked or T == 1 else T             # mask None with T > 1 is plain causal self-attention (S == T)
@@ -92,62 +99,30 @@ def test_folded_latent_attention_equals_expanded(T, masked):
         mask = ((k_pos <= q_pos) & valid[:, None, :]).unsqueeze(1)   # (B, 1, T, S)
         if masked == "shared":
             mask = (k_pos <= q_pos)[None, None]                       # (1, 1, T, S) causal, no padding
-    got = latent_attention_folded(q, latent, r, mask, 0.3)
-    ref = latent_attention_expanded(q, latent, r, mask, 0.3)
+    got = latent_attention(q, latent, r, mask, 0.3)
+    ref = per_head_latent_attention(q, latent, r, mask, 0.3)
     assert got.shape == (B, T, H, r)
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
     one = None if mask is None else mask[-1:]                        # row 1 (the padded one) alone
-    assert torch.allclose(latent_attention_folded(q[1:], latent[1:], r, one, 0.3), ref[1:], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("S", [5, 64, 67])
-@pytest.mark.parametrize("n", [2, 3])
-def test_split_kv_attention_equals_expanded(S, n, monkeypatch):
-    """One row's positions split into n chunks and merged by log-sum-exp (latent_attention_split) == the latent
-    copied to every head, for S divisible by n or not; and latent_attention_folded takes that path for one row
-    once the latent holds SPLIT_KV_MIN numbers (lowered here), with the same result."""
-    torch.manual_seed(0)
-    H, r, rope = 3, 8, 4
-    q, latent = torch.randn(1, 1, H, r + rope), torch.randn(1, S, r + rope)
-    ref = latent_attention_expanded(q, latent, r, None, 0.3)
-    assert torch.allclose(latent_attention_split(q, latent, r, 0.3, n), ref, atol=1e-5, rtol=1e-5)
-    calls = []
-    monkeypatch.setattr(model_module, "SPLIT_KV_MIN", S * (r + rope))
-    monkeypatch.setattr(model_module, "latent_attention_split",
-                        lambda *a: calls.append(a) or latent_attention_split(*a))
-    monkeypatch.setattr(torch, "get_num_threads", lambda: n)
-    assert torch.allclose(latent_attention_folded(q, latent, r, None, 0.3), ref, atol=1e-5, rtol=1e-5)
-    assert len(calls) == 1 and calls[0][-1] == n
+    assert torch.allclose(latent_attention(q[1:], latent[1:], r, one, 0.3), ref[1:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("T", [16, 37])
-def test_causal_blocks_equal_one_masked_call_values_and_gradients(T, monkeypatch):
-    """Training's causal attention in query blocks (latent_attention_causal_blocks, each block reading only the keys
-    up to its end) == the latent copied to every head with the full causal mask, values and both gradients, for
-    T divisible by the block count or not; and latent_attention_folded takes that path for mask None, S == T, from
-    CAUSAL_BLOCKS_MIN_T positions on (lowered here), and the single masked call below it."""
+def test_latent_attention_training_values_and_gradients(T):
+    """Training's causal latent attention (mask None, S == T) == every head written out with the causal mask,
+    values and both gradients."""
     torch.manual_seed(0)
     B, H, r, rope = 2, 3, 8, 4
     q0, latent0 = torch.randn(B, T, H, r + rope), torch.randn(B, T, r + rope)
 
     def run(fn):
         q, latent = q0.clone().requires_grad_(), latent0.clone().requires_grad_()
-        out = fn(q, latent)
+        out = fn(q, latent, r, None, 0.3)
         out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))   # any fixed weights
         return out, q.grad, latent.grad
 
-    ref = run(lambda q, latent: latent_attention_expanded(q, latent, r, causal_mask(T, T, "cpu"), 0.3))
-    calls = []
-    monkeypatch.setattr(model_module, "latent_attention_causal_blocks",
-                        lambda *a: calls.append(a) or latent_attention_causal_blocks(*a))
-    folded = lambda q, latent: latent_attention_folded(q, latent, r, None, 0.3)
-    for min_t, dispatched in ((T, 1), (T + 1, 0)):
-        monkeypatch.setattr(model_module, "CAUSAL_BLOCKS_MIN_T", min_t)
-        for fn in (lambda q, latent: latent_attention_causal_blocks(q, latent, r, 0.3), folded):
-            for got, want in zip(run(fn), ref):
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        assert len(calls) == dispatched                              # the spy sees only the dispatch
-        calls.clear()
+    for got, want in zip(run(latent_attention), run(per_head_latent_attention)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["absorb", "naive"])
@@ -296,8 +271,7 @@ def test_bf16_autocast_decoding_runs_on_cpu(model):
 
 def test_per_step_decoding_path_has_no_graph_break():
     """Transformer.run_blocks (what --compile captures) traces into one graph, with dense FFNs and with MoE
-    layers (one token's MoE gathers its chosen experts' weights, a prefill's runs through the grouped-matmul
-    operator: no host sync in the graph either way)."""
+    layers (under the compiler the MoE runs through the grouped-matmul operator: no host sync in the graph)."""
     import torch._dynamo
     for kw in ({"n_dense_layers": 3}, {}):
         torch._dynamo.reset()
@@ -312,15 +286,14 @@ def test_per_step_decoding_path_has_no_graph_break():
 
 
 @pytest.mark.slow
-def test_compiled_decoding_step_does_not_recompile_as_the_cache_grows(monkeypatch):
+def test_compiled_decoding_step_does_not_recompile_as_the_cache_grows():
     """The compiled decoding step is one graph for every cache length S: nothing in run_blocks may read S on
     the host under torch.compile (a size test would become a guard on S, checked at every step, and a
-    recompile where it flips; split-KV's threshold did both). The threshold is moved inside this decode."""
+    recompile where it flips)."""
     import torch._dynamo
     torch._dynamo.reset()
     torch.manual_seed(0)
     args = small_args(n_layers=2)
-    monkeypatch.setattr(model_module, "SPLIT_KV_MIN", 20 * (args.kv_lora_rank + args.qk_rope_head_dim))
     m = compile_decoding(Transformer(args).eval(), backend="aot_eager")
     with torch.no_grad():
         cache = m.new_cache(1, 48)
@@ -336,9 +309,8 @@ def test_compiled_decoding_step_does_not_recompile_as_the_cache_grows(monkeypatc
 def test_compiled_decoding_gives_the_same_tokens():
     """compile_decoding (sample.py --compile) changes speed, not tokens: plain and speculative greedy decoding
     of a model with MoE layers and an MTP module (aot_eager: the traced graphs run eagerly), speculative
-    decoding both as fused rounds and as separate draft and verify calls; inside Transformer.expert_stacks()
-    the decoding step's MoE layers gather the chosen experts from the kept weight stacks, which enter the
-    graph as inputs: the graph itself stacks nothing."""
+    decoding both as fused rounds and as separate draft and verify calls; the traced decoding step runs its
+    MoE layers through the grouped-matmul operator, in one graph."""
     import torch._dynamo
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -352,11 +324,11 @@ def test_compiled_decoding_gives_the_same_tokens():
     want = speculative_generate(eager, ps[1], 12)
     assert speculative_generate(compiled, ps[1], 12) == want
     assert speculative_generate(compiled, ps[1], 12, fused=False) == want
-    with torch.no_grad(), eager.expert_stacks():
+    with torch.no_grad():
         cache = compiled.new_cache(1, 16)
         compiled.next_logits(torch.tensor([ps[0]]), cache)
         ex = torch._dynamo.explain(eager.run_blocks)(torch.tensor([[3]]), cache.layers, cache.pos,
                                                      cache.attn_mask(cache.pos, 1))
     assert ex.graph_break_count == 0
     traced = [n.meta.get("stack_trace") or "" for g in ex.graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert any("in _gathered" in t for t in traced) and not any("in _stacked_weights" in t for t in traced)
+    assert any("in _grouped" in t for t in traced) and not any("in _loop" in t for t in traced)

@@ -23,8 +23,7 @@ from model import (
     fp8_quant_error,
     fp8_quantize,
     kv_cache_numbers_per_token,
-    latent_attention_expanded,
-    latent_attention_folded,
+    latent_attention,
     max_violation,
     precompute_rope,
 )
@@ -66,7 +65,7 @@ def test_naive_and_absorbed_attention_agree(q_lora_rank):
 
 
 def test_naive_and_absorbed_training_gradients_agree():
-    """Training runs the absorbed path as multi-query attention (latent_attention_folded): its loss and every
+    """Training runs the absorbed path as multi-query attention (latent_attention): its loss and every
     weight's gradient equal the naive path's."""
     args = tiny()
     naive, absorb = make(args), make(args)
@@ -100,8 +99,8 @@ def test_forward_without_cache_runs_the_training_path_and_decoding_the_cache_pat
     the cached forward does and caches the latent; both give the same logits."""
     import model as model_module
     calls = []
-    real = model_module.latent_attention_folded
-    monkeypatch.setattr(model_module, "latent_attention_folded", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = model_module.latent_attention
+    monkeypatch.setattr(model_module, "latent_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = make(tiny(attn_impl="absorb", train_attn_impl="naive"))
     idx = torch.randint(0, 64, (2, 10))
     full, _ = m(idx)
@@ -113,7 +112,15 @@ def test_forward_without_cache_runs_the_training_path_and_decoding_the_cache_pat
     assert torch.allclose(cached, full, atol=1e-5, rtol=1e-4)
 
 
-def test_folded_latent_attention_gradients_equal_expanded():
+def expanded_latent_attention(q, latent, r, mask, scale):
+    """Absorbed attention the plain way: the one latent key/value head copied to every query head, per-head
+    causal SDPA (mask None only). q (B, T, H, r + rope), latent (B, S, r + rope) -> (B, T, H, r)."""
+    kh = latent.unsqueeze(1).expand(-1, q.shape[2], -1, -1)             # (B, H, S, r + rope)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), kh, kh, is_causal=True, scale=scale)
+    return o[..., :r].transpose(1, 2)
+
+
+def test_latent_attention_gradients_equal_expanded():
     """Causal self-attention of a training batch: the multi-query form's gradients (queries and latent, which is
     key and value at once) equal those of the latent copied to every head."""
     torch.manual_seed(0)
@@ -121,7 +128,7 @@ def test_folded_latent_attention_gradients_equal_expanded():
     q, latent = torch.randn(B, T, H, r + rope), torch.randn(B, T, r + rope)
     g = torch.randn(B, T, H, r)
     grads = []
-    for fn in (latent_attention_folded, latent_attention_expanded):
+    for fn in (latent_attention, expanded_latent_attention):
         qq, ll = q.clone().requires_grad_(), latent.clone().requires_grad_()
         out = fn(qq, ll, r, None, 0.3)
         out.backward(g)
@@ -132,9 +139,9 @@ def test_folded_latent_attention_gradients_equal_expanded():
 
 @pytest.mark.parametrize("shape", [(4, 7, 32), (5, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_closed_form_backward_equals_autograd(shape, dtype):
-    """RMSNorm's hand-written backward (RMSNormFunction) == autograd through the plain formula, for the input
-    and the weight, in float32 and for a bfloat16 input (computed in float32)."""
+def test_rmsnorm_equals_the_plain_formula_values_and_gradients(shape, dtype):
+    """RMSNorm (F.rms_norm in float32) == x * rsqrt(mean(x^2) + eps) * w written out, values and gradients for
+    the input and the weight, in float32 and for a bfloat16 input (computed in float32)."""
     torch.manual_seed(0)
     norm = RMSNorm(shape[-1])
     with torch.no_grad():
@@ -153,7 +160,7 @@ def test_rmsnorm_closed_form_backward_equals_autograd(shape, dtype):
     assert torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)
     assert torch.allclose(xa.grad.float(), xb.grad.float(), atol=tol, rtol=tol)
     assert torch.allclose(norm.weight.grad, w.grad, atol=1e-4, rtol=1e-4)
-    with torch.no_grad():                                           # no gradient: the fused F.rms_norm
+    with torch.no_grad():                                           # and without gradients
         assert torch.allclose(norm(x).float(), ref.float(), atol=tol, rtol=tol)
 
 

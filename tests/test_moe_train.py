@@ -397,75 +397,26 @@ def test_grpo_update_counts_no_padding_in_the_expert_load():
     assert seen[0].sum(-1).tolist() == [real * args.n_activated_experts] * len(m.moe_layers())
 
 
-@pytest.mark.parametrize("n_tokens", [1, 3])
-def test_decoding_per_token_operator_equals_the_sorted_loop(n_tokens):
-    """Without gradients (decoding) the handful-of-tokens case runs experts_per_token on the plain weights in
-    eager mode, and gathers the chosen experts from the stacked weights (_gathered) in a compiled step, inside
-    and outside Transformer.expert_stacks(): each must give what the sorted per-expert loop and the expert
-    modules (_per_token) give."""
-    from model import experts_per_token
-    args = tiny()
-    torch.manual_seed(3)
-    moe = MoE(args).eval()
-    moe.gate.bias.uniform_(-0.1, 0.1)
-    with torch.no_grad():
-        flat = torch.randn(n_tokens, args.dim)
-        gates, idx, _ = moe.gate(flat)
-        want = moe._loop(flat, gates, idx, idx.flatten().argsort(stable=True))
-        w = [[getattr(e, name).weight for e in moe.experts] for name in ("w1", "w2", "w3")]
-        for got in (experts_per_token(flat, gates, idx, *w), moe._gathered(flat, gates, idx),
-                    moe._per_token(flat, gates, idx)):
-            assert torch.allclose(got, want, atol=1e-6)
-        moe.keep_stacks += 1                                           # as inside Transformer.expert_stacks()
-        moe._stacked_weights(torch.float32)
-        assert moe._stacks is not None and torch.allclose(moe._gathered(flat, gates, idx), want, atol=1e-6)
-        moe.keep_stacks, moe._stacks = 0, None
-        full = moe(flat.view(1, n_tokens, -1)).view(n_tokens, -1)          # forward() takes the operator path
-        assert torch.allclose(full, want + moe.shared_experts(flat), atol=1e-6)
-
-
-@pytest.mark.parametrize("n_tokens", [1, 3])
-def test_per_token_path_for_a_handful_of_tokens_equals_the_sorted_loop(n_tokens):
-    """Decoding a token or two calls each token's chosen experts directly (MoE._per_token); it must give what
-    the sorted per-expert loop gives, in values and in gradients."""
+@pytest.mark.parametrize("n_tokens", [1, 3, 12])
+def test_forward_runs_grouped_with_gradients_and_the_loop_without(n_tokens, monkeypatch):
+    """MoE.forward takes the grouped matmul when a backward follows and the per-expert loop without gradients
+    (decoding: no weight stacking); for a token or two, a few more and a prefill-sized batch both give the
+    output of the slow reference, one token and one chosen expert at a time."""
     args = tiny()
     torch.manual_seed(2)
     moe = MoE(args).eval()
     moe.gate.bias.uniform_(-0.1, 0.1)
-    flat = torch.randn(n_tokens, args.dim, requires_grad=True)
-    gates, idx, _ = moe.gate(flat)
-    assert idx.numel() < args.n_routed_experts                # the case forward() sends to _per_token
-    want = moe._loop(flat, gates, idx, idx.flatten().argsort(stable=True)) + moe.shared_experts(flat)
-    got = moe(flat.view(1, n_tokens, -1)).view(n_tokens, -1)
-    assert torch.allclose(got, want, atol=1e-6)
-    g = torch.randn_like(want)
-    gw = torch.autograd.grad((want * g).sum(), [flat, *moe.parameters()], allow_unused=True)
-    gg = torch.autograd.grad((got * g).sum(), [flat, *moe.parameters()], allow_unused=True)
-    for a, b in zip(gw, gg):
-        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
-
-
-def test_expert_stacks_are_made_once_while_decoding_and_never_go_stale():
-    """Inside Transformer.expert_stacks() without gradients, each MoE layer stacks its experts' weights once
-    and reuses them (same output as stacking every call); with gradients it stacks afresh (each expert's own
-    weight gets its gradient); on leaving, the stacks are dropped, so a weight changed afterwards is used."""
-    torch.manual_seed(4)
-    model = Transformer(tiny()).eval()
-    moe = model.moe_layers()[0]
-    x = torch.randn(1, 12, tiny().dim)                                 # 12 tokens x 2 experts: grouped path
+    flat = torch.randn(n_tokens, args.dim)
+    calls = []
+    for name in ("_grouped", "_loop"):
+        real = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
     with torch.no_grad():
-        plain = moe(x)
-        with model.expert_stacks():
-            first = moe(x)
-            kept = moe._stacks[1]
-            second = moe(x)                                            # must reuse the stack, not rebuild it
-            assert torch.equal(first, plain) and torch.equal(second, plain) and moe._stacks[1] is kept
-            with torch.enable_grad():
-                w = moe.experts[3].w1.weight
-                (g,) = torch.autograd.grad(moe(x).square().sum(), [w])
-                assert g.abs().sum() > 0                               # the gradient reaches the expert
-        assert moe._stacks is None and moe.keep_stacks == 0
-        moe.experts[3].w1.weight.mul_(2.0)
-        changed = moe(x)                                               # stacked afresh, outside the context
-        with model.expert_stacks():
-            assert torch.equal(moe(x), changed) and not torch.equal(changed, plain)
+        gates, idx, _ = moe.gate(flat)
+        want = torch.stack([moe.shared_experts(flat[t]) + sum(gates[t, k] * moe.experts[int(e)](flat[t])
+                                                               for k, e in enumerate(idx[t]))
+                            for t in range(n_tokens)])                 # (N, D) one token, one expert at a time
+        without = moe(flat.view(1, n_tokens, -1)).view(n_tokens, -1)
+    with_grad = moe(flat.view(1, n_tokens, -1)).view(n_tokens, -1)
+    assert calls == ["_loop", "_grouped"]
+    assert torch.allclose(without, want, atol=1e-5) and torch.allclose(with_grad, want, atol=1e-5)

@@ -129,11 +129,11 @@ def with_oracle_drafts(model, monkeypatch, full: list[int], wrong_every: int = 0
         return forced
 
     monkeypatch.setattr(model, "mtp_draft", draft)
-    # the fused greedy path drafts inside Transformer.prefill_and_draft and verify_and_draft: the same oracle there
-    real_prefill, real_round, rounds = model.prefill_and_draft, model.verify_and_draft, []
+    # the fused greedy path drafts inside sample.prefill_and_draft and verify_and_draft: the same oracle there
+    real_prefill, real_round, rounds = sample.prefill_and_draft, sample.verify_and_draft, []
 
-    def prefill_and_draft(idx, layer_caches, mtp_cache, mask):
-        nxt, q = real_prefill(idx, layer_caches, mtp_cache, mask)      # q (1, V) from the last prompt position
+    def prefill_and_draft(model, idx, layer_caches, mtp_cache, mask):
+        nxt, q = real_prefill(model, idx, layer_caches, mtp_cache, mask)      # q (1, V) from the last prompt position
         m = idx.shape[1] - 1
         seen.append((m, q[0].clone()))
         rounds.append(m)
@@ -144,8 +144,8 @@ def with_oracle_drafts(model, monkeypatch, full: list[int], wrong_every: int = 0
         forced[:, target] = 0.0
         return nxt, forced
 
-    def verify_and_draft(pair, layer_caches, mtp_cache, start, mask):
-        picks, q = real_round(pair, layer_caches, mtp_cache, start, mask)   # q (1, 2, V) at positions m, m+1
+    def verify_and_draft(model, pair, layer_caches, mtp_cache, start, mask):
+        picks, q = real_round(model, pair, layer_caches, mtp_cache, start, mask)   # q (1, 2, V) at positions m, m+1
         m, forced = start, torch.full_like(q, -1e4)
         accepted = int(picks[0, 0]) == int(pair[0, 1])
         rounds.append(m)
@@ -158,8 +158,8 @@ def with_oracle_drafts(model, monkeypatch, full: list[int], wrong_every: int = 0
             forced[:, j, target] = 0.0
         return picks, forced
 
-    monkeypatch.setattr(model, "prefill_and_draft", prefill_and_draft)
-    monkeypatch.setattr(model, "verify_and_draft", verify_and_draft)
+    monkeypatch.setattr(sample, "prefill_and_draft", prefill_and_draft)
+    monkeypatch.setattr(sample, "verify_and_draft", verify_and_draft)
     return seen
 
 
@@ -211,7 +211,7 @@ def test_speculative_sampling_runs_and_is_reproducible(model):
 
 
 def test_sample_next_draws_from_sampling_probs_and_never_a_zero_probability_token():
-    """sample_next's inverse-CDF draw against the distribution it samples: frequencies within 1% of
+    """sample_next's draw against the distribution it samples: frequencies within 1% of
     sampling_probs (temperature, top_k and top_p applied), tokens of probability 0 never drawn, and the
     same generator seed gives the same tokens."""
     from model import sample_next, sampling_probs
