@@ -305,7 +305,8 @@ for path in sys.argv[1:]:
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \\
                 and node.module.split(".")[0] in sys.stdlib_module_names:
             module = importlib.import_module(node.module)
-            bad += [f"{path}: from {node.module} import {a.name}" for a in node.names if not hasattr(module, a.name)]
+            bad += [f"{path}: from {node.module} import {a.name}" for a in node.names if not hasattr(module, a.name)
+                    and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
         elif isinstance(node, ast.Import):
             bad += [f"{path}: import {a.name}" for a in node.names
                     if a.name.split(".")[0] in sys.stdlib_module_names and importlib.util.find_spec(a.name) is None]
