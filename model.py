@@ -10,16 +10,19 @@ Names follow the official DeepSeek-V3 `inference/model.py`, so the two can be re
 Map of the file (top to bottom):
   1. ModelArgs ............ every knob, the presets tiny / nano / small / 16B / 671B, and validation
   2. FP8 simulation ....... fp8_quant_dequant, FP8LinearFunction, Linear (Fprop, Dgrad, Wgrad in E4M3 with
-                            fine-grained scales), matmul_limited_acc, AdamWBF16 (V3 §3.3)
+                            fine-grained scales, V3 §3.3)
   3. RMSNorm, RoPE/YaRN ... precompute_rope, apply_rope (rotary on the decoupled dims only)
   4. MLA .................. Multi-head Latent Attention, `naive` and `absorb` paths (V2 §2.1, eq. 9-19)
   5. KVCache .............. the decoding cache; absorb stores only kv_lora_rank + qk_rope_head_dim per token
   6. MLP, Gate, MoE ....... DeepSeekMoE: shared + routed experts, group-limited sigmoid routing (V3 eq. 12-16),
                             aux-loss-free bias (V3 eq. 16, [ALF]), sequence-wise balance loss (V3 eq. 17-20)
   7. Block, MTP ........... a transformer block; Multi-Token Prediction modules (V3 eq. 21-25)
-  8. Transformer .......... embedding -> blocks -> norm -> head; losses; generate(); bias update
-  9. Accounting ........... count_params, kv_cache_numbers_per_token, max_violation, flops_per_token
- 10. Schedules ............ mtp_lambda_at, bias_update_speed_at (V3 §4.2, scaled to the run's budget)
+  8. Transformer .......... embedding -> blocks -> norm -> head; losses; decoding's forward; bias update
+  9. Two measures ......... kv_cache_numbers_per_token (V2 Table 1), max_violation (MaxVio, [ALF])
+
+What lives elsewhere: the training-only parts (BF16 AdamW moments, parameter and FLOP counts, the MTP and
+bias schedules) in train.py, sampling and decoding loops in sample.py, FP8 analysis tools (storage-format
+quantisation, quantisation error, limited-precision accumulation) in extras/fp8.py.
 
 Shapes in comments: B batch, T new tokens in this call, S = tokens visible to attention (cache + new),
 H = n_heads, D = dim, E = n_routed_experts, K = n_activated_experts, N = B*T flattened tokens.
@@ -214,9 +217,9 @@ PRESETS = {
 # (§3.3, Figure 6): Fprop y = x W^T, Dgrad dx = dy W and Wgrad dW = dy^T x. We *simulate* this:
 # quantise -> dequantise (the rounding is exactly the E4M3 grid, via torch.float8_e4m3fn), then an ordinary
 # matmul, so the numerical effect is real while the speed-up of FP8 tensor cores is not. Master weights,
-# weight gradients and optimizer states stay FP32 (AdamW's moments may be BF16: `bf16_adamw_moments`).
-# The GEMM itself accumulates in the matmul's precision (FP32); `matmul_limited_acc` simulates the ~14-bit
-# tensor-core accumulator and V3's promotion to FP32 every N_C = 128 products (§3.3.2).
+# weight gradients and optimizer states stay FP32 (AdamW's moments may be BF16: train.py's AdamWBF16).
+# The GEMM itself accumulates in the matmul's precision (FP32); extras/fp8.py's `matmul_limited_acc`
+# simulates the ~14-bit tensor-core accumulator and V3's promotion to FP32 every N_C = 128 products.
 #
 # Scales: max|x| / 448 in FP32, or with scale_fmt="ue8m0" that scale rounded up to a power of two, so
 # scale * E4M3 value has at most 4 significant bits and is exact in BF16 too: under BF16 autocast the
@@ -232,7 +235,7 @@ FP8_E4M3_MAX = 448.0
 FP32_TINY = torch.finfo(torch.float32).tiny        # smallest normal float32, the floor of every scale
 
 
-def _fp8_tiles(x: torch.Tensor, block: tuple[int, int], scale_fmt: "str | None"):
+def fp8_tiles(x: torch.Tensor, block: tuple[int, int], scale_fmt: "str | None"):
     """x (R, C) -> E4M3 tiles (R'/br, br, C'/bc, bc) and their scales (R'/br, 1, C'/bc, 1), R' and C' padded
     up to whole blocks with zeros (zeros never raise a block's max)."""
     R, C = x.shape
@@ -249,52 +252,12 @@ def _fp8_tiles(x: torch.Tensor, block: tuple[int, int], scale_fmt: "str | None")
     return (tiles / scale).to(torch.float8_e4m3fn), scale                 # round to the E4M3 grid
 
 
-def fp8_quantize(x: torch.Tensor, block: tuple[int, int], scale_fmt: "str | None" = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise a 2-D tensor to E4M3 with one float32 scale per (br x bc) block, scales computed online.
-
-    Args:
-        x: (R, C) float tensor.
-        block: (br, bc): (1, 128) for activation tiles, (128, 128) for weight blocks, (128, 1) for the
-            token-wise tiles of Wgrad.
-        scale_fmt: None (scale = max|x| / 448) or "ue8m0" (that scale rounded up to a power of two).
-    Returns:
-        q: (R, C) torch.float8_e4m3fn values x / scale, each block's max |x| mapped onto (at most) 448.
-        scale: (ceil(R/br), ceil(C/bc)) float32, one per block (edge blocks may be partial, zero padded).
-    """
-    R, C = x.shape
-    q, scale = _fp8_tiles(x, block, scale_fmt)
-    return q.view(q.shape[0] * q.shape[1], -1)[:R, :C], scale[:, 0, :, 0]
-
-
-def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Inverse of fp8_quantize: (R, C) E4M3 values times their block's scale -> (R, C) float32."""
-    br, bc = block
-    s = scale.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)  # (R', C') one scale per element
-    return q.float() * s[:q.shape[0], :q.shape[1]]
-
-
 def fp8_quant_dequant(x: torch.Tensor, block: tuple[int, int], scale_fmt: "str | None" = None) -> torch.Tensor:
     """Round x (R, C) to scaled E4M3 and back, in x's dtype: what an FP8 GEMM would actually multiply."""
     R, C = x.shape
-    q, scale = _fp8_tiles(x, block, scale_fmt)
+    q, scale = fp8_tiles(x, block, scale_fmt)
     d = q.float() * scale                                                 # (R'/br, br, C'/bc, bc)
     return d.view(d.shape[0] * d.shape[1], -1)[:R, :C].to(x.dtype)
-
-
-def fp8_quant_error(x: torch.Tensor, block: tuple[int, int] = (1, 128)) -> dict:
-    """Report how much E4M3 block quantisation changes a tensor (for notebooks and tests).
-
-    Returns a dict with `rel_err` (||q(x) - x|| / ||x||), `max_abs_err` and `zero_frac` (fraction of
-    non-zero entries flushed to zero)."""
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    q = fp8_quant_dequant(x2, block).double()
-    x2 = x2.double()                                   # float64 so norms of huge values do not overflow
-    err = q - x2
-    nonzero = x2 != 0
-    return {"rel_err": (err.norm() / x2.norm().clamp(min=1e-30)).item(),
-            "max_abs_err": err.abs().max().item(),
-            "zero_frac": ((q == 0) & nonzero).float().sum().item() / max(1, int(nonzero.sum()))}
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -368,90 +331,6 @@ class Linear(nn.Linear):
         x2 = x.reshape(-1, x.shape[-1])                                    # (N, in) one row per token
         y = FP8LinearFunction.apply(x2, self.weight, self.fp8_block, self.fp8_scale_fmt, self.record)
         return y.view(*x.shape[:-1], -1)                                   # (..., out)
-
-
-# Accumulation precision (V3 §3.3.2). An FP8 GEMM on H800 tensor cores keeps only about 14 bits of its
-# running sum: each product is aligned to the accumulator's exponent and the bits below its last place are
-# dropped. Over a long inner dimension these small losses add up; the report measured a maximum relative
-# error of nearly 2% at K = 4096. V3's fix: after every N_C = 128 products (4 WGMMAs) copy the partial sum
-# to an FP32 register on the CUDA cores, add it there (and apply the scales), and restart the tensor-core sum.
-
-def round_mantissa(x: torch.Tensor, bits: int, rounding: str = "truncate") -> torch.Tensor:
-    """x rounded to `bits` explicit mantissa bits (float32 has 23, E4M3 3) at its own exponent.
-
-    rounding="truncate" drops the lower bits (round toward zero, what an aligning adder does);
-    "nearest" rounds to the nearest representable value. Computed in float64; returns float64."""
-    m, e = torch.frexp(x.double())                      # x = m * 2^e, 0.5 <= |m| < 1
-    step = 2.0 ** (bits + 1)                            # bits + 1 significant bits including the leading 1
-    m = torch.trunc(m * step) if rounding == "truncate" else torch.round(m * step)
-    return torch.ldexp(m / step, e)
-
-
-def matmul_limited_acc(a: torch.Tensor, b: torch.Tensor, mantissa_bits: int = 14, n_c: "int | None" = 128,
-                       rounding: str = "truncate") -> torch.Tensor:
-    """a (M, K) @ b (K, N) -> (M, N) float32, accumulated the way an FP8 tensor core does.
-
-    Products are exact (two E4M3 mantissas need 8 bits); after each of the K additions the running sum is
-    rounded to `mantissa_bits` (round_mantissa). With n_c, every n_c products the partial sum is promoted:
-    added into an FP32 accumulator, and the reduced-precision sum restarts from zero (V3's fix). n_c=None
-    accumulates all K products in reduced precision (the H800 default the report warns about). Loops over
-    K in Python: for experiments on small matrices, not for training."""
-    if rounding not in ("truncate", "nearest"):
-        raise ValueError(f"rounding={rounding!r} is invalid: use 'truncate' or 'nearest'")
-    a64, b64 = a.double(), b.double()
-    M, K = a64.shape
-    partial = torch.zeros(M, b64.shape[1], dtype=torch.float64)       # (M, N) tensor-core accumulator
-    total = torch.zeros(M, b64.shape[1], dtype=torch.float32)         # (M, N) FP32 registers
-    for k in range(K):
-        partial = round_mantissa(partial + a64[:, k, None] * b64[None, k, :], mantissa_bits, rounding)
-        if n_c is not None and (k + 1) % n_c == 0:
-            total = total + partial.float()                            # promotion: one FP32 add per n_c
-            partial = torch.zeros_like(partial)
-    return total + partial.float()
-
-
-class AdamWBF16(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay, bias-corrected moments, same update as torch.optim.AdamW) that keeps
-    exp_avg and exp_avg_sq in `moment_dtype` (BF16 by default, V3 §3.3.3: no observable degradation, half
-    the optimizer memory). The update is computed in FP32 and applied to the FP32 master weights."""
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
-                 moment_dtype: torch.dtype = torch.bfloat16):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        self.moment_dtype = moment_dtype
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One AdamW step for every parameter that has a gradient."""
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
-                state["step"] += 1
-                t, g = state["step"], p.grad.float()
-                m = state["exp_avg"].float().lerp_(g, 1 - beta1)                 # beta1 m + (1 - beta1) g
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].copy_(m)                                        # stored rounded to BF16
-                state["exp_avg_sq"].copy_(v)
-                p.mul_(1 - group["lr"] * group["weight_decay"])                  # decoupled weight decay
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-                p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
-        return loss
-
-    def load_state_dict(self, state_dict) -> None:
-        """As torch's, then the moments back to moment_dtype (torch casts loaded state to the parameters' dtype)."""
-        super().load_state_dict(state_dict)
-        for state in self.state.values():
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key] = state[key].to(self.moment_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1131,12 +1010,12 @@ class Transformer(Float32Buffers):
         self.register_buffer("rope_cos", cos, persistent=False)          # (max_seq_len, rope_dim/2)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._loss_parts: dict = {}
-        # The current MTP weight, a schedule may lower it (mtp_lambda_at). A 0-dim tensor, not a float: a
+        # The current MTP weight, a schedule may lower it (train.py's mtp_lambda_at). A 0-dim tensor, not a float: a
         # compiled forward reads a tensor as an input, whereas it bakes a Python float in as a constant with
         # a guard on its value, so the schedule's switch would recompile the whole training graph.
         self.register_buffer("mtp_lambda_t", torch.tensor(float(args.mtp_lambda)), persistent=False)
         self._mtp_lambda = float(args.mtp_lambda)     # the same value as a Python float, for reading
-        self.bias_update_speed = args.bias_update_speed   # current gamma; a schedule may zero it (§10)
+        self.bias_update_speed = args.bias_update_speed   # current gamma; train.py's schedule may zero it
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -1270,7 +1149,7 @@ class Transformer(Float32Buffers):
         """Aux-loss-free bias step for every MoE layer from `load` (default: the accumulated counts, which
         train.py all-reduces across ranks first), then reset the counters. Call after each optimizer step.
         The step is `speed`, default self.bias_update_speed (args.bias_update_speed unless a schedule,
-        bias_update_speed_at, changed it). Returns the per-layer MaxVio of the load used."""
+        train.py's bias_update_speed_at, changed it). Returns the per-layer MaxVio of the load used."""
         load = self.expert_load() if load is None else load
         speed = self.bias_update_speed if speed is None else speed
         for m, row in zip(self.moe_layers(), load):
@@ -1292,102 +1171,10 @@ class Transformer(Float32Buffers):
         h = self.trunk(idx, cache)                                         # (B, T, D)
         return self.head(self.norm(h[:, -1])).float()                      # (B, V)
 
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: "int | None" = None, eos_id: "int | None" = None) -> torch.Tensor:
-        """Sample max_new_tokens after idx (B, T) using the KV cache; returns (B, T + new) tokens.
-
-        temperature 0 means greedy. Rows that produced eos_id keep emitting eos_id; generation stops early
-        when every row has. Raises ValueError if the total length exceeds max_seq_len. The loop runs under
-        torch.inference_mode (no autograd bookkeeping); the result is copied out of it, so it can be used in
-        training."""
-        B, T = idx.shape
-        with torch.inference_mode():
-            cache = self.new_cache(B, T + max_new_tokens)
-            out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)  # no cat per step
-            out[:, :T] = idx
-            logits = self.next_logits(idx, cache)                          # (B, V)
-            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            n = T
-            for _ in range(max_new_tokens):
-                nxt = sample_next(logits, temperature, top_k)               # (B,)
-                if eos_id is not None:
-                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                    done = done | (nxt == eos_id)
-                out[:, n] = nxt
-                n += 1
-                if (eos_id is not None and bool(done.all())) or n == T + max_new_tokens:
-                    break
-                logits = self.next_logits(nxt[:, None], cache)              # (B, V)
-        return out[:, :n].clone()
-
-
-def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: "int | None" = None,
-                   top_p: "float | None" = None) -> torch.Tensor:
-    """The distribution decoding draws from: (B, V) logits -> (B, V) probabilities of softmax(logits / T)
-    restricted to the top_k tokens and/or the smallest set holding top_p of the mass (one-hot argmax at
-    temperature 0). Speculative decoding needs these probabilities themselves, not just a sample."""
-    if temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]                  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        remove = sorted_probs.cumsum(-1) - sorted_probs >= top_p          # keep the smallest set reaching top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    return logits.softmax(-1)
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: "int | None" = None,
-                top_p: "float | None" = None, generator: "torch.Generator | None" = None) -> torch.Tensor:
-    """Pick one token per row from logits (B, V): argmax when temperature == 0, else a draw from
-    sampling_probs(logits, temperature, top_k, top_p)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = sampling_probs(logits, temperature, top_k, top_p)              # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-
 
 # ----------------------------------------------------------------------------------------------------
-# 9. Accounting
+# 9. Two measures: cache size per token and load imbalance
 # ----------------------------------------------------------------------------------------------------
-
-def count_params(args: ModelArgs) -> dict:
-    """Total and activated parameters, by arithmetic (no weights allocated; a test checks it against a built
-    model's named_parameters()).
-
-    Convention: `total` and `activated` exclude the MTP modules (reported separately as `mtp`), as the V3
-    report does; MTP shares the embedding and head, so `mtp` excludes them too (the released checkpoint
-    stores copies of both, which is why it quotes ~14B). `activated` counts everything one token touches:
-    embedding, head, attention, norms, dense FFNs, gates, shared experts and K of the N_r routed experts
-    of each MoE layer. For 671B this plain count gives 37.55B: embedding and head 0.93B each, attention
-    61 x 187.1M = 11.41B, FFNs 61 x 396.4M = 24.18B (3 dense of 18,432 = 9 x 2,048 wide; 58 MoE layers with
-    8 routed + 1 shared expert), gates 0.11B. That does not round to the report's "37B", and it is 0.85B
-    above the 36.7B of the official README_WEIGHTS.md ("including 0.9B for Embedding and 0.9B for the
-    output Head"), which gives no breakdown; no single part explains the gap (leaving out the embedding
-    lookup would give 36.63B, but the card says it is included). Total: 671.03B, as reported.
-    """
-    a = args
-    d, H = a.dim, a.n_heads
-    if a.q_lora_rank:
-        q = d * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * H * a.qk_head_dim   # wq_a, q_norm, wq_b
-    else:
-        q = d * H * a.qk_head_dim                                                     # wq
-    attn = (q + d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank            # wkv_a, kv_norm
-            + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim) + H * a.v_head_dim * d)  # wkv_b, wo
-    expert = 3 * d * a.moe_inter_dim
-    moe_fixed = a.n_routed_experts * d + a.n_shared_experts * expert                  # gate + shared
-    dense_block = 2 * d + attn + 3 * d * a.inter_dim
-    moe_total = 2 * d + attn + moe_fixed + a.n_routed_experts * expert
-    moe_active = 2 * d + attn + moe_fixed + a.n_activated_experts * expert
-    n_moe = a.n_layers - a.n_dense_layers
-    outer = 2 * a.vocab_size * d + d                                                  # embed, head, norm
-    return {"total": outer + a.n_dense_layers * dense_block + n_moe * moe_total,
-            "activated": outer + a.n_dense_layers * dense_block + n_moe * moe_active,
-            "mtp": a.mtp_depth * (3 * d + 2 * d * d + moe_total)}   # MTP blocks are MoE blocks
-
 
 def kv_cache_numbers_per_token(args: ModelArgs) -> dict:
     """Numbers cached per token per layer (V2 Table 1): MLA's latent (d_c + d_h^R), our naive path's full
@@ -1401,66 +1188,3 @@ def max_violation(load: torch.Tensor) -> torch.Tensor:
     """MaxVio = max load / mean load - 1 per row of (layers, E) counts (0 = perfectly balanced)."""
     load = load.float()
     return load.max(dim=-1).values / load.mean(dim=-1).clamp(min=1e-9) - 1
-
-
-def flops_breakdown(args: ModelArgs, seq_len: int, causal: bool = False) -> dict:
-    """Training FLOPs per token, in parts: {"matmul", "attention", "total"} (FLOPs, forward + backward).
-
-    matmul: 6 x activated parameters, less the embedding lookup (the output head is a matmul and stays in).
-    The MTP modules are in too: each is a full Transformer block whose token runs through all of its
-    attention but only the shared and K_r routed experts, plus its projection of [h; emb], and it calls the
-    shared output head once more (count_params does not count shared weights, a token still multiplies by them).
-    attention: 6 x (n_layers + mtp_depth) x n_heads x (qk_head_dim + v_head_dim) x seq_len, the full score
-    matrix (nanoGPT's and PaLM's convention). With causal=True it is halved: under a causal mask a token only
-    attends to the tokens before it, so only about half the score matrix is needed, and flash-attention
-    kernels skip the masked blocks (FlashAttention's benchmarks count FLOPs this way). MFU figures quoted
-    by different people differ by this convention; the defaults here count the full matrix.
-    """
-    if seq_len <= 0:
-        raise ValueError(f"seq_len={seq_len} must be a positive number of tokens per sequence (V3 used 4096)")
-    c = count_params(args)
-    # Parameters one token multiplies by: activated minus the embedding table (a lookup), plus per MTP module
-    # its weights without the routed experts it skips, plus the shared output head it calls again.
-    skipped = (args.n_routed_experts - args.n_activated_experts) * 3 * args.dim * args.moe_inter_dim
-    mtp = c["mtp"] - args.mtp_depth * skipped + args.mtp_depth * args.vocab_size * args.dim
-    params = c["activated"] - args.vocab_size * args.dim + mtp
-    matmul = 6 * params
-    # Per token, layer and head: Q K^T is 2 x qk_head_dim x seq_len FLOPs forward, weights x V is
-    # 2 x v_head_dim x seq_len; backward doubles each, hence 6 in all.
-    attention = 6 * (args.n_layers + args.mtp_depth) * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
-    if causal:
-        attention /= 2
-    return {"matmul": float(matmul), "attention": float(attention), "total": float(matmul + attention)}
-
-
-def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = False) -> float:
-    """Training FLOPs per token (forward + backward): 6 x activated matmul parameters plus attention scores
-    and weighted values, as nanoGPT counts them (no causal halving unless causal=True). Embedding lookups
-    are not matmuls and are left out; MTP blocks are in. See flops_breakdown for the parts."""
-    return flops_breakdown(args, seq_len, causal)["total"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# 10. Training schedules (V3 §4.2), scaled to the run's budget
-# ----------------------------------------------------------------------------------------------------
-# V3 trains on 14.8T tokens. It weights the MTP loss with lambda = 0.3 for the first 10T tokens and 0.1 for
-# the remaining 4.8T, and moves the balancing bias with gamma = 0.001 for the first 14.3T tokens and 0 for
-# the last 500B. A run of any length follows the same proportions of its own budget. (V3 raises its batch
-# size over the first 469B tokens, so its token fraction and step fraction differ slightly; with a
-# constant batch the two are the same.)
-
-V3_TRAIN_TOKENS = 14.8e12
-MTP_LAMBDA_SWITCH = 10.0e12 / V3_TRAIN_TOKENS         # 0.676: lambda drops from 0.3 to 0.1 here
-BIAS_FREEZE_SWITCH = 14.3e12 / V3_TRAIN_TOKENS        # 0.966: gamma drops to 0 here
-
-
-def mtp_lambda_at(progress: float, mtp_lambda: float = 0.3) -> float:
-    """MTP loss weight at `progress` (fraction of the training budget done, 0..1): mtp_lambda before
-    MTP_LAMBDA_SWITCH, then a third of it (V3: 0.3, then 0.1)."""
-    return mtp_lambda if progress < MTP_LAMBDA_SWITCH else mtp_lambda * (0.1 / 0.3)
-
-
-def bias_update_speed_at(progress: float, bias_update_speed: float = 0.001) -> float:
-    """Aux-loss-free bias update speed gamma at `progress` (0..1): bias_update_speed before
-    BIAS_FREEZE_SWITCH, then 0, so routing settles for the end of training (V3: 0.001, then 0)."""
-    return bias_update_speed if progress < BIAS_FREEZE_SWITCH else 0.0

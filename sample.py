@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_model
 from cli import (
@@ -59,14 +60,7 @@ from cli import (
     print_config,
     valid_device_name,
 )
-from model import (
-    MLA,
-    ModelArgs,
-    Transformer,
-    kv_cache_numbers_per_token,
-    sample_next,
-    sampling_probs,
-)
+from model import MLA, ModelArgs, Transformer, kv_cache_numbers_per_token
 from tasks import THINK_OPEN, eval_record, format_prompt
 from tokenizer import Tokenizer, get_tokenizer
 
@@ -248,6 +242,35 @@ def current_attn_impl(model: Transformer) -> str:
 # ----------------------------------------------------------------------------------------------------
 # 4. Decoding: without a cache, and with the (latent or naive) KV cache
 # ----------------------------------------------------------------------------------------------------
+
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: "int | None" = None,
+                   top_p: "float | None" = None) -> torch.Tensor:
+    """The distribution decoding draws from: (B, V) logits -> (B, V) probabilities of softmax(logits / T)
+    restricted to the top_k tokens and/or the smallest set holding top_p of the mass (one-hot argmax at
+    temperature 0). Speculative decoding needs these probabilities themselves, not just a sample."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        remove = sorted_probs.cumsum(-1) - sorted_probs >= top_p          # keep the smallest set reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    return logits.softmax(-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: "int | None" = None,
+                top_p: "float | None" = None, generator: "torch.Generator | None" = None) -> torch.Tensor:
+    """Pick one token per row from logits (B, V): argmax when temperature == 0, else a draw from
+    sampling_probs(logits, temperature, top_k, top_p)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)              # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
 
 def decoding_mode(model: Transformer):
     """The autograd mode decoding runs in: torch.inference_mode (no autograd bookkeeping at all), or no_grad

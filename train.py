@@ -13,7 +13,9 @@ What happens, top to bottom:
   2. Data: the built-in corpus (worked arithmetic in the R1-Zero format, see tasks.py) or any UTF-8 text
      file; a byte-level BPE trained on it (cached); one long token stream split 90/10 into train/val.
   3. Model and optimizer: Muon for the hidden weight matrices and AdamW (beta 0.9/0.95) for the rest, weight
-     decay 0.1 on matrices only, warmup + cosine; `--optimizer=adamw` is V3's AdamW for everything.
+     decay 0.1 on matrices only, warmup + cosine; `--optimizer=adamw` is V3's AdamW for everything (with
+     BF16 moments on request, AdamWBF16). V3's MTP-weight and bias-speed schedules, and the parameter and
+     FLOP counts behind MFU.
   4. Evaluation (loss estimates, held-out accuracy) and plots.
   5. Setting up a run (`setup`): fresh, from --init_from, or continued with --resume.
   6. The loop (`train_loop`, one screen): each `train_step` is forward (CE + MTP + balance loss), backward,
@@ -78,16 +80,7 @@ from cli import (
     progress,
     setup_distributed,
 )
-from model import (
-    AdamWBF16,
-    ModelArgs,
-    Transformer,
-    bias_update_speed_at,
-    count_params,
-    flops_per_token,
-    max_violation,
-    mtp_lambda_at,
-)
+from model import ModelArgs, Transformer, max_violation
 from sample import evaluate
 from tokenizer import get_tokenizer
 
@@ -107,10 +100,8 @@ PRESET_NAMES = ("tiny", "nano", "small", "16B", "671B")
 TOKENIZERS = ("bpe", "char", "gpt2", "cl100k_base", "o200k_base")
 
 
-# The peak learning rate each optimizer gets unless --lr is given. AdamW's was tuned first (5e-3 was worse:
-# 30% held-out accuracy after pretraining instead of 57%); Muon inherited it through Moonlight's scale, then
-# a sweep at the default 500 steps (1 thread, seeds 1337, 1, 2) gave val CE 0.3295/0.3312/0.3297 at 3e-3,
-# 0.3261/0.3292/0.3253 at 4.5e-3 and 0.3248/-/0.3253 at 6e-3; 4.5e-3 keeps a margin from where AdamW broke.
+# The peak learning rate each optimizer gets unless --lr is given: AdamW's tuned on held-out accuracy, Muon's
+# by a sweep on val CE at the default 500 steps that keeps a margin from where AdamW broke (docs/optimizer.md).
 DEFAULT_LR = {"muon": 4.5e-3, "adamw": 3e-3}
 
 
@@ -503,6 +494,50 @@ class MuonWithAdamW:
         self.adamw.load_state_dict(state["adamw"])
 
 
+class AdamWBF16(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias-corrected moments, same update as torch.optim.AdamW) that keeps
+    exp_avg and exp_avg_sq in `moment_dtype` (BF16 by default, V3 §3.3.3: no observable degradation, half
+    the optimizer memory). The update is computed in FP32 and applied to the FP32 master weights."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
+                 moment_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.moment_dtype = moment_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step for every parameter that has a gradient."""
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                state["step"] += 1
+                t, g = state["step"], p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - beta1)                 # beta1 m + (1 - beta1) g
+                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                state["exp_avg"].copy_(m)                                        # stored rounded to BF16
+                state["exp_avg_sq"].copy_(v)
+                p.mul_(1 - group["lr"] * group["weight_decay"])                  # decoupled weight decay
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
+        return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        """As torch's, then the moments back to moment_dtype (torch casts loaded state to the parameters' dtype)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.moment_dtype)
+
+
 def make_optimizer(model: Transformer, cfg: TrainConfig, device: str):
     """AdamW (V3 §4.2), or Muon for the hidden matrices and AdamW for the rest (--optimizer=muon).
     Weight decay only on matrices: not on norms, biases or the embedding table."""
@@ -533,6 +568,105 @@ def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_iters
     cos = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+# The MTP and router-bias schedules (V3 §4.2), scaled to the run's budget.
+# V3 trains on 14.8T tokens. It weights the MTP loss with lambda = 0.3 for the first 10T tokens and 0.1 for
+# the remaining 4.8T, and moves the balancing bias with gamma = 0.001 for the first 14.3T tokens and 0 for
+# the last 500B. A run of any length follows the same proportions of its own budget. (V3 raises its batch
+# size over the first 469B tokens, so its token fraction and step fraction differ slightly; with a
+# constant batch the two are the same.)
+
+V3_TRAIN_TOKENS = 14.8e12
+MTP_LAMBDA_SWITCH = 10.0e12 / V3_TRAIN_TOKENS         # 0.676: lambda drops from 0.3 to 0.1 here
+BIAS_FREEZE_SWITCH = 14.3e12 / V3_TRAIN_TOKENS        # 0.966: gamma drops to 0 here
+
+
+def mtp_lambda_at(progress: float, mtp_lambda: float = 0.3) -> float:
+    """MTP loss weight at `progress` (fraction of the training budget done, 0..1): mtp_lambda before
+    MTP_LAMBDA_SWITCH, then a third of it (V3: 0.3, then 0.1)."""
+    return mtp_lambda if progress < MTP_LAMBDA_SWITCH else mtp_lambda * (0.1 / 0.3)
+
+
+def bias_update_speed_at(progress: float, bias_update_speed: float = 0.001) -> float:
+    """Aux-loss-free bias update speed gamma at `progress` (0..1): bias_update_speed before
+    BIAS_FREEZE_SWITCH, then 0, so routing settles for the end of training (V3: 0.001, then 0)."""
+    return bias_update_speed if progress < BIAS_FREEZE_SWITCH else 0.0
+
+
+
+# Parameter and FLOP counts, by arithmetic on ModelArgs: the log line's MFU and extras/cost.py use them.
+
+def count_params(args: ModelArgs) -> dict:
+    """Total and activated parameters, by arithmetic (no weights allocated; a test checks it against a built
+    model's named_parameters()).
+
+    Convention: `total` and `activated` exclude the MTP modules (reported separately as `mtp`), as the V3
+    report does; MTP shares the embedding and head, so `mtp` excludes them too (the released checkpoint
+    stores copies of both, which is why it quotes ~14B). `activated` counts everything one token touches:
+    embedding, head, attention, norms, dense FFNs, gates, shared experts and K of the N_r routed experts
+    of each MoE layer. For 671B this plain count gives 37.55B: embedding and head 0.93B each, attention
+    61 x 187.1M = 11.41B, FFNs 61 x 396.4M = 24.18B (3 dense of 18,432 = 9 x 2,048 wide; 58 MoE layers with
+    8 routed + 1 shared expert), gates 0.11B. That does not round to the report's "37B", and it is 0.85B
+    above the 36.7B of the official README_WEIGHTS.md ("including 0.9B for Embedding and 0.9B for the
+    output Head"), which gives no breakdown; no single part explains the gap (leaving out the embedding
+    lookup would give 36.63B, but the card says it is included). Total: 671.03B, as reported.
+    """
+    a = args
+    d, H = a.dim, a.n_heads
+    if a.q_lora_rank:
+        q = d * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * H * a.qk_head_dim   # wq_a, q_norm, wq_b
+    else:
+        q = d * H * a.qk_head_dim                                                     # wq
+    attn = (q + d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank            # wkv_a, kv_norm
+            + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim) + H * a.v_head_dim * d)  # wkv_b, wo
+    expert = 3 * d * a.moe_inter_dim
+    moe_fixed = a.n_routed_experts * d + a.n_shared_experts * expert                  # gate + shared
+    dense_block = 2 * d + attn + 3 * d * a.inter_dim
+    moe_total = 2 * d + attn + moe_fixed + a.n_routed_experts * expert
+    moe_active = 2 * d + attn + moe_fixed + a.n_activated_experts * expert
+    n_moe = a.n_layers - a.n_dense_layers
+    outer = 2 * a.vocab_size * d + d                                                  # embed, head, norm
+    return {"total": outer + a.n_dense_layers * dense_block + n_moe * moe_total,
+            "activated": outer + a.n_dense_layers * dense_block + n_moe * moe_active,
+            "mtp": a.mtp_depth * (3 * d + 2 * d * d + moe_total)}   # MTP blocks are MoE blocks
+
+
+def flops_breakdown(args: ModelArgs, seq_len: int, causal: bool = False) -> dict:
+    """Training FLOPs per token, in parts: {"matmul", "attention", "total"} (FLOPs, forward + backward).
+
+    matmul: 6 x activated parameters, less the embedding lookup (the output head is a matmul and stays in).
+    The MTP modules are in too: each is a full Transformer block whose token runs through all of its
+    attention but only the shared and K_r routed experts, plus its projection of [h; emb], and it calls the
+    shared output head once more (count_params does not count shared weights, a token still multiplies by them).
+    attention: 6 x (n_layers + mtp_depth) x n_heads x (qk_head_dim + v_head_dim) x seq_len, the full score
+    matrix (nanoGPT's and PaLM's convention). With causal=True it is halved: under a causal mask a token only
+    attends to the tokens before it, so only about half the score matrix is needed, and flash-attention
+    kernels skip the masked blocks (FlashAttention's benchmarks count FLOPs this way). MFU figures quoted
+    by different people differ by this convention; the defaults here count the full matrix.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len} must be a positive number of tokens per sequence (V3 used 4096)")
+    c = count_params(args)
+    # Parameters one token multiplies by: activated minus the embedding table (a lookup), plus per MTP module
+    # its weights without the routed experts it skips, plus the shared output head it calls again.
+    skipped = (args.n_routed_experts - args.n_activated_experts) * 3 * args.dim * args.moe_inter_dim
+    mtp = c["mtp"] - args.mtp_depth * skipped + args.mtp_depth * args.vocab_size * args.dim
+    params = c["activated"] - args.vocab_size * args.dim + mtp
+    matmul = 6 * params
+    # Per token, layer and head: Q K^T is 2 x qk_head_dim x seq_len FLOPs forward, weights x V is
+    # 2 x v_head_dim x seq_len; backward doubles each, hence 6 in all.
+    attention = 6 * (args.n_layers + args.mtp_depth) * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
+    if causal:
+        attention /= 2
+    return {"matmul": float(matmul), "attention": float(attention), "total": float(matmul + attention)}
+
+
+def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = False) -> float:
+    """Training FLOPs per token (forward + backward): 6 x activated matmul parameters plus attention scores
+    and weighted values, as nanoGPT counts them (no causal halving unless causal=True). Embedding lookups
+    are not matmuls and are left out; MTP blocks are in. See flops_breakdown for the parts."""
+    return flops_breakdown(args, seq_len, causal)["total"]
 
 
 # GPUs: dense peak tensor-core throughput, TFLOP/s (10^12 FLOP/s), the denominator of MFU on a GPU.
@@ -576,7 +710,7 @@ GPU_PEAK_BF16 = {name: spec["bf16"] * 1e12 for name, spec in GPUS.items()}
 
 def peak_flops(device: str) -> tuple[float, str]:
     """Peak FLOP/s to divide by for MFU: a measured fp32 matmul rate on CPU, the dense bf16 spec on a GPU
-    (GPUS, with sources). FLOPs per token come from model.flops_per_token."""
+    (GPUS, with sources). FLOPs per token come from flops_per_token above."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
         for key, value in GPU_PEAK_BF16.items():

@@ -54,15 +54,9 @@ from cli import (
     print_config,
     valid_device_name,
 )
-from model import (
-    KVCache,
-    ModelArgs,
-    Transformer,
-    count_params,
-    flops_per_token,
-    kv_cache_numbers_per_token,
-    matmul_limited_acc,
-)
+from extras.fp8 import matmul_limited_acc
+from model import KVCache, ModelArgs, Transformer, kv_cache_numbers_per_token
+from train import count_params, flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "docs" / "bench" / "template.md"
@@ -657,7 +651,7 @@ def fp8_vs_bf16(b: Bench) -> dict:
 
 # Row 5b: V3 §3.3.2's accumulation experiment with a matmul that accumulates like an FP8 tensor core,
 # f(a (M, K), b (K, N), mantissa_bits, n_c) -> (M, N) float32, promoting its partial sum to FP32 every n_c
-# products (n_c=None: never): model.matmul_limited_acc (a test swaps in a stand-in).
+# products (n_c=None: never): extras/fp8.py's matmul_limited_acc (a test swaps in a stand-in).
 ACCUMULATION_MATMUL = matmul_limited_acc
 
 

@@ -43,8 +43,8 @@ import math
 from dataclasses import dataclass, field
 
 from cli import parse_config, print_config
-from model import PRESETS, ModelArgs, count_params, flops_breakdown, flops_per_token
-from train import GPU_PEAK_BF16, GPUS  # noqa: F401  (GPU_PEAK_BF16: re-exported for readers of this file)
+from model import PRESETS, ModelArgs
+from train import GPU_PEAK_BF16, GPUS, count_params, flops_breakdown, flops_per_token  # noqa: F401  (GPU_PEAK_BF16: re-exported for readers of this file)
 
 PRECISIONS = ("bf16", "fp8")
 

@@ -17,7 +17,8 @@ import torch
 
 import train
 from extras import bench
-from model import ModelArgs, count_params
+from model import ModelArgs
+from train import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"quick": bench.BenchConfig(quick=True), "full": bench.BenchConfig()}

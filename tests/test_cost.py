@@ -7,7 +7,8 @@ Run: OMP_NUM_THREADS=1 python -m pytest tests/test_cost.py -q
 import pytest
 
 from extras import cost
-from model import ModelArgs, count_params
+from model import ModelArgs
+from train import count_params
 
 
 def hand_flops_tiny(seq_len: int, causal: bool = False) -> tuple[float, float]:

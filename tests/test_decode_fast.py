@@ -3,8 +3,7 @@
 RoPE vs the official code's complex product, absorbed attention with the heads folded into the query length
 (multi-query) vs per-head attention written out, logits for the last position vs the full forward, dropping finished rows
 from a batch vs computing them to the end, greedy speculative decoding vs plain greedy decoding, and the
-cache bytes read per generated token. Also: generate() returns a tensor usable in training, decoding runs
-under bf16 autocast on CPU, and the per-step path compiles without graph breaks (the compiled run itself is
+cache bytes read per generated token. Also: decoding runs under bf16 autocast on CPU, and the per-step path compiles without graph breaks (the compiled run itself is
 marked slow: about 40 s of compiling). About half a minute without it:
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_decode_fast.py -q
@@ -221,18 +220,6 @@ def test_keep_rows_keeps_the_chosen_rows_caches(model):
 
 
 # ---------------------------------------------------------------------------------------------- generate
-
-def test_generate_output_can_enter_training():
-    """generate() decodes under inference_mode but hands back an ordinary tensor."""
-    torch.manual_seed(0)
-    m = Transformer(small_args())
-    out = m.generate(torch.randint(0, 64, (2, 4)), 5, temperature=0)
-    assert out.shape == (2, 9) and not out.is_inference()
-    m.train()
-    _, loss = m(out[:, :-1], out[:, 1:])
-    loss.backward()                                                  # would raise for an inference tensor
-    assert m.embed.weight.grad is not None
-
 
 def test_greedy_speculative_equals_plain_with_eos_and_both_paths(model):
     ps = prompts(3, seed=2)

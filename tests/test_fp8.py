@@ -10,21 +10,21 @@ import pytest
 import torch
 from test_model import tiny
 
+from extras.fp8 import fp8_quantize, matmul_limited_acc, round_mantissa
 from model import (
-    BIAS_FREEZE_SWITCH,
     MLA,
-    MTP_LAMBDA_SWITCH,
-    AdamWBF16,
     Linear,
     ModelArgs,
     Transformer,
-    bias_update_speed_at,
     fp8_quant_dequant,
-    fp8_quantize,
-    matmul_limited_acc,
-    mtp_lambda_at,
     precompute_rope,
-    round_mantissa,
+)
+from train import (
+    BIAS_FREEZE_SWITCH,
+    MTP_LAMBDA_SWITCH,
+    AdamWBF16,
+    bias_update_speed_at,
+    mtp_lambda_at,
 )
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from extras.fp8 import fp8_quant_error, fp8_quantize
 from model import (
     MLA,
     KVCache,
@@ -18,15 +19,14 @@ from model import (
     RMSNorm,
     Transformer,
     apply_rope,
-    count_params,
     fp8_quant_dequant,
-    fp8_quant_error,
-    fp8_quantize,
     kv_cache_numbers_per_token,
     latent_attention,
     max_violation,
     precompute_rope,
 )
+from sample import generate_batch
+from train import count_params
 
 
 def tiny(**kw) -> ModelArgs:
@@ -546,10 +546,11 @@ def test_tiny_model_overfits_one_batch():
     assert loss.item() < first.item() / 10
 
 
-def test_generate_greedy_equals_argmax_of_full_forward():
+def test_cached_greedy_decoding_equals_argmax_of_full_forward():
     m = make(tiny())
     idx = torch.randint(0, 64, (2, 5))
-    out = m.generate(idx, 8, temperature=0)
+    new, _ = generate_batch(m, idx.tolist(), 8, temperature=0)         # sample.py's cached decoding
+    out = torch.cat([idx, torch.tensor(new)], dim=1)
     assert out.shape == (2, 13)
     for t in range(5, 13):
         logits, _ = m(out[:, :t])

@@ -20,18 +20,10 @@ import torch
 
 import sample
 import tasks
+from extras.fp8 import fp8_dequantize, fp8_quantize
 from grpo import GRPOConfig, rl_lr_at
-from model import (
-    FP8LinearFunction,
-    Gate,
-    ModelArgs,
-    Transformer,
-    fp8_dequantize,
-    fp8_quant_dequant,
-    fp8_quantize,
-    sampling_probs,
-)
-from sample import SpecStats, speculative_stream
+from model import FP8LinearFunction, Gate, ModelArgs, Transformer, fp8_quant_dequant
+from sample import SpecStats, sampling_probs, speculative_stream
 from tokenizer import get_tokenizer
 from train import TrainConfig, lr_at
 

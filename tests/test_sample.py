@@ -214,7 +214,7 @@ def test_sample_next_draws_from_sampling_probs_and_never_a_zero_probability_toke
     """sample_next's draw against the distribution it samples: frequencies within 1% of
     sampling_probs (temperature, top_k and top_p applied), tokens of probability 0 never drawn, and the
     same generator seed gives the same tokens."""
-    from model import sample_next, sampling_probs
+    from sample import sample_next, sampling_probs
     logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, -30.0, 0.0]]).expand(40_000, -1)   # (N, V) one row, N times
     for kw in ({"temperature": 1.0}, {"temperature": 0.7, "top_k": 3}, {"temperature": 1.3, "top_p": 0.8}):
         p = sampling_probs(logits[:1], **kw)[0]                                      # (V,)
