@@ -293,8 +293,8 @@ def default_task() -> ArithmeticTask:
     """The default task for the corpus and RL: two operands of 1-2 digits joined by + or -.
 
     Two digits, not three, so that the default pretraining run (a few CPU minutes) gets past the point
-    where the model learns to find the right digits of the question (measured: with 1-3 digits it had
-    not, after four minutes); harder settings are one flag away (train.py --max_digits)."""
+    where the model learns to find the right digits of the question (with 1-3 digits it does not get
+    there in that time); harder settings are one flag away (train.py --max_digits)."""
     return ArithmeticTask(digits=(1, 2), n_operands=2, ops="+-")
 
 
