@@ -34,10 +34,13 @@ Two questions every student of R1-Zero asks next
      collapse_mild  --lr=1e-3 --beta=0                                  the same, ten times gentler
      hack_lenient_1.0  the lenient verifier on the flaw 1.0 base        hacking where the right habit is rare
      len_dr_grpo_weak  dr_grpo on the weak base (vs nosig_weak)         length bias where lengths vary
+     hack_last_digit   --lab_verifier=last_digit (units digit only)     reward hacking: the verifier pays the
+                                                                        base's planted mistake, RL never fixes it
 
-   The cure of hack_lenient, len_dr_grpo and the collapses is the default run `beyond_0.6` (grpo.py's defaults
-   on the flaw 0.6 base), that of hack_lenient_1.0 is beyond_1.0, and that of fmt_weak is nosig_weak
-   (w_fmt=0.1, the same weak base).
+   The cure of hack_lenient, hack_last_digit, len_dr_grpo and the collapses is the default run `beyond_0.6`
+   (grpo.py's defaults on the flaw 0.6 base, the strict verifier), that of hack_lenient_1.0 is beyond_1.0, and
+   that of fmt_weak is nosig_weak (w_fmt=0.1, the same weak base). Which of them reproduce their failure, and
+   which did not at this budget, is written beside their figures in docs/rl_lab/results.md.
 
 Every run is grpo.py (or train.py) itself, called with the flags printed in results.json, so any curve can be
 re-made by hand. The budget is small on purpose (GRPO 30 steps of 16 questions x 8 samples, from bases
@@ -354,7 +357,8 @@ def ends(values: "list | None") -> str:
 
 
 def write_markdown(results: dict, path: Path) -> None:
-    """results.md: the command, then one table per point (every number read from results.json)."""
+    """results.md: the command, then one table per point (every number read from results.json), and the
+    hand-written findings.md beside it (what each run shows), if there is one."""
     pct = lambda x: f"{100 * x:.1f}"
     lines = [f"# RL lab results (`{results['command']}`)", "",
              (f"Made by `{results['command']}` (extras/rl_lab.py); every figure below is read from results.json "
@@ -380,6 +384,9 @@ def write_markdown(results: dict, path: Path) -> None:
     if results["beyond"]:
         lines.append(f"\npass@max is pass@{results['beyond'][0]['k_max']}; greedy is the held-out accuracy before "
                      "and after GRPO on the flaw-situation questions of grpo.py's evaluation.")
+    findings = path.parent / "findings.md"     # hand-written: what each run shows (kept beside the results)
+    if findings.is_file():
+        lines += ["", findings.read_text().strip()]
     lines += ["", "## Failure modes (first and last held-out evaluation, greedy, %)", "",
               ("| run | section | trained on | held-out acc | lenient acc | last-digit acc | flaw acc | degenerate | "
                "rollout reward | entropy | KL | zero-var groups | length | length wrong | length right |"),
