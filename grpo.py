@@ -207,8 +207,9 @@ class GRPOConfig:
     # ---- rewards (R1 §2.2) ----
     w_acc: float = _flag(1.0, "weight of the accuracy reward")
     w_fmt: float = _flag(0.1, "weight of the format reward (keep small: a large bonus can dominate the advantage)")
-    lab_verifier: str = _flag("strict", "strict (the real verifier) | lenient: a deliberately exploitable substring "
-                                        "check for the reward-hacking lab (extras/rl_lab.py); evaluation stays strict")
+    lab_verifier: str = _flag("strict", "strict (the real verifier) | lenient (a substring check) | last_digit (only "
+                                        "the last digit is compared): deliberately exploitable verifiers for the "
+                                        "reward-hacking lab (extras/rl_lab.py); evaluation stays strict")
     # ---- objective ----
     loss_type: str = _flag("grpo", "grpo | dr_grpo | dapo: how token terms are normalised")
     scale_rewards: str = _flag("group", "group: divide advantages by the group std; none: Dr. GRPO")
@@ -275,9 +276,9 @@ class GRPOConfig:
         if not self.ops or set(self.ops) - set("+-*"):
             bad("ops", "must be a non-empty subset of '+-*'")
         if self.lab_verifier not in tasks.LAB_VERIFIERS:
-            bad("lab_verifier", "choose strict or lenient (lenient is only for the reward-hacking lab)")
-        if self.lab_verifier == "lenient" and self.task != "arithmetic":
-            bad("lab_verifier", "lenient exists for the arithmetic task only")
+            bad("lab_verifier", "choose strict, lenient or last_digit (the last two only for the reward-hacking lab)")
+        if self.lab_verifier != "strict" and self.task != "arithmetic":
+            bad("lab_verifier", f"{self.lab_verifier} exists for the arithmetic task only")
 
 
 def make_task(cfg: GRPOConfig) -> tasks.Task:
@@ -658,11 +659,17 @@ def grpo_step(policy, ref_model, optimizer, tok, draw_problems: Callable[[int], 
 
     lengths = [len(c) for c in flat("completions")]
     n = len(lengths)
+    right = [ln for ln, a in zip(lengths, flat("accuracy")) if a > 0]
+    wrong = [ln for ln, a in zip(lengths, flat("accuracy")) if a == 0]
     return {
         "reward": sum(flat("rewards")) / n, "accuracy": sum(flat("accuracy")) / n,
         "format": sum(flat("format")) / n, "zero_var_frac": info["zero_var_frac"],
         "resampled": info["resampled"], "trunc_frac": 1 - sum(flat("finished")) / n,
-        "length": sum(lengths) / n, **upd,
+        "length": sum(lengths) / n,
+        # mean tokens of the completions the accuracy reward calls right / wrong (None if there are none): the
+        # length bias of per-sequence normalisation [DR] shows as growing wrong ones (this rank's share only)
+        "length_right": sum(right) / len(right) if right else None,
+        "length_wrong": sum(wrong) / len(wrong) if wrong else None, **upd,
         "sample_s": t1 - t0, "update_s": t2 - t1,
         "sample_tok_s": sum(lengths) / max(t1 - t0, 1e-9), "train_tok_s": upd["tokens"] / max(t2 - t1, 1e-9),
         "example": groups[0].texts[0],
@@ -922,8 +929,8 @@ def train_loop(run: RLRun, stop: GracefulStop) -> None:
     cfg, master = run.cfg, run.ddp.master
     draw_problems = functools.partial(draw_train_problems, run.task, run.rng)
     reward_fn = functools.partial(tasks.reward, w_acc=cfg.w_acc, w_fmt=cfg.w_fmt)  # R1-Zero's rule-based reward
-    if cfg.lab_verifier == "lenient":   # the lab's exploitable verifier (tasks.lenient_reward); held-out stays strict
-        reward_fn = functools.partial(tasks.lenient_reward, w_acc=cfg.w_acc, w_fmt=cfg.w_fmt)
+    if cfg.lab_verifier != "strict":    # the lab's exploitable verifiers (tasks.lenient_reward); held-out stays strict
+        reward_fn = functools.partial(tasks.lenient_reward, w_acc=cfg.w_acc, w_fmt=cfg.w_fmt, verifier=cfg.lab_verifier)
     t_start, elapsed_before = time.perf_counter(), run.elapsed
     while run.step < cfg.max_iters and not should_stop(run, stop, t_start, elapsed_before):
         lr = rl_lr_at(run.step, cfg)

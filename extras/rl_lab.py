@@ -34,10 +34,13 @@ Two questions every student of R1-Zero asks next
      collapse_mild  --lr=1e-3 --beta=0                                  the same, ten times gentler
      hack_lenient_1.0  the lenient verifier on the flaw 1.0 base        hacking where the right habit is rare
      len_dr_grpo_weak  dr_grpo on the weak base (vs nosig_weak)         length bias where lengths vary
+     hack_last_digit   --lab_verifier=last_digit (units digit only)     reward hacking: the verifier pays the
+                                                                        base's planted mistake, RL never fixes it
 
-   The cure of hack_lenient, len_dr_grpo and the collapses is the default run `beyond_0.6` (grpo.py's defaults
-   on the flaw 0.6 base), that of hack_lenient_1.0 is beyond_1.0, and that of fmt_weak is nosig_weak
-   (w_fmt=0.1, the same weak base).
+   The cure of hack_lenient, hack_last_digit, len_dr_grpo and the collapses is the default run `beyond_0.6`
+   (grpo.py's defaults on the flaw 0.6 base, the strict verifier), that of hack_lenient_1.0 is beyond_1.0, and
+   that of fmt_weak is nosig_weak (w_fmt=0.1, the same weak base). Which of them reproduce their failure, and
+   which did not at this budget, is written beside their figures in docs/rl_lab/results.md.
 
 Every run is grpo.py (or train.py) itself, called with the flags printed in results.json, so any curve can be
 re-made by hand. The budget is small on purpose (GRPO 30 steps of 16 questions x 8 samples, from bases
@@ -152,11 +155,13 @@ RUNS = [   # in the order they run: the flaw 0.6 base serves the first five
         passk=True),
     Run("collapse_mild", "mild collapse", "flaw0.6", ["--lr=1e-3", "--beta=0"], cure="beyond_0.6", passk=True),
     Run("len_dr_grpo_weak", "length bias, weak base", "weak", ["--loss_type=dr_grpo"], cure="nosig_weak"),
+    Run("hack_last_digit", "reward hacking, last digit", "flaw0.6", ["--lab_verifier=last_digit"], cure="beyond_0.6"),
 ]
 FAILURES = [("reward hacking", "hack_lenient", "beyond_0.6"), ("format dominates", "fmt_weak", "nosig_weak"),
             ("length bias", "beyond_0.6", "len_dr_grpo"), ("no signal", "nosig_weak", "nosig_dapo"),
             ("collapse", "collapse", "beyond_0.6"), ("reward hacking, flaw 1.0", "hack_lenient_1.0", "beyond_1.0"),
-            ("mild collapse", "collapse_mild", "beyond_0.6"), ("length bias, weak base", "nosig_weak", "len_dr_grpo_weak")]
+            ("mild collapse", "collapse_mild", "beyond_0.6"), ("length bias, weak base", "nosig_weak", "len_dr_grpo_weak"),
+            ("reward hacking, last digit", "hack_last_digit", "beyond_0.6")]
 
 
 def pretrain_argv(cfg: LabConfig, name: str) -> list[str]:
@@ -263,14 +268,16 @@ _REPEAT = re.compile(r"(.)\1{3,}|(.{2,12}?)\2{2,}")
 
 def eval_stats(path: Path) -> dict:
     """Greedy held-out completions of one evaluation (grpo.py's eval_step{N}.jsonl): strict accuracy, what the
-    lenient verifier would accept, accuracy on the flaw-situation questions, and the share of degenerate
+    lab verifiers (substring and last digit) would accept, accuracy on the flaw-situation questions, and the share of degenerate
     completions (_REPEAT: "!!!!" or "<answer><answer><answer>", which no worked solution contains)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     flaw = [tasks.in_flaw_situation(tasks.arithmetic_problem(r["question"])) for r in rows]
     n, n_flaw = max(1, len(rows)), max(1, sum(flaw))
-    lenient = [tasks.lenient_accuracy_reward(r["completion"], tasks.arithmetic_problem(r["question"])) for r in rows]
+    problems = [tasks.arithmetic_problem(r["question"]) for r in rows]
+    lenient = [tasks.lenient_accuracy_reward(r["completion"], p) for r, p in zip(rows, problems)]
+    last_digit = [tasks.last_digit_accuracy_reward(r["completion"], p) for r, p in zip(rows, problems)]
     return {"accuracy": sum(r["correct"] for r in rows) / n,
-            "lenient_accuracy": sum(lenient) / n,
+            "lenient_accuracy": sum(lenient) / n, "last_digit_accuracy": sum(last_digit) / n,
             "flaw_accuracy": sum(r["correct"] for r, f in zip(rows, flaw) if f) / n_flaw,
             "other_accuracy": sum(r["correct"] for r, f in zip(rows, flaw) if not f) / max(1, len(rows) - sum(flaw)),
             "format": sum(r["format"] for r in rows) / n,
@@ -278,7 +285,13 @@ def eval_stats(path: Path) -> dict:
             "example": next((r["completion"] for r, f in zip(rows, flaw) if f), "")}
 
 
-CURVE_KEYS = ("reward", "accuracy", "format", "zero_var_frac", "length", "entropy", "kl", "resampled")
+CURVE_KEYS = ("reward", "accuracy", "format", "zero_var_frac", "length", "entropy", "kl", "resampled", "length_right",
+              "length_wrong")
+
+
+def verifier_of(flags: list) -> str:
+    """The accuracy verifier a run trains against: grpo.py's --lab_verifier among its flags, else strict."""
+    return next((f.split("=", 1)[1] for f in flags if f.startswith("--lab_verifier=")), "strict")
 
 
 def run_record(cfg: LabConfig, run: Run, command: str) -> dict:
@@ -287,14 +300,15 @@ def run_record(cfg: LabConfig, run: Run, command: str) -> dict:
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_rows = [h for h in history if "reward" in h]
     curves = {"step": [h["step"] for h in train_rows],
-              **{k: [h.get(k, 0.0) for h in train_rows] for k in CURVE_KEYS}}
+              # length_right / length_wrong are None on a step without right (wrong) rollouts
+              **{k: [h.get(k, None if k.startswith("length_") else 0.0) for h in train_rows] for k in CURVE_KEYS}}
     evals = []
     for h in history:
         if "heldout_acc" in h:
             evals.append({"step": h["step"], "length": h["heldout_len"],
                           **eval_stats(out / f"eval_step{h['step']}.jsonl")})
     rec = {"name": run.name, "section": run.section, "base": run.base, "cure": run.cure, "command": command,
-           "flags": run.flags, "curves": curves, "evals": evals}
+           "flags": run.flags, "verifier": verifier_of(run.flags), "curves": curves, "evals": evals}
     if run.passk:
         rec["passk"] = passk_of(cfg, out / "ckpt.pt")
     return rec
@@ -330,8 +344,21 @@ def beyond_table(results: dict) -> list[dict]:
     return rows
 
 
+def window_mean(values: list, first: bool, n: int = 5) -> "float | None":
+    """Mean of the first (or last) n logged values, skipping None (a step without such rollouts)."""
+    part = [v for v in (values[:n] if first else values[-n:]) if v is not None]
+    return sum(part) / len(part) if part else None
+
+
+def ends(values: "list | None") -> str:
+    """'a → b': window_mean of the first and of the last five steps of a curve ('–' if not logged)."""
+    a, b = (window_mean(values, True), window_mean(values, False)) if values else (None, None)
+    return "–" if a is None or b is None else f"{a:.1f} → {b:.1f}"
+
+
 def write_markdown(results: dict, path: Path) -> None:
-    """results.md: the command, then one table per point (every number read from results.json)."""
+    """results.md: the command, then one table per point (every number read from results.json), and the
+    hand-written findings.md beside it (what each run shows), if there is one."""
     pct = lambda x: f"{100 * x:.1f}"
     lines = [f"# RL lab results (`{results['command']}`)", "",
              (f"Made by `{results['command']}` (extras/rl_lab.py); every figure below is read from results.json "
@@ -357,20 +384,27 @@ def write_markdown(results: dict, path: Path) -> None:
     if results["beyond"]:
         lines.append(f"\npass@max is pass@{results['beyond'][0]['k_max']}; greedy is the held-out accuracy before "
                      "and after GRPO on the flaw-situation questions of grpo.py's evaluation.")
+    findings = path.parent / "findings.md"     # hand-written: what each run shows (kept beside the results)
+    if findings.is_file():
+        lines += ["", findings.read_text().strip()]
     lines += ["", "## Failure modes (first and last held-out evaluation, greedy, %)", "",
-              ("| run | section | held-out acc | lenient acc | flaw acc | degenerate | rollout reward | "
-               "entropy | KL | zero-var groups | length |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+              ("| run | section | trained on | held-out acc | lenient acc | last-digit acc | flaw acc | degenerate | "
+               "rollout reward | entropy | KL | zero-var groups | length | length wrong | length right |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rec in results["runs"].items():
         e0, e1, c = rec["evals"][0], rec["evals"][-1], rec["curves"]
+        num, tok = (lambda x: f"{x:.3f}"), (lambda x: f"{x:.1f}")
         span = lambda key, f=pct, c=c: f"{f(c[key][0])} → {f(c[key][-1])}"
-        num = lambda x: f"{x:.3f}"  
-        lines.append(f"| {name} | {rec['section']} | {pct(e0['accuracy'])} → {pct(e1['accuracy'])} | "
-                     f"{pct(e0['lenient_accuracy'])} → {pct(e1['lenient_accuracy'])} | "
-                     f"{pct(e0['flaw_accuracy'])} → {pct(e1['flaw_accuracy'])} | "
-                     f"{pct(e0['degenerate'])} → {pct(e1['degenerate'])} | {span('reward', num)} | "
-                     f"{span('entropy', num)} | {span('kl', num)} | {span('zero_var_frac')} | "
-                     f"{span('length', lambda x: f'{x:.1f}')} |")
-    lines += ["", ("Rollout columns: first and last GRPO step (sampled at temperature 1). Degenerate: share of greedy "
+        both = lambda key, e0=e0, e1=e1: (f"{pct(e0[key])} → {pct(e1[key])}" if key in e0 and key in e1 else "–")
+        lines.append(f"| {name} | {rec['section']} | {rec.get('verifier', verifier_of(rec['flags']))} | "
+                     f"{both('accuracy')} | {both('lenient_accuracy')} | {both('last_digit_accuracy')} | "
+                     f"{both('flaw_accuracy')} | {both('degenerate')} | {span('reward', num)} | "
+                     f"{span('entropy', num)} | {span('kl', num)} | {span('zero_var_frac')} | {span('length', tok)} | "
+                     f"{ends(c.get('length_wrong'))} | {ends(c.get('length_right'))} |")
+    lines += ["", ("Rollout columns: first and last GRPO step (sampled at temperature 1); length wrong / right: mean "
+                   "tokens of the rollouts the run's own accuracy verifier called wrong / right, averaged over the first "
+                   "and the last five steps (– where not logged). Held-out columns: greedy, first and last evaluation; "
+                   "lenient and last-digit acc: what those lab verifiers would accept. Degenerate: share of greedy "
                    "held-out completions that repeat themselves (one character 4+ times or a piece of 2-12 characters 3+ "
                    "times in a row)."), "", "## Commands", ""]
     for name, cmd in results["commands"].items():
@@ -434,15 +468,20 @@ def plot_all(results: dict, out: Path) -> list[Path]:
         if not all(runs):
             continue
         fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+        proxy = runs[0].get("verifier", verifier_of(runs[0]["flags"]))    # the verifier the failing run trained on
         for rec in runs:
             c = rec["curves"]
             for ax, (key, label) in zip(axes.flat, panels):
                 if key == "heldout":
                     line, = ax.plot([e["step"] for e in rec["evals"]], [100 * e["accuracy"] for e in rec["evals"]],
                                     marker="o", label=f"{rec['name']} (strict)")
-                    if section.startswith("reward hacking"):
-                        ax.plot([e["step"] for e in rec["evals"]], [100 * e["lenient_accuracy"] for e in rec["evals"]],
-                                ls="--", color=line.get_color(), label=f"{rec['name']} (lenient)")
+                    if section.startswith("reward hacking") and f"{proxy}_accuracy" in rec["evals"][0]:
+                        ax.plot([e["step"] for e in rec["evals"]], [100 * e[f"{proxy}_accuracy"] for e in rec["evals"]],
+                                ls="--", color=line.get_color(), label=f"{rec['name']} ({proxy} verifier)")
+                elif key == "length" and section.startswith("length bias") and c.get("length_wrong"):
+                    for sub, ls in (("length_wrong", "--"), ("length_right", ":")):
+                        ax.plot(c["step"], [float("nan") if v is None else v for v in c[sub]], ls=ls,
+                                label=f"{rec['name']} ({sub.split('_')[1]})")
                 else:
                     ax.plot(c["step"], c[key], label=rec["name"])
                 ax.set(xlabel="GRPO step", ylabel=label, title=label.split(" (")[0])
@@ -457,6 +496,18 @@ def plot_all(results: dict, out: Path) -> list[Path]:
 # 4. Main
 # ----------------------------------------------------------------------------------------------------
 
+def stored_results(path: Path) -> dict:
+    """The results.json a previous lab run wrote into results_dir ({} if there is none)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def keep_stored(stored: dict, run: Run, cfg: LabConfig) -> bool:
+    """True if results.json holds a record of `run` made by the command this config would run: the report then
+    keeps it, so `--only=...` on a machine without the other runs' checkpoints does not drop their results."""
+    rec = stored.get("runs", {}).get(run.name)
+    return bool(rec) and rec.get("command") == command_line("grpo.py", grpo_argv(cfg, run))
+
+
 def main(argv=None) -> dict:
     """Run (or reuse) every pretraining and GRPO run of the lab, then write results and plots."""
     cfg = parse_config(LabConfig, argv, description="RL lab: pass@k and GRPO's failure modes on the built-in task")
@@ -470,6 +521,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     res_dir.mkdir(parents=True, exist_ok=True)
     command = COMMAND + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    stored = stored_results(res_dir / "results.json")
     results = {"command": command, "config": asdict(cfg), "bases": {}, "runs": {}, "commands": {}}
     for run in [r for r in RUNS if not only or r.name in only]:     # each base is pretrained when first needed
         if f"pretrain_{run.base}" not in results["commands"]:
@@ -480,12 +532,19 @@ def main(argv=None) -> dict:
             results["commands"].setdefault(run.name, command_line("grpo.py", grpo_argv(cfg, run)))
             results["runs"][run.name] = run_record(cfg, run, results["commands"][run.name])
             print(f"  measured {run.name}")
+        elif keep_stored(stored, run, cfg):             # finished elsewhere: its stored record, same command
+            results["commands"].setdefault(f"pretrain_{run.base}", command_line("train.py", pretrain_argv(cfg, run.base)))
+            results["commands"][run.name] = stored["runs"][run.name]["command"]
+            results["runs"][run.name] = stored["runs"][run.name]
+            print(f"  kept the stored results of {run.name}")
     for r in FLAW_RATES:
-        ckpt = out / f"pretrain_flaw{r}" / "ckpt.pt"
+        ckpt, base_cmd = out / f"pretrain_flaw{r}" / "ckpt.pt", command_line("train.py", pretrain_argv(cfg, f"flaw{r}"))
         if f"beyond_{r}" in results["runs"] and ckpt.is_file():
-            results["bases"][f"flaw{r}"] = {"command": command_line("train.py", pretrain_argv(cfg, f"flaw{r}")),
-                                            "passk": passk_of(cfg, ckpt)}
+            results["bases"][f"flaw{r}"] = {"command": base_cmd, "passk": passk_of(cfg, ckpt)}
             print(f"  pass@k of base flaw{r}")
+        elif f"beyond_{r}" in results["runs"] and stored.get("bases", {}).get(f"flaw{r}", {}).get("command") == base_cmd:
+            results["bases"][f"flaw{r}"] = stored["bases"][f"flaw{r}"]
+            print(f"  kept the stored pass@k of base flaw{r}")
     results["beyond"] = beyond_table(results)
     (res_dir / "results.json").write_text(json.dumps(results, indent=1))
     write_markdown(results, res_dir / "results.md")

@@ -94,10 +94,47 @@ def test_lenient_verifier_accepts_what_the_strict_one_refuses():
 def test_lab_verifier_flag_defaults_to_strict_and_rejects_typos():
     assert grpo.GRPOConfig().lab_verifier == "strict"
     assert grpo.GRPOConfig(lab_verifier="lenient").lab_verifier == "lenient"
+    assert grpo.GRPOConfig(lab_verifier="last_digit").lab_verifier == "last_digit"
     with pytest.raises(ValueError, match="lab_verifier"):
         grpo.GRPOConfig(lab_verifier="loose")
-    with pytest.raises(ValueError, match="arithmetic task only"):
-        grpo.GRPOConfig(lab_verifier="lenient", task="countdown")
+    for verifier in ("lenient", "last_digit"):
+        with pytest.raises(ValueError, match="arithmetic task only"):
+            grpo.GRPOConfig(lab_verifier=verifier, task="countdown")
+    assert grpo.GRPOConfig(task="countdown").lab_verifier == "strict"
+
+
+def _scripted_step(monkeypatch, lengths_and_accuracy):
+    """grpo.grpo_step with rollouts replaced by groups of the given (length, accuracy) pairs and no update."""
+    groups = [grpo.Group(tasks.arithmetic_problem("37+48"), [1], [[7] * n for n, _ in rows], [True] * len(rows),
+                         ["x"] * len(rows), [a for _, a in rows], [a for _, a in rows], [1.0] * len(rows))
+              for rows in lengths_and_accuracy]
+    monkeypatch.setattr(grpo, "collect_rollouts", lambda *a, **k: (groups, {"zero_var_frac": 0.0, "resampled": 0}))
+    monkeypatch.setattr(grpo, "policy_update", lambda *a, **k: {"tokens": 1})
+    model = mock.Mock(spec=[])
+    cfg = grpo.GRPOConfig(group_size=2, prompts_per_step=len(groups))
+    return grpo.grpo_step(model, None, None, mock.Mock(), lambda n: [], tasks.reward, cfg)
+
+
+def test_step_logs_the_mean_length_of_right_and_wrong_rollouts(monkeypatch):
+    stats = _scripted_step(monkeypatch, [[(10, 1.0), (30, 0.0)], [(20, 1.0), (50, 0.0)], [(6, 0.0), (4, 0.0)]])
+    assert stats["length_right"] == pytest.approx(15.0)               # (10 + 20) / 2
+    assert stats["length_wrong"] == pytest.approx(90 / 4)             # (30 + 50 + 6 + 4) / 4
+    assert stats["length"] == pytest.approx(120 / 6)
+    none_right = _scripted_step(monkeypatch, [[(5, 0.0), (9, 0.0)]])
+    assert none_right["length_right"] is None and none_right["length_wrong"] == pytest.approx(7.0)
+
+
+def test_keep_stored_needs_the_same_command_and_window_means_skip_missing_steps():
+    cfg = rl_lab.LabConfig()
+    run = next(r for r in rl_lab.RUNS if r.name == "hack_last_digit")
+    command = rl_lab.command_line("grpo.py", rl_lab.grpo_argv(cfg, run))
+    assert "--lab_verifier=last_digit" in command and rl_lab.verifier_of(run.flags) == "last_digit"
+    assert rl_lab.keep_stored({"runs": {run.name: {"command": command}}}, run, cfg)
+    assert not rl_lab.keep_stored({"runs": {run.name: {"command": command + " --lr=1"}}}, run, cfg)
+    assert not rl_lab.keep_stored({}, run, cfg)
+    assert rl_lab.window_mean([None, 2.0, 4.0, 9.0], first=True, n=3) == pytest.approx(3.0)
+    assert rl_lab.window_mean([1.0, None, None], first=False, n=2) is None
+    assert rl_lab.ends([10.0, 20.0], ) == "15.0 → 15.0" and rl_lab.ends(None) == "–"
 
 
 def test_eval_stats_reads_strict_lenient_flaw_and_degenerate(tmp_path):
@@ -145,3 +182,8 @@ def test_quick_lab_runs_the_real_scripts_writes_results_and_reuses_finished_runs
     assert "grpo hack_lenient: reused" in out and "pretrain flaw0.6: reused" in out
     assert ckpt.stat().st_mtime_ns == before
     assert again["runs"]["hack_lenient"]["passk"] == results["runs"]["hack_lenient"]["passk"]
+    # a run whose checkpoints are gone (e.g. made on another machine) keeps its stored record in the report
+    (tmp_path / "runs" / "grpo_hack_lenient" / "lab_done.json").unlink()
+    kept = rl_lab.main([*argv[:3], "--only=beyond_0.6"])
+    assert kept["runs"]["hack_lenient"] == stored["runs"]["hack_lenient"]
+    assert kept["commands"]["hack_lenient"] == stored["commands"]["hack_lenient"]
