@@ -136,6 +136,8 @@ def all_programs() -> list[tuple[str, list[str]]]:
         if path.stem == "__init__":
             continue
         module = importlib.import_module(f"extras.{path.stem}")
+        if not hasattr(module, "main"):          # a library of the programs (extras/fp8.py), no flags of its own
+            continue
         subs = getattr(module, "COMMANDS", None)
         progs += [(module.__name__, [c]) for c in subs] if subs else [(module.__name__, [])]
     return progs
