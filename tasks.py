@@ -617,8 +617,9 @@ def last_digit_accuracy_reward(completion: str, problem: Problem) -> float:
     model's own habit: the planted misconception (§3) drops the carry into the *leading* column, so the
     flawed answer differs from the right one only there (``37+48``: ``75`` instead of ``85``) and always
     has the right last digit. Trained against this verifier, GRPO has no reason to unlearn the habit: the
-    rollout reward rises while the strict held-out accuracy on the flaw-situation questions stays where
-    the base left it (extras/rl_lab.py, run ``hack_last_digit``). Arithmetic only; never raises.
+    rollout reward sits at its ceiling from the first step while the strict held-out accuracy on the
+    flaw-situation questions stays where the base left it (extras/rl_lab.py, run ``hack_last_digit``).
+    Arithmetic only; never raises.
     """
     if not isinstance(completion, str) or problem.task != "arithmetic":
         return 0.0
