@@ -890,30 +890,31 @@ def chat(cfg: SampleConfig) -> int:
         import readline  # noqa: F401  (arrow keys and history for input() in a terminal, where available)
     except ImportError:
         pass
-    # Ctrl-C raises KeyboardInterrupt (below: it stops an answer), also where this process was started with
-    # SIGINT ignored, as a shell does for a job it puts in the background, which Python then leaves ignored
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     if cfg.template not in ("auto", "r1", "raw"):
         print(f"error: --template={cfg.template!r} must be auto, r1 or raw", file=sys.stderr)
         return 1
-    device = pick_device(cfg.device)
+    # Ctrl-C raises KeyboardInterrupt (below: it stops an answer), also where this process was started with
+    # SIGINT ignored, as a shell does for a job it puts in the background, which Python then leaves ignored.
+    # Whatever handler was there before is given back when the chat ends, on every path.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        model, tok, ckpt = load_model(cfg.checkpoint_path(), device, hint="python train.py",
-                                      attn_impl=cfg.attn_impl)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    template, why = chat_template(ckpt)
-    if cfg.template != "auto":
-        template, why = cfg.template, f"--template={cfg.template}"
-    cfg = replace(cfg, template=template, speculative=cfg.speculative and len(model.mtp) > 0)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    print(f"tinyseek chat: {model.args.n_layers} layers, dim {model.args.dim}, device {device}; {why}, so "
-          f"{'questions get the R1-Zero prompt' if template == 'r1' else 'your text is continued as is'}\n"
-          f"{chat_settings(cfg)}\n{CHAT_HELP}", flush=True)
-    interrupt = ChatInterrupt()
-    previous = signal.signal(signal.SIGINT, interrupt)
-    try:
+        device = pick_device(cfg.device)
+        try:
+            model, tok, ckpt = load_model(cfg.checkpoint_path(), device, hint="python train.py",
+                                          attn_impl=cfg.attn_impl)
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        template, why = chat_template(ckpt)
+        if cfg.template != "auto":
+            template, why = cfg.template, f"--template={cfg.template}"
+        cfg = replace(cfg, template=template, speculative=cfg.speculative and len(model.mtp) > 0)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        print(f"tinyseek chat: {model.args.n_layers} layers, dim {model.args.dim}, device {device}; {why}, so "
+              f"{'questions get the R1-Zero prompt' if template == 'r1' else 'your text is continued as is'}\n"
+              f"{chat_settings(cfg)}\n{CHAT_HELP}", flush=True)
+        interrupt = ChatInterrupt()
+        signal.signal(signal.SIGINT, interrupt)
         return chat_loop(cfg, model, tok, gen, interrupt)
     finally:
         signal.signal(signal.SIGINT, previous)
