@@ -718,16 +718,24 @@ def peak_flops(device: str) -> tuple[float, str]:
                 return value, f"{name} dense bf16 spec {value / 1e12:.0f} TFLOP/s"
         return 0.0, f"{name}: peak unknown (add it to train.GPUS), MFU not shown"
     if device == "cpu":
-        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-        for _ in range(3):
-            a @ b
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.5:
-            a @ b
-            n += 1
-        rate = n * 2 * 1024 ** 3 / (time.perf_counter() - t0)
-        return rate, f"measured fp32 1024x1024 matmul on this CPU: {rate / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        rate = cpu_matmul_rate(threads)
+        return rate, f"measured fp32 1024x1024 matmul on this CPU: {rate / 1e9:.1f} GFLOP/s ({threads} threads)"
     return 0.0, f"{device}: peak unknown, MFU not shown"
+
+
+@functools.lru_cache
+def cpu_matmul_rate(threads: int) -> float:
+    """FLOP/s of an fp32 1024x1024 matmul on this CPU with `threads` threads, timed for half a second once per
+    process and thread count (a notebook that trains ten runs measures it once)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.5:
+        a @ b
+        n += 1
+    return n * 2 * 1024 ** 3 / (time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------------
