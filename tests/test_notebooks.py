@@ -5,24 +5,23 @@ solutions notebook with one section per exercise.
 
 The notebooks import the real code (model.py, train.py, sample.py, ...), so this is what keeps them from
 rotting when that code changes. Each notebook is read into memory and executed there: the committed file,
-with its saved plots, is never modified. The selected notebooks are executed side by side, one kernel per
-CPU core (at most four) with one torch thread each: a notebook's small models gain less from a second thread
-than two notebooks gain from a core each. Each run's wall-clock seconds and the kernel's CPU seconds are
-printed (`-s` shows them) and written to notebook_times.json in pytest's temporary folder (the path is
-printed too). Each notebook is meant to take at most about two minutes of kernel CPU time:
+with its saved plots, is never modified. Each kernel runs with one torch thread (a notebook's small models
+gain less from a second thread than two notebooks gain from a core each); `-n auto` (pytest-xdist) runs them
+side by side, one per core, the longest first (tests/conftest.py). Each run's wall-clock seconds and the
+kernel's CPU seconds are printed (`-s` shows them, without -n) and written to notebook_times.json in pytest's
+temporary folder (the path is printed too). Each notebook is meant to take at most about two minutes of kernel
+CPU time:
 
-    python -m pytest tests/test_notebooks.py -s          # needs nbclient, nbformat, ipykernel (requirements-dev.txt)
+    python -m pytest tests/test_notebooks.py -n auto     # needs nbclient, nbformat, ipykernel, pytest-xdist
     python -m pytest tests/test_notebooks.py -k 02_mla   # one notebook and its solutions
 """
 
 import json
-import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,36 +41,26 @@ pytest.importorskip("ipykernel", reason="notebook tests need ipykernel for the p
 CPU_PROBE = "import resource as _r\n_u = _r.getrusage(_r.RUSAGE_SELF)\nprint(f'kernel cpu seconds: {_u.ru_utime + _u.ru_stime:.1f}')"
 
 
-WORKERS = max(1, min(4, os.cpu_count() or 1))      # notebooks executed at once, one core and one thread each
-
-
 def execute(path: Path) -> dict:
-    """Run in a worker process: execute the notebook at `path` (an in-memory copy plus the CPU probe) in a kernel
-    with one torch thread. Returns the executed notebook as JSON text, the wall-clock seconds and the error that
-    stopped it (None if every cell ran)."""
-    os.environ["OMP_NUM_THREADS"] = "1"                  # inherited by the kernel this process starts
+    """Execute the notebook at `path` (an in-memory copy plus the CPU probe) in a kernel with one torch thread.
+    Returns the executed notebook, the wall-clock seconds and the error that stopped it (None if every cell ran)."""
     nb = nbformat.read(path, as_version=4)              # the file on disk stays untouched
     nb.cells.append(nbformat.v4.new_code_cell(CPU_PROBE))
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                                      resources={"metadata": {"path": str(path.parent)}})
-    t0, error = time.perf_counter(), None
+    t0, error, threads = time.perf_counter(), None, os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"                  # inherited by the kernel
     try:
         client.execute()                                # raises CellExecutionError on the first failing cell
     except (nbclient.exceptions.CellExecutionError, nbclient.exceptions.CellTimeoutError,
-            nbclient.exceptions.DeadKernelError) as e:  # reported by the notebook's test, not by the pool
+            nbclient.exceptions.DeadKernelError) as e:
         error = f"{type(e).__name__}: {e}"
-    return {"nb": nbformat.writes(nb), "seconds": time.perf_counter() - t0, "error": error}
-
-
-@pytest.fixture(scope="session")
-def executions(request):
-    """{path: future of execute(path)} for every notebook the session selected, submitted at once to a pool of
-    WORKERS processes, the solutions notebooks (the longer ones) first."""
-    selected = {item.callspec.params["path"] for item in request.session.items
-                if getattr(item, "originalname", "") == "test_notebook_executes_without_errors"}
-    order = [p for p in SOLUTIONS + NOTEBOOKS if p in selected]
-    with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield {path: pool.submit(execute, path) for path in order}
+    finally:
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
+    return {"nb": nb, "seconds": time.perf_counter() - t0, "error": error}
 
 
 @pytest.fixture(scope="session")
@@ -84,16 +73,17 @@ def times_file(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=[p.name for p in NOTEBOOKS + SOLUTIONS])
-def test_notebook_executes_without_errors(path, executions, times_file):
-    run = executions[path].result()
+def test_notebook_executes_without_errors(path, times_file):
+    run = execute(path)
     assert run["error"] is None, f"{path.name}: {run['error']}"
-    nb, seconds = nbformat.reads(run["nb"], as_version=4), run["seconds"]
+    nb, seconds = run["nb"], run["seconds"]
     errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors, f"{path.name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
     probe = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
     cpu = float(probe.split(":")[1])
-    record = {"wall_s": round(seconds, 1), "kernel_cpu_s": cpu, "omp_num_threads": 1, "notebooks_at_once": WORKERS,
+    record = {"wall_s": round(seconds, 1), "kernel_cpu_s": cpu, "omp_num_threads": 1,
+              "notebooks_at_once": int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")),
               "load_avg_1min_at_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
     times = json.loads(times_file.read_text())
     times[path.name] = record

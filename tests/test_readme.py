@@ -109,7 +109,7 @@ def test_commands_are_found():
     found = [" ".join(c) for c in commands(README.read_text())]
     assert "python train.py" in found and "python grpo.py" in found
     assert "python sample.py --out_dir=out_grpo" in found
-    assert "python -m pytest" in found
+    assert "python -m pytest -n auto" in found
     assert any(c.startswith("python -m extras.r1 recipe") for c in found)
     assert any(c.startswith("torchrun") for c in found)
 
