@@ -416,10 +416,10 @@ def fresh_process(needs_base: bool = False):
     process's thread count) and return its numbers and plots here.
 
     A decoding step of `tiny` is hundreds of small operations, so its speed depends on the state of the process
-    that runs it: after the training rows, decoding in this long-lived process ran up to 25% slower, and not by
-    the same amount for both arms (row 4b, 2026-11-29: 0.89x here, 1.19x in a new process; row 1b tiny 0.84x vs
-    1.15x). A fresh process measures what `sample.py` sees. With needs_base the base run is trained (or found)
-    here first, so the child reads its checkpoint and this process still knows the run."""
+    that runs it: after the training rows, decoding in this long-lived process measured slower, and not by the
+    same amount for both arms (docs/results_history.md). A fresh process measures what `sample.py` sees. With
+    needs_base the base run is trained (or found) here first, so the child reads its checkpoint and this process
+    still knows the run."""
     def wrap(row):
         """The row, run in a child process."""
         @functools.wraps(row)

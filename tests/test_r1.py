@@ -134,7 +134,7 @@ def test_distill_without_teacher_data_says_what_to_run(tmp_path):
 
 
 def test_distill_verdict_reads_the_gap_against_its_standard_error():
-    # the README's two runs on 500 problems: 96.4% vs 97.2% (2026-11-30) and 44.2% vs 23.2% (2026-11-28)
+    # the README's two runs on 500 problems: 96.4% vs 97.2% and 44.2% vs 23.2%
     assert r1.compare_accuracies(0.964, 0.972, 500).startswith("no clear difference")
     assert "1.1 points" in r1.compare_accuracies(0.964, 0.972, 500)          # sqrt(.964*.036/500 + .972*.028/500)
     assert r1.compare_accuracies(0.442, 0.232, 500).startswith("distillation is ahead here, by 21.0 points")
