@@ -272,15 +272,16 @@ def test_training_forward_traces_without_graph_breaks(impl):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_training_step_matches_eager(backend):
-    """torch.compile of the model, forward and backward (aot_eager: the traced graphs run eagerly, ~30 s;
-    inductor: generated C++ kernels, minutes to compile on 2 cores): loss, loss parts, loads and gradients
-    as in eager mode."""
+def test_compiled_training_step_matches_eager():
+    """torch.compile of the model, forward and backward: loss, loss parts, loads and gradients as in eager mode.
+    aot_eager traces what inductor would compile (one graph, the same forward and backward through AOTAutograd,
+    the grouped-matmul operator with its registered shape and gradient) and runs the traced graphs eagerly; the
+    inductor build of this training graph costs ~100 CPU seconds on a new machine, so it is left to the GPU runs
+    (bench row 6b), and inductor's C++ kernels are checked here on the decoding step (test_sample's --compile)."""
     import torch._dynamo
     args = tiny()
     eager, compiled_src = make(args), make(args)
-    compiled = torch.compile(compiled_src, backend=backend, fullgraph=True)
+    compiled = torch.compile(compiled_src, backend="aot_eager", fullgraph=True)
     idx = torch.randint(0, 64, (2, 16))
     losses = []
     for model in (eager, compiled):
