@@ -42,24 +42,19 @@ CPU_PROBE = "import resource as _r\n_u = _r.getrusage(_r.RUSAGE_SELF)\nprint(f'k
 
 
 def execute(path: Path) -> dict:
-    """Execute the notebook at `path` (an in-memory copy plus the CPU probe) in a kernel with one torch thread.
-    Returns the executed notebook, the wall-clock seconds and the error that stopped it (None if every cell ran)."""
+    """Execute the notebook at `path` (an in-memory copy plus the CPU probe) in a kernel, which inherits this
+    process's environment (OMP_NUM_THREADS among it). Returns the executed notebook, the wall-clock seconds and
+    the error that stopped it (None if every cell ran)."""
     nb = nbformat.read(path, as_version=4)              # the file on disk stays untouched
     nb.cells.append(nbformat.v4.new_code_cell(CPU_PROBE))
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                                      resources={"metadata": {"path": str(path.parent)}})
-    t0, error, threads = time.perf_counter(), None, os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"                  # inherited by the kernel
+    t0, error = time.perf_counter(), None
     try:
         client.execute()                                # raises CellExecutionError on the first failing cell
     except (nbclient.exceptions.CellExecutionError, nbclient.exceptions.CellTimeoutError,
             nbclient.exceptions.DeadKernelError) as e:
         error = f"{type(e).__name__}: {e}"
-    finally:
-        if threads is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = threads
     return {"nb": nb, "seconds": time.perf_counter() - t0, "error": error}
 
 
@@ -73,7 +68,8 @@ def times_file(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=[p.name for p in NOTEBOOKS + SOLUTIONS])
-def test_notebook_executes_without_errors(path, times_file):
+def test_notebook_executes_without_errors(path, times_file, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")          # the kernel's torch threads
     run = execute(path)
     assert run["error"] is None, f"{path.name}: {run['error']}"
     nb, seconds = run["nb"], run["seconds"]
