@@ -355,10 +355,10 @@ def test_main_with_compile_compiles_before_the_timed_run_and_prints_the_same(tmp
     torch.manual_seed(0)
     ckpt_path = write_checkpoint(tmp_path / "ckpt.pt", Transformer(small_args(n_layers=2)).eval())
     base = [f"--init_from={ckpt_path}", "--max_new_tokens=10", "--temperature=0", "--stop=", "--device=cpu"]
-    inductor = sample.compile_decoding
+    original = sample.compile_decoding
     for extra, backend in (([], "inductor"), (["--speculative"], "aot_eager")):
         torch._dynamo.reset()
-        monkeypatch.setattr(sample, "compile_decoding", functools.partial(inductor, backend=backend))
+        monkeypatch.setattr(sample, "compile_decoding", functools.partial(original, backend=backend))
         assert sample.main([*base, *extra]) == 0
         eager = capsys.readouterr().out
         assert sample.main([*base, *extra, "--compile"]) == 0
